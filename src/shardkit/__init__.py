@@ -1,0 +1,32 @@
+"""shardkit: merge, split, verify, inspect and diff safetensors checkpoints.
+
+The public API mirrors the CLI, one function per command, each returning a report
+dataclass. Submodules load on first use so that `import shardkit` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import ShardkitError
+
+__version__ = "0.1.0"
+
+_API = {
+    "merge": "shardkit.commands.merge",
+}
+
+if TYPE_CHECKING:
+    from .commands.merge import merge
+
+
+def __getattr__(name: str) -> object:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardkit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["ShardkitError", "__version__", *_API]

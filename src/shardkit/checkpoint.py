@@ -1,0 +1,369 @@
+"""A checkpoint on disk: which files hold which tensors, cross-checked before any write.
+
+A checkpoint is a single `.safetensors` file, or shards plus an index whose
+`weight_map` is the truth (transformers and diffusers load through it), or, with no
+index, a complete `{prefix}-NNNNN-of-NNNNN.safetensors` set. :func:`open_checkpoint`
+reads headers only and refuses anything a merge would silently get wrong: a shard
+outside the folder, a tensor in two shards, a tensor the index does not list, a
+weight file in the folder that no index covers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import header_json
+from .errors import BadInputError, CheckpointError, FormatError
+from .format import Header, TensorInfo, read_header
+
+INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Files that hold weights in some format; a model-folder output never copies them.
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *_PICKLE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor and where its bytes are: `offset` is absolute in `shard.path`."""
+
+    info: TensorInfo
+    shard: Header
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def offset(self) -> int:
+        return self.shard.data_start + self.info.begin
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything known about a checkpoint after reading headers only."""
+
+    root: Path  # the folder, where config and tokenizer files live
+    index_path: Path | None
+    index_metadata: dict[str, object]
+    shards: tuple[Header, ...]
+    tensors: dict[str, SourceTensor]  # sorted by name
+    warnings: tuple[str, ...] = ()
+    #: Weight and index files of the folder, excluded when copying non-weight files.
+    weight_files: frozenset[Path] = field(default_factory=frozenset)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.info.nelements for t in self.tensors.values())
+
+    @property
+    def source_files(self) -> tuple[Path, ...]:
+        return tuple(Path(h.path) for h in self.shards)
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str], *, strict: bool = False, allow_unindexed: bool = False
+) -> Checkpoint:
+    """Discover, read and cross-check the checkpoint at `path` (file, folder or index)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(".safetensors"):
+            return _single_file(path, strict)
+        if path.name.endswith(".json"):
+            return _indexed(path, strict, allow_unindexed)
+        _refuse_non_safetensors(path)
+    return _folder(path, strict, allow_unindexed)
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    if path.name.endswith(_PICKLE_SUFFIXES):
+        raise BadInputError(f"{path}: pickle-based weight files are refused; shardkit never unpickles")
+    raise BadInputError(f"{path}: not a .safetensors file, an index .json or a folder")
+
+
+def _folder(root: Path, strict: bool, allow_unindexed: bool) -> Checkpoint:
+    indexes = find_indexes(root)
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise CheckpointError(f"{root}: several indexes ({names}); pass the one to use as SOURCE")
+    if indexes:
+        index = indexes[0]
+        single = root / single_file_name_for(index.name)
+        if single.is_file():
+            checkpoint = _single_file(single, strict)
+            note = (
+                f"{root}: both {single.name} and {index.name} are present; using {single.name} "
+                "as transformers does, the index and its shards are ignored"
+            )
+            return _with_folder_checks(checkpoint, indexes, allow_unindexed, [note])
+        return _indexed(index, strict, allow_unindexed)
+
+    files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+    if not files:
+        raise CheckpointError(f"{root}: no .safetensors file and no index found")
+    if len(files) == 1:
+        return _single_file(files[0], strict)
+    return _with_folder_checks(_shard_set(root, files, strict), [], allow_unindexed, [])
+
+
+def find_indexes(root: Path) -> list[Path]:
+    """Index files of a folder (`model.safetensors.index.json`, variants such as `.fp16`)."""
+    found = {p for pattern in INDEX_PATTERNS for p in root.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def single_file_name_for(index_name: str) -> str:
+    """`model.safetensors.index.json` → `model.safetensors`; variant `.index.fp16.json`
+    → `model.fp16.safetensors` (transformers' `_add_variant`)."""
+    prefix, _, rest = index_name.partition(".safetensors.index")
+    variant = rest[: -len(".json")].strip(".")
+    return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"
+
+
+def _single_file(path: Path, strict: bool) -> Checkpoint:
+    header = read_header(path, strict=strict)
+    tensors = {t.name: SourceTensor(t, header) for t in sorted(header.tensors, key=lambda t: t.name)}
+    return Checkpoint(
+        root=path.parent,
+        index_path=None,
+        index_metadata={},
+        shards=(header,),
+        tensors=tensors,
+        weight_files=frozenset({path}),
+    )
+
+
+def _shard_set(root: Path, files: list[Path], strict: bool) -> Checkpoint:
+    """Shards without an index: accepted only as one complete `-of-` set."""
+    matches = [SHARD_NAME.match(p.name) for p in files]
+    groups = {(m.group("prefix"), int(m.group("total"))) for m in matches if m}
+    if None in matches or len(groups) != 1:
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(
+            f"{root}: several .safetensors files and no index ({names}); "
+            "pass a single file, or add the model.safetensors.index.json that ties them together"
+        )
+    (prefix, total), = groups
+    numbers = sorted(int(m.group("number")) for m in matches if m)
+    missing = sorted(set(range(1, total + 1)) - set(numbers))
+    if missing or len(numbers) != total:
+        raise CheckpointError(
+            f"{root}: shard set {prefix}-*-of-{total:05d} is incomplete: missing "
+            + ", ".join(f"{prefix}-{n:05d}-of-{total:05d}.safetensors" for n in missing)
+        )
+    headers = tuple(read_header(p, strict=strict) for p in files)
+    tensors: dict[str, SourceTensor] = {}
+    for header in headers:
+        for info in header.tensors:
+            if info.name in tensors:
+                other = Path(tensors[info.name].shard.path).name
+                raise CheckpointError(
+                    f"{root}: tensor {info.name!r} is in two shards: {other} and {Path(header.path).name}"
+                )
+            tensors[info.name] = SourceTensor(info, header)
+    return Checkpoint(
+        root=root,
+        index_path=None,
+        index_metadata={},
+        shards=headers,
+        tensors=dict(sorted(tensors.items())),
+        weight_files=frozenset(files),
+    )
+
+
+def _indexed(index_path: Path, strict: bool, allow_unindexed: bool) -> Checkpoint:
+    root = index_path.parent
+    metadata, weight_map = _read_index(index_path)
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard_name in weight_map.items():
+        by_shard.setdefault(shard_name, []).append(tensor)
+
+    headers: dict[str, Header] = {}
+    for shard_name in sorted(by_shard):
+        shard_path = root / shard_name
+        if not shard_path.exists():
+            raise CheckpointError(f"{index_path}: shard {shard_name} named in weight_map does not exist")
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
+        headers[shard_name] = read_header(shard_path, strict=strict)
+
+    tensors: dict[str, SourceTensor] = {}
+    for shard_name, header in headers.items():
+        for info in header.tensors:
+            listed_in = weight_map.get(info.name)
+            if listed_in is None:
+                raise CheckpointError(
+                    f"{index_path}: tensor {info.name!r} is in {shard_name} but not in weight_map"
+                )
+            if listed_in != shard_name:
+                raise CheckpointError(
+                    f"{index_path}: tensor {info.name!r} is in {shard_name} and in {listed_in} "
+                    f"(weight_map names {listed_in})"
+                    if info.name in headers[listed_in].by_name
+                    else f"{index_path}: tensor {info.name!r} is in {shard_name} but weight_map names {listed_in}"
+                )
+            tensors[info.name] = SourceTensor(info, header)
+    for tensor, shard_name in weight_map.items():
+        if tensor not in tensors:
+            raise CheckpointError(
+                f"{index_path}: tensor {tensor!r} is listed in weight_map for {shard_name} but that shard lacks it"
+            )
+
+    warnings = []
+    total_bytes = sum(t.info.nbytes for t in tensors.values())
+    declared = metadata.get("total_size")
+    if declared is not None and declared != total_bytes:
+        warnings.append(
+            f"{index_path}: metadata.total_size is {declared} but the tensors hold {total_bytes} bytes"
+        )
+    checkpoint = Checkpoint(
+        root=root,
+        index_path=index_path,
+        index_metadata=metadata,
+        shards=tuple(headers.values()),
+        tensors=dict(sorted(tensors.items())),
+        weight_files=frozenset({index_path, *(Path(h.path) for h in headers.values())}),
+    )
+    return _with_folder_checks(checkpoint, find_indexes(root), allow_unindexed, warnings)
+
+
+def _read_index(index_path: Path) -> tuple[dict[str, object], dict[str, str]]:
+    try:
+        document = header_json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, header_json.JsonSyntaxError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid JSON index: {exc}") from None
+    if not isinstance(document, header_json.Pairs):
+        raise CheckpointError(f"{index_path}: index is not a JSON object")
+    top = _unique(document, index_path, "index")
+    raw_map = top.get("weight_map")
+    if not isinstance(raw_map, header_json.Pairs):
+        raise CheckpointError(f"{index_path}: index has no weight_map object")
+    weight_map = _unique(raw_map, index_path, "weight_map")
+    for tensor, shard_name in weight_map.items():
+        check_shard_name(shard_name, index_path, tensor)
+    raw_metadata = top.get("metadata", header_json.Pairs())
+    if not isinstance(raw_metadata, header_json.Pairs):
+        raise CheckpointError(f"{index_path}: index metadata is not an object")
+    metadata = {k: _plain(v) for k, v in _unique(raw_metadata, index_path, "metadata").items()}
+    return metadata, weight_map  # type: ignore[return-value]
+
+
+def _unique(pairs: header_json.Pairs, index_path: Path, what: str) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise CheckpointError(f"{index_path}: {what} lists {key!r} twice")
+        result[key] = value
+    return result
+
+
+def _plain(value: object) -> object:
+    """Pairs → dict, JsonFloat → float: index metadata kept as ordinary JSON values."""
+    if isinstance(value, header_json.Pairs):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, header_json.JsonFloat):
+        return float(value)
+    return value
+
+
+def check_shard_name(shard_name: object, index_path: Path, tensor: str) -> None:
+    """A weight_map value must name a `.safetensors` file inside the index's folder."""
+    where = f"{index_path}: weight_map entry {tensor!r}"
+    if not isinstance(shard_name, str) or not shard_name:
+        raise CheckpointError(f"{where} must be a file name, got {shard_name!r}")
+    if "\0" in shard_name:
+        raise CheckpointError(f"{where} names a file with a NUL byte")
+    if "\\" in shard_name or re.match(r"^[A-Za-z]:", shard_name):
+        raise CheckpointError(f"{where} names {shard_name!r}: Windows paths are refused")
+    if shard_name.startswith("/"):
+        raise CheckpointError(f"{where} names absolute path {shard_name!r}: shards must be inside the folder")
+    if ".." in shard_name.split("/"):
+        raise CheckpointError(f"{where} names {shard_name!r}, which escapes the folder")
+    if shard_name.endswith(_PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{where} names {shard_name!r}, a pickle-based file: refused, shardkit never unpickles"
+        )
+    if not shard_name.endswith(".safetensors"):
+        raise CheckpointError(f"{where} names {shard_name!r}, which is not a .safetensors file")
+
+
+def _with_folder_checks(
+    checkpoint: Checkpoint, indexes: Iterable[Path], allow_unindexed: bool, warnings: list[str]
+) -> Checkpoint:
+    """Refuse (or, if allowed, warn about) weight files of the folder no index covers:
+    a merge would silently drop their tensors."""
+    covered = set(checkpoint.weight_files)
+    for index in indexes:
+        covered.add(index)
+        try:
+            _, other_map = _read_index(index)
+        except CheckpointError:
+            continue
+        covered.update(checkpoint.root / name for name in set(other_map.values()))
+    stray = sorted(p for p in checkpoint.root.glob("*.safetensors") if p.is_file() and p not in covered)
+    for path in stray:
+        message = f"{path}: this weight file is not part of the checkpoint ({_describe(path)})"
+        if not allow_unindexed:
+            raise CheckpointError(message + "; merging would drop it (pass --allow-unindexed to ignore it)")
+        warnings.append(message + "; ignored")
+    return Checkpoint(
+        root=checkpoint.root,
+        index_path=checkpoint.index_path,
+        index_metadata=checkpoint.index_metadata,
+        shards=checkpoint.shards,
+        tensors=checkpoint.tensors,
+        warnings=tuple(warnings) + checkpoint.warnings,
+        weight_files=frozenset(covered),
+    )
+
+
+def _describe(path: Path) -> str:
+    try:
+        names = [t.name for t in read_header(path).tensors]
+    except (FormatError, OSError) as exc:
+        return f"unreadable: {exc}"
+    shown = ", ".join(names[:3]) + (f", … {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} tensors: {shown}"
+
+
+def companion_files(checkpoint: Checkpoint, exclude: Path | None = None) -> list[tuple[Path, str]]:
+    """Non-weight files of the checkpoint's folder (config, generation config, tokenizer,
+    chat template, README, LICENSE, ...) as (path, relative name).
+
+    Weight files of any format, indexes, hidden entries, shardkit's temporaries and
+    `exclude` (an output placed inside the source folder) are left out.
+    """
+    root = checkpoint.root
+    excluded = exclude.resolve() if exclude is not None else None
+    found: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (excluded is None or (folder / d).resolve() != excluded)
+        )
+        for name in sorted(filenames):
+            path = folder / name
+            if (
+                name.startswith(".")
+                or name.endswith(WEIGHT_SUFFIXES)
+                or path in checkpoint.weight_files
+                or ".safetensors.index" in name
+                or name.endswith(".bin.index.json")
+                or (excluded is not None and path.resolve() == excluded)
+                or not path.is_file()
+            ):
+                continue
+            found.append((path, path.relative_to(root).as_posix()))
+    return found

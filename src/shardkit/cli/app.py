@@ -1,0 +1,35 @@
+"""The Typer application: registers one command per module of this package."""
+
+from __future__ import annotations
+
+import typer
+
+from .merge import merge_command
+
+app = typer.Typer(
+    name="shardkit",
+    help="Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch."""
+    if version:
+        from .. import __version__
+
+        print(f"shardkit {__version__}")
+        raise typer.Exit()
+
+
+app.command("merge")(merge_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,123 @@
+"""What every command shares: option types, error handling, progress, output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, ShardkitError
+
+T = TypeVar("T")
+
+SourceArg = Annotated[
+    Path, typer.Argument(help="A .safetensors file, a checkpoint folder, or an index .json.", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
+Sha256Opt = Annotated[
+    bool, typer.Option("--sha256", help="Hash the output in the same pass; write a sha256sum -c file.")
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Also reject what the format forbids but the reference reader tolerates "
+        "(leading whitespace, repeated keys, unknown fields).",
+    ),
+]
+AllowUnindexedOpt = Annotated[
+    bool,
+    typer.Option("--allow-unindexed", help="Ignore .safetensors files in the folder that no index covers."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
+
+
+def _interrupt_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(action: Callable[[], T], *, debug: bool = False) -> T:
+    """Run an API call; turn every failure into one line on stderr and an exit code."""
+    _interrupt_on_sigterm()
+    try:
+        return action()
+    except ShardkitError as exc:
+        _fail(str(exc), exc.exit_code, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted; temporary files removed", EXIT_INTERRUPTED, debug)
+    except FileNotFoundError as exc:
+        _fail(f"{exc.filename}: {exc.strerror}", EXIT_BAD_INPUT, debug)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE, debug)
+    raise AssertionError("unreachable")
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"shardkit: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+@contextmanager
+def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar (bytes, speed, ETA) on stderr when it is a terminal.
+
+    Yields an API progress callback `(advance, total)`; the bar appears on the first call.
+    """
+    if not enabled or not stderr_is_tty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        tasks: list[object] = []
+
+        def advance(step: int, total: int) -> None:
+            if not tasks:
+                tasks.append(bar.add_task(description, total=total))
+            bar.advance(tasks[0], step)  # type: ignore[arg-type]
+
+        yield advance
+
+
+def warn(messages: list[str], quiet: bool) -> None:
+    if quiet:
+        return
+    for message in messages:
+        print(f"shardkit: warning: {message}", file=sys.stderr)

@@ -1,0 +1,71 @@
+"""`shardkit merge` on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    AllowUnindexedOpt,
+    DebugOpt,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    Sha256Opt,
+    SourceArg,
+    StrictOpt,
+    byte_progress,
+    run,
+    warn,
+)
+from .render import print_write_report
+
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o",
+        help="A path ending in .safetensors for one file; anything else is a model folder.",
+        show_default=False,
+    ),
+]
+
+
+def merge_command(
+    source: SourceArg,
+    output: OutputOpt,
+    force: ForceOpt = False,
+    sha256: Sha256Opt = False,
+    dry_run: DryRunOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    strict: StrictOpt = False,
+    allow_unindexed: AllowUnindexedOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Merge a sharded checkpoint into one .safetensors file or a ready-to-load folder.
+
+    Reads headers only, checks every shard against the index, then copies byte ranges
+    at disk speed in constant memory. The output appears atomically; the sources are
+    never modified.
+
+    Example: shardkit merge Qwen2.5-7B-Instruct/ -o qwen-merged/
+    """
+    from ..commands.merge import merge
+
+    with byte_progress("merging", enabled=not (quiet or json_output)) as progress:
+        report = run(
+            lambda: merge(
+                source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
+                allow_unindexed=allow_unindexed, progress=progress,
+            ),
+            debug=debug,
+        )
+    if json_output:
+        print(report.to_json())
+        return
+    warn(report.warnings, quiet)
+    if not quiet:
+        print_write_report(report)

@@ -1,0 +1,1 @@
+"""The Python API behind each CLI command: one module per command."""

@@ -1,0 +1,54 @@
+"""`shardkit merge`: a sharded checkpoint into one file or a ready-to-load folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..checkpoint import SHARD_NAME, companion_files, open_checkpoint, single_file_name_for
+from ..plan import FileCopy, plan_merge
+from ..reports import MergeReport
+from .writing import ProgressCallback, run_plan
+
+
+def merge(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    sha256: bool = False,
+    dry_run: bool = False,
+    strict: bool = False,
+    allow_unindexed: bool = False,
+    progress: ProgressCallback | None = None,
+) -> MergeReport:
+    """Merge the checkpoint at `source` into `output`.
+
+    `output` ending in `.safetensors` is a single file; anything else is a model
+    folder holding one weight file plus every non-weight file of the source folder
+    (config, generation config, tokenizer, ...), and no index. Reads headers only,
+    validates everything before writing, copies byte ranges, commits atomically.
+    """
+    source, output = Path(source), Path(output)
+    checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
+    as_folder = not output.name.endswith(".safetensors")
+    if as_folder:
+        weight_name = _weight_file_name(checkpoint.index_path, checkpoint.shards[0].path)
+        copies = [FileCopy(path, name) for path, name in companion_files(checkpoint, exclude=output)]
+    else:
+        weight_name, copies = output.name, []
+    plan = plan_merge(checkpoint, weight_name, copies)
+    report = run_plan(
+        MergeReport, "merge", checkpoint, source, plan, output,
+        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress,
+    )
+    return report  # type: ignore[return-value]
+
+
+def _weight_file_name(index_path: Path | None, first_shard: str) -> str:
+    """Keep the checkpoint's own prefix: diffusers folders load `diffusion_pytorch_model.safetensors`."""
+    if index_path is not None:
+        return single_file_name_for(index_path.name)
+    name = Path(first_shard).name
+    shard = SHARD_NAME.match(name)
+    return f"{shard.group('prefix')}.safetensors" if shard else name

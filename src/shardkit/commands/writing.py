@@ -1,0 +1,74 @@
+"""What merge, split and reshard share: run a plan to a destination and report it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import OutputError
+from ..execute import execute, write_checksum_beside
+from ..plan import Plan
+from ..reports import OutputFile, WriteReport
+
+#: Called as `progress(advance, total)` with bytes just written and the bytes to write.
+ProgressCallback = Callable[[int, int], None]
+
+
+def run_plan(
+    report_type: type[WriteReport],
+    command: str,
+    checkpoint: Checkpoint,
+    source: Path,
+    plan: Plan,
+    output: Path,
+    *,
+    as_folder: bool,
+    force: bool,
+    sha256: bool,
+    dry_run: bool,
+    progress: ProgressCallback | None,
+) -> WriteReport:
+    started = time.perf_counter()
+    checksum_file: Path | None = None
+    if sha256 and not as_folder:
+        checksum_file = output.with_name(output.name + ".sha256")
+        if checksum_file.exists() and not force and not dry_run:
+            raise OutputError(f"{checksum_file}: already exists; pass --force to replace it")
+    if dry_run:
+        files = [OutputFile(str(output / f.name if as_folder else output), f.size, len(f.tensors)) for f in plan.files]
+        checksum_file = None
+    else:
+        total = plan.total_bytes
+        on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
+        written = execute(
+            plan, output, sources=checkpoint.shards, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes
+        )
+        files = [
+            OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
+        ]
+        if checksum_file is not None:
+            write_checksum_beside(output, written[0])
+        elif sha256:
+            from ..execute import checksum_file_name
+
+            checksum_file = output / checksum_file_name(plan)
+    return report_type(
+        command=command,
+        source=str(source),
+        output=str(output),
+        files=files,
+        tensors=plan.tensor_count,
+        parameters=checkpoint.parameters,
+        bytes=plan.total_bytes,
+        seconds=round(time.perf_counter() - started, 6),
+        dry_run=dry_run,
+        index=str(output / plan.index_name) if plan.index_name else None,
+        checksum_file=str(checksum_file) if checksum_file else None,
+        copied_files=[c.name for c in plan.copies],
+        source_files=[h.path for h in checkpoint.shards],
+        copy_ranges=sum(len(f.ranges) for f in plan.files),
+        header_bytes=sum(len(f.header) for f in plan.files),
+        warnings=list(plan.warnings),
+    )

@@ -1,0 +1,69 @@
+"""One exception family for everything shardkit refuses or fails to do.
+
+Every error carries a one-line message that names the file, the tensor and the rule
+that was broken, plus the exit code the CLI maps it to: 2 for input or usage the user
+has to fix, 1 for a failure while doing the work (disk full, a source changed, a
+verification that did not hold), 130 for an interrupt.
+"""
+
+from __future__ import annotations
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class ShardkitError(Exception):
+    """Base class: a failure the CLI prints as one line, never as a traceback."""
+
+    exit_code = EXIT_FAILURE
+
+
+class BadInputError(ShardkitError):
+    """The input (a file, an index, an option) is unusable as given."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class FormatError(BadInputError):
+    """A safetensors file breaks a rule of the format."""
+
+    def __init__(self, path: object, rule: str, tensor: str | None = None) -> None:
+        self.path = str(path)
+        self.rule = rule
+        self.tensor = tensor
+        where = f"{self.path}: tensor {tensor!r}: " if tensor is not None else f"{self.path}: "
+        super().__init__(where + rule)
+
+
+class CheckpointError(BadInputError):
+    """The files of a checkpoint disagree with each other or with their index."""
+
+
+class OutputError(BadInputError):
+    """The requested output cannot be written as asked (exists, is a source, ...)."""
+
+
+class WriteError(ShardkitError):
+    """Writing the output failed (no space left, permission denied, I/O error)."""
+
+
+class SourceChangedError(ShardkitError):
+    """A source file changed while it was being copied; the output was discarded."""
+
+
+class VerificationError(ShardkitError):
+    """The written output does not hold what the sources held."""
+
+
+class MissingExtraError(BadInputError):
+    """A feature needs an optional dependency that is not installed."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        super().__init__(f"{feature} needs the optional extra: pip install 'shardkit[{extra}]'")
+
+
+class Interrupted(ShardkitError):
+    """The user interrupted the run (SIGINT/SIGTERM); temporary files were removed."""
+
+    exit_code = EXIT_INTERRUPTED

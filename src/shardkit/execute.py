@@ -1,0 +1,203 @@
+"""Carry out a plan: stage, copy, hash, check the sources did not move, commit.
+
+The only module that writes checkpoint bytes. It never opens a source for writing,
+refuses destinations that are or contain a source, checks free space before the
+first byte, preallocates each file (so a full disk fails at once, not at 90 %), and
+removes everything it staged if anything goes wrong, including Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import atomic
+from .byte_copy import RangeCopier
+from .errors import OutputError, SourceChangedError, WriteError
+from .format import Header
+from .plan import Plan, PlannedFile
+
+#: Room kept free beyond the output's size for metadata and the filesystem itself.
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str
+    size: int
+    tensors: int
+    sha256: str | None
+
+
+def check_destination(dest: Path, sources: Iterable[Path], *, force: bool, as_folder: bool) -> None:
+    """Refuse destinations that exist (unless forced) or that would touch a source."""
+    resolved = dest.resolve()
+    for source in sources:
+        source = source.resolve()
+        if source == resolved or (as_folder and resolved in source.parents):
+            raise OutputError(f"{dest}: output would overwrite the source {source}; choose another path")
+    if dest.is_symlink() or dest.exists():
+        if as_folder and dest.is_dir() and not any(dest.iterdir()):
+            return
+        if not force:
+            raise OutputError(f"{dest}: already exists; pass --force to replace it")
+        if as_folder != (dest.is_dir() and not dest.is_symlink()):
+            kind = "a folder" if dest.is_dir() else "a file"
+            raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
+    if not dest.parent.is_dir():
+        raise OutputError(f"{dest}: parent folder {dest.parent} does not exist")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed + SPACE_MARGIN:
+        raise WriteError(
+            f"{folder}: not enough free space: the output needs {needed} bytes, {free} are available"
+        )
+
+
+def execute(
+    plan: Plan,
+    dest: Path,
+    *,
+    sources: Sequence[Header],
+    as_folder: bool,
+    force: bool = False,
+    sha256: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[WrittenFile]:
+    """Write `plan` to `dest` (a file, or a folder holding all planned files)."""
+    if not as_folder and len(plan.files) != 1:
+        raise ValueError("a single-file destination needs a plan with exactly one file")
+    check_destination(dest, (Path(h.path) for h in sources), force=force, as_folder=as_folder)
+    atomic.clean(dest.parent, dest.name)
+    check_free_space(dest.parent, plan.total_bytes + sum(c.source.stat().st_size for c in plan.copies))
+
+    staged = atomic.temp_name(dest)
+    try:
+        if as_folder:
+            staged.mkdir()
+            written = [_write_file(f, staged / f.name, sha256, progress) for f in plan.files]
+            _write_extras(plan, staged, written)
+            atomic.fsync_path(staged)
+        else:
+            written = [_write_file(plan.files[0], staged, sha256, progress)]
+        check_sources_unchanged(sources)
+        atomic.commit(staged, dest, replace=force)
+    except OSError as exc:
+        atomic.remove(staged)
+        raise _write_error(exc, dest) from None
+    except BaseException:
+        atomic.remove(staged)
+        raise
+    return written
+
+
+def check_sources_unchanged(sources: Sequence[Header]) -> None:
+    for header in sources:
+        try:
+            st = os.stat(header.path)
+        except OSError as exc:
+            raise SourceChangedError(f"{header.path}: source disappeared during the copy ({exc.strerror})") from None
+        if header.stat is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != header.stat:
+            raise SourceChangedError(
+                f"{header.path}: source changed (size or modification time) during the copy; output discarded"
+            )
+
+
+def _write_error(exc: OSError, dest: Path) -> WriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(f"{dest}: no space left on device; nothing was written")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteError(f"{dest}: cannot write there: {exc.strerror}")
+    return WriteError(f"{dest}: {exc.strerror or exc}")
+
+
+def _write_file(
+    planned: PlannedFile, path: Path, sha256: bool, progress: Callable[[int], None] | None
+) -> WrittenFile:
+    hasher = hashlib.sha256() if sha256 else None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    sources: dict[str, int] = {}
+    copier = RangeCopier(fd, hasher=hasher, on_progress=progress)
+    try:
+        _preallocate(fd, planned.size)
+        copier.write(planned.header, 0)
+        for byte_range in planned.ranges:
+            src = sources.get(byte_range.source)
+            if src is None:
+                src = sources[byte_range.source] = os.open(byte_range.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            copier.copy(src, byte_range.source_offset, byte_range.dest_offset, byte_range.length)
+        copier.close()
+        os.fsync(fd)
+    finally:
+        copier.close()
+        os.close(fd)
+        for src in sources.values():
+            os.close(src)
+    return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    if size == 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # EOPNOTSUPP/EINVAL: the filesystem cannot preallocate; the free-space check stands.
+
+
+def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
+    if plan.index is not None and plan.index_name is not None:
+        text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
+        _write_text(staged / plan.index_name, text)
+    for copy in plan.copies:
+        target = staged / copy.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(copy.source, target)
+        _fsync_file(target)
+    sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
+    if sums:
+        _write_text(staged / checksum_file_name(plan), "".join(sums))
+
+
+def checksum_file_name(plan: Plan) -> str:
+    """The sha256sum manifest written by --sha256 inside a folder output."""
+    return plan.files[0].name + ".sha256" if len(plan.files) == 1 else "SHA256SUMS"
+
+
+def write_checksum_beside(dest: Path, written: WrittenFile) -> Path:
+    """`model.safetensors.sha256` next to a single-file output, atomically."""
+    path = dest.with_name(dest.name + ".sha256")
+    staged = atomic.temp_name(path)
+    try:
+        _write_text(staged, f"{written.sha256}  {dest.name}\n")
+        os.replace(staged, path)
+    except BaseException:
+        atomic.remove(staged)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,360 @@
+"""The safetensors format: every rule about one file's bytes lives here.
+
+A file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the
+tensor data. The rules below are those of the reference reader (safetensors 0.8,
+`SafeTensors::read_metadata` and `Metadata::validate`), checked against it by the
+differential tests; `strict=True` adds what the format's documentation forbids but
+the reference tolerates. Every other module asks this one instead of re-deriving
+sizes, orders or offsets.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from . import header_json
+from .errors import FormatError
+from .header_json import JsonFloat, Pairs
+
+#: Bytes of the little-endian u64 that opens every file.
+LENGTH_PREFIX = 8
+#: The reference reader refuses larger headers before reading them.
+MAX_HEADER_SIZE = 100_000_000
+#: The reference writer pads the JSON with spaces so that data starts 8-aligned.
+HEADER_ALIGNMENT = 8
+METADATA_KEY = "__metadata__"
+_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+@dataclass(frozen=True)
+class DType:
+    """A safetensors element type. `rank` is its place in the reference enum, which
+    the reference writer sorts by (descending) so that wider types come first and
+    every tensor stays naturally aligned."""
+
+    code: str
+    bits: int
+    rank: int
+    is_float: bool
+
+
+def _dtypes(*spec: tuple[str, int, bool]) -> dict[str, DType]:
+    return {code: DType(code, bits, rank, is_float) for rank, (code, bits, is_float) in enumerate(spec)}
+
+
+#: In the reference enum's order (safetensors/src/tensor.rs `enum Dtype`).
+DTYPES: Mapping[str, DType] = _dtypes(
+    ("BOOL", 8, False),
+    ("F4", 4, True),
+    ("F6_E2M3", 6, True),
+    ("F6_E3M2", 6, True),
+    ("U8", 8, False),
+    ("I8", 8, False),
+    ("F8_E5M2", 8, True),
+    ("F8_E4M3", 8, True),
+    ("F8_E8M0", 8, True),
+    ("F8_E4M3FNUZ", 8, True),
+    ("F8_E5M2FNUZ", 8, True),
+    ("I16", 16, False),
+    ("U16", 16, False),
+    ("F16", 16, True),
+    ("BF16", 16, True),
+    ("I32", 32, False),
+    ("U32", 32, False),
+    ("F32", 32, True),
+    ("C64", 64, True),
+    ("F64", 64, True),
+    ("I64", 64, False),
+    ("U64", 64, False),
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry. `begin`/`end` are relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def nelements(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: what a reader needs to find every tensor's bytes."""
+
+    path: str
+    header_size: int  # N: the JSON bytes, padding included
+    file_size: int
+    metadata: Mapping[str, str] | None
+    tensors: tuple[TensorInfo, ...]  # in data order
+    stat: tuple[int, int, int, int] | None = field(default=None, compare=False)
+
+    @property
+    def data_start(self) -> int:
+        """Absolute file offset of the first data byte."""
+        return LENGTH_PREFIX + self.header_size
+
+    @property
+    def data_size(self) -> int:
+        return self.file_size - self.data_start
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a tensor, with the reference's overflow and byte-boundary rules.
+
+    Raises ValueError naming the rule; callers attach the file and tensor.
+    """
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > header_json.MAX_U64:
+            raise ValueError("shape's element count overflows 64 bits")
+    bits = count * DTYPES[dtype].bits
+    if bits > header_json.MAX_U64:
+        raise ValueError("shape's size in bits overflows 64 bits")
+    if bits % 8:
+        raise ValueError(f"{count} elements of {dtype} do not end on a byte boundary")
+    return bits // 8
+
+
+def writer_order(name: str, dtype: str) -> tuple[int, str]:
+    """Sort key of the reference writer: dtype rank descending, then name."""
+    return (-DTYPES[dtype].rank, name)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_header(path: str | os.PathLike[str], *, strict: bool = False) -> Header:
+    """Read and validate the header of a local file without touching its data."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+
+        def read_at(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        header = parse_file(read_at, st.st_size, str(path), strict=strict)
+    finally:
+        os.close(fd)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return Header(header.path, header.header_size, header.file_size, header.metadata, header.tensors, identity)
+
+
+def parse_file(
+    read_at: Callable[[int, int], bytes], file_size: int, path: str, *, strict: bool = False
+) -> Header:
+    """Validate a file given a random-access reader; reads only the header bytes.
+
+    The header length is checked against the 100 MB limit and the file size before
+    any header byte is read, so a hostile length costs nothing.
+    """
+    if file_size < LENGTH_PREFIX:
+        raise FormatError(path, f"file is {file_size} bytes, too small to hold the 8-byte header length")
+    (header_size,) = struct.unpack("<Q", _read_exactly(read_at, 0, LENGTH_PREFIX, path))
+    if header_size > MAX_HEADER_SIZE:
+        raise FormatError(path, f"header length {header_size} exceeds the {MAX_HEADER_SIZE}-byte limit")
+    if LENGTH_PREFIX + header_size > file_size:
+        raise FormatError(
+            path, f"header length {header_size} runs past the end of the {file_size}-byte file (truncated?)"
+        )
+    raw = _read_exactly(read_at, LENGTH_PREFIX, header_size, path)
+    metadata, tensors = parse_header(raw, path, strict=strict)
+    data_end = tensors[-1].end if tensors else 0
+    data_size = file_size - LENGTH_PREFIX - header_size
+    if data_end != data_size:
+        problem = "truncated" if data_end > data_size else "has trailing bytes"
+        raise FormatError(
+            path,
+            f"tensors cover {data_end} data bytes but the file holds {data_size}: the file {problem}",
+        )
+    return Header(path, header_size, file_size, metadata, tensors)
+
+
+def _read_exactly(read_at: Callable[[int, int], bytes], offset: int, length: int, path: str) -> bytes:
+    data = read_at(offset, length)
+    if len(data) != length:
+        raise FormatError(path, f"could read only {len(data)} of {length} bytes at offset {offset}")
+    return data
+
+
+def parse_header(
+    raw: bytes, path: str, *, strict: bool = False
+) -> tuple[dict[str, str] | None, tuple[TensorInfo, ...]]:
+    """Parse and validate header JSON bytes; tensors come back in data order."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"header is not valid UTF-8 (byte {exc.start})") from None
+    if strict and not text.startswith("{"):
+        raise FormatError(path, "strict: header does not start with '{'")
+    try:
+        document = header_json.loads(text)
+    except header_json.JsonSyntaxError as exc:
+        raise FormatError(path, f"header is not valid JSON: {exc}") from None
+    if not isinstance(document, Pairs):
+        raise FormatError(path, "header JSON is not an object")
+
+    metadata: dict[str, str] | None = None
+    seen_metadata = False
+    entries: dict[str, TensorInfo] = {}
+    for key, value in document:
+        if key == METADATA_KEY:
+            if seen_metadata:
+                raise FormatError(path, "__metadata__ appears twice")
+            seen_metadata = True
+            metadata = _parse_metadata(value, path, strict)
+            continue
+        if key in entries and strict:
+            raise FormatError(path, "strict: tensor name appears twice in the header", key)
+        entries[key] = _parse_entry(key, value, path, strict)
+
+    tensors = tuple(sorted(entries.values(), key=lambda t: (t.begin, t.end)))
+    _validate_offsets(tensors, path)
+    return metadata, tensors
+
+
+def _parse_metadata(value: object, path: str, strict: bool) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Pairs):
+        raise FormatError(path, "__metadata__ must be an object of string to string")
+    metadata: dict[str, str] = {}
+    for key, item in value:
+        if not isinstance(item, str):
+            raise FormatError(path, f"__metadata__ value of {key!r} is not a string")
+        if strict and key in metadata:
+            raise FormatError(path, f"strict: __metadata__ key {key!r} appears twice")
+        metadata[key] = item
+    return metadata
+
+
+def _parse_entry(name: str, value: object, path: str, strict: bool) -> TensorInfo:
+    if isinstance(value, Pairs):
+        fields: dict[str, object] = {}
+        for key, item in value:
+            if key in _TENSOR_FIELDS:
+                if key in fields:
+                    raise FormatError(path, f"field {key!r} appears twice", name)
+                fields[key] = item
+            elif strict:
+                raise FormatError(path, f"strict: unknown field {key!r}", name)
+        for key in _TENSOR_FIELDS:
+            if key not in fields:
+                raise FormatError(path, f"missing field {key!r}", name)
+        dtype, shape, offsets = (fields[k] for k in _TENSOR_FIELDS)
+    elif isinstance(value, list) and not strict:
+        # serde reads a struct from a 3-element sequence too; the reference accepts it.
+        if len(value) != 3:
+            raise FormatError(path, "entry must be an object with dtype, shape and data_offsets", name)
+        dtype, shape, offsets = value
+    else:
+        raise FormatError(path, "entry must be an object with dtype, shape and data_offsets", name)
+
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(path, f"unknown dtype {dtype!r}", name)
+    if not isinstance(shape, list) or isinstance(shape, Pairs) or not all(map(header_json.is_u64, shape)):
+        raise FormatError(path, f"shape must be a list of non-negative integers, got {_show(shape)}", name)
+    if (
+        not isinstance(offsets, list)
+        or isinstance(offsets, Pairs)
+        or len(offsets) != 2
+        or not all(map(header_json.is_u64, offsets))
+    ):
+        raise FormatError(path, f"data_offsets must be two non-negative integers, got {_show(offsets)}", name)
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _show(value: object) -> str:
+    if isinstance(value, JsonFloat):
+        return repr(float(value))
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validate_offsets(tensors: tuple[TensorInfo, ...], path: str) -> None:
+    expected_begin = 0
+    for info in tensors:
+        if info.begin != expected_begin or info.end < info.begin:
+            raise FormatError(
+                path,
+                f"data_offsets [{info.begin}, {info.end}] leave a gap or overlap: "
+                f"expected the tensor to start at {expected_begin}",
+                info.name,
+            )
+        expected_begin = info.end
+        try:
+            nbytes = tensor_nbytes(info.dtype, info.shape)
+        except ValueError as exc:
+            raise FormatError(path, str(exc), info.name) from None
+        if nbytes != info.nbytes:
+            raise FormatError(
+                path,
+                f"{info.dtype}{list(info.shape)} needs {nbytes} bytes but data_offsets span {info.nbytes}",
+                info.name,
+            )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know of a tensor to place it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def serialize_header(
+    tensors: Iterable[TensorSpec], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[tuple[TensorSpec, int]]]:
+    """The bytes before the data, exactly as the reference writer lays them out.
+
+    Tensors are placed in the reference writer's order (see :func:`writer_order`);
+    returns the prefix (length + padded JSON) and each tensor with its data offset
+    relative to the data section, in that order.
+    """
+    ordered = sorted(tensors, key=lambda t: writer_order(t.name, t.dtype))
+    document: dict[str, object] = {}
+    if metadata is not None:
+        document[METADATA_KEY] = {key: metadata[key] for key in sorted(metadata)}
+    placed: list[tuple[TensorSpec, int]] = []
+    offset = 0
+    for spec in ordered:
+        if spec.name == METADATA_KEY:
+            raise ValueError("a tensor cannot be named __metadata__")
+        document[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        placed.append((spec, offset))
+        offset += spec.nbytes
+    body = header_json.dumps_compact(document).encode("utf-8")
+    body += b" " * (-len(body) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(body)) + body, placed

@@ -1,0 +1,56 @@
+"""Byte sizes as people and the Hugging Face tools write them.
+
+"5GB" is 5·10⁹ bytes (huggingface_hub's `parse_size_to_int`), "4GiB" is 4·2³⁰
+(transformers' `convert_file_size_to_int`), a plain integer is bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BadInputError
+
+#: huggingface_hub's `MAX_SHARD_SIZE` (serialization/_base.py) and transformers' default.
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in `text`; raises BadInputError with the accepted forms on anything else."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(text)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise BadInputError(
+                f"cannot read size {text!r}: use bytes or a number with KB, MB, GB, TB "
+                "(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. 5GB"
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise BadInputError(f"size {text!r} must be greater than zero")
+    return size
+
+
+def format_size(size: int) -> str:
+    """A short human reading of a byte count (decimal units, as `ls -lh --si`)."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
