@@ -226,3 +226,22 @@ def write_companion_files(folder: Path, shape: Qwen2Shape) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer) + "\n")
     config = {"model_max_length": 32768, "eos_token": "<|im_end|>", "tokenizer_class": "Qwen2Tokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m shardkit.synthetic OUT [--shape tiny] [--max-shard-size BYTES]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a Qwen2-layout checkpoint with pseudo-random weights.")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--max-shard-size", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    made = write_checkpoint(args.folder, args.shape, max_shard_size=args.max_shard_size, seed=args.seed)
+    total = sum(t.nbytes for t in made.tensors)
+    print(f"wrote {args.folder}: {len(made.tensors)} tensors, {total} bytes in {len(made.shard_files)} shard(s)")
+
+
+if __name__ == "__main__":
+    main()

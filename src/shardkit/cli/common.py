@@ -38,6 +38,12 @@ AllowUnindexedOpt = Annotated[
     bool,
     typer.Option("--allow-unindexed", help="Ignore .safetensors files in the folder that no index covers."),
 ]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="After writing, compare every tensor with the source; remove the output if any differs."
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 

@@ -17,6 +17,7 @@ from .common import (
     Sha256Opt,
     SourceArg,
     StrictOpt,
+    VerifyOpt,
     byte_progress,
     run,
     warn,
@@ -43,6 +44,7 @@ def merge_command(
     quiet: QuietOpt = False,
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
+    verify: VerifyOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Merge a sharded checkpoint into one .safetensors file or a ready-to-load folder.
@@ -59,7 +61,7 @@ def merge_command(
         report = run(
             lambda: merge(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-                allow_unindexed=allow_unindexed, progress=progress,
+                allow_unindexed=allow_unindexed, verify=verify, progress=progress,
             ),
             debug=debug,
         )

@@ -20,6 +20,7 @@ def merge(
     dry_run: bool = False,
     strict: bool = False,
     allow_unindexed: bool = False,
+    verify: bool = False,
     progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Merge the checkpoint at `source` into `output`.
@@ -28,6 +29,8 @@ def merge(
     folder holding one weight file plus every non-weight file of the source folder
     (config, generation config, tokenizer, ...), and no index. Reads headers only,
     validates everything before writing, copies byte ranges, commits atomically.
+    With `verify`, the written file is compared tensor by tensor with the source
+    and removed if anything differs.
     """
     source, output = Path(source), Path(output)
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
@@ -40,7 +43,7 @@ def merge(
     plan = plan_merge(checkpoint, weight_name, copies)
     report = run_plan(
         MergeReport, "merge", checkpoint, source, plan, output,
-        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress,
+        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
     )
     return report  # type: ignore[return-value]
 

@@ -6,8 +6,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
-from ..errors import OutputError
+from .. import atomic
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..compare import compare_checkpoints
+from ..errors import OutputError, VerificationError
 from ..execute import execute, write_checksum_beside
 from ..plan import Plan
 from ..reports import OutputFile, WriteReport
@@ -29,7 +31,10 @@ def run_plan(
     sha256: bool,
     dry_run: bool,
     progress: ProgressCallback | None,
+    verify: bool = False,
 ) -> WriteReport:
+    """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the written
+    output with the source tensor by tensor and remove it if they differ."""
     started = time.perf_counter()
     checksum_file: Path | None = None
     if sha256 and not as_folder:
@@ -48,6 +53,8 @@ def run_plan(
         files = [
             OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
         ]
+        if verify:
+            verify_written(checkpoint, output)
         if checksum_file is not None:
             write_checksum_beside(output, written[0])
         elif sha256:
@@ -71,4 +78,15 @@ def run_plan(
         copy_ranges=sum(len(f.ranges) for f in plan.files),
         header_bytes=sum(len(f.header) for f in plan.files),
         warnings=list(plan.warnings),
+        verified=True if verify and not dry_run else None,
     )
+
+
+def verify_written(source: Checkpoint, output: Path) -> None:
+    """Prove the output holds the source's tensors, byte for byte; else remove it."""
+    comparison = compare_checkpoints(source, open_checkpoint(output))
+    if not comparison.identical:
+        atomic.remove(output)
+        problems = comparison.problems()
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerificationError(f"{output}: verification failed, output removed: {problems[0]}{more}")

@@ -1,0 +1,63 @@
+"""Shared test helpers: build real checkpoints, run the real CLI, snapshot sources."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shardkit.atomic import TEMP_MARK
+from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliResult:
+    """Run `python -m shardkit ARGS` as a user would (no TTY, real exit code)."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "shardkit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        timeout=300,
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (names relative), to prove sources are untouched."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(TEMP_MARK)]
+
+
+def assert_clean_failure(result: CliResult, code: int, message: str) -> None:
+    """One clear line on stderr naming the problem, the right exit code, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> SyntheticCheckpoint:
+    """A tiny Qwen2-layout model folder: 4 shards, index, config and tokenizer files,
+    plus tensors of the format's corner cases (F8, F4, BOOL, scalar, zero-size)."""
+    return write_checkpoint(tmp_path / "qwen-tiny", edge_tensors=True)
