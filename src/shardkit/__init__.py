@@ -14,10 +14,16 @@ __version__ = "0.1.0"
 
 _API = {
     "merge": "shardkit.commands.merge",
+    "split": "shardkit.commands.split",
+    "inspect": "shardkit.commands.inspect",
+    "diff": "shardkit.commands.diff",
 }
 
 if TYPE_CHECKING:
+    from .commands.diff import diff
+    from .commands.inspect import inspect
     from .commands.merge import merge
+    from .commands.split import split
 
 
 def __getattr__(name: str) -> object:

@@ -80,5 +80,10 @@ class MergeReport(WriteReport):
     """Report of `merge`."""
 
 
+@dataclass(frozen=True)
 class SplitReport(WriteReport):
-    """Report of `split` / reshard."""
+    """Report of `split` / reshard. `layout` maps each output shard to its tensors in
+    the order they were packed, so a dry run shows exactly what goes where."""
+
+    max_shard_size: int = 0
+    layout: dict[str, list[str]] = field(default_factory=dict)

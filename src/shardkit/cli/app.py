@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from .diff import diff_command
+from .inspect import inspect_command
 from .merge import merge_command
+from .split import split_command
 
 app = typer.Typer(
     name="shardkit",
@@ -29,6 +32,14 @@ def _root(
 
 
 app.command("merge")(merge_command)
+app.command("split")(split_command)
+app.command(
+    "reshard",
+    help="Alias of split, for a checkpoint that is already sharded: cut it into shards of another size.\n\n"
+    "Example: shardkit reshard Qwen2.5-7B-Instruct/ -o qwen-2gb/ --max-shard-size 2GB",
+)(split_command)
+app.command("inspect")(inspect_command)
+app.command("diff")(diff_command)
 
 
 def main() -> None:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from ..reports import WriteReport
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..reports import SplitReport, WriteReport
 from ..sizes import format_size
+
+if TYPE_CHECKING:
+    from ..commands.diff import DiffReport
+    from ..commands.inspect import InspectReport
 
 
 def console():  # noqa: ANN201 - rich is imported lazily to keep start-up fast
@@ -46,3 +53,131 @@ def print_write_report(report: WriteReport) -> None:
         out.print(f"checksums: {report.checksum_file}")
     if report.verified:
         out.print("verified: every tensor equals the source, byte for byte")
+
+
+def _aligned(rows: list[list[str]], right: frozenset[int] | set[int] = frozenset()) -> list[str]:
+    """Rows as aligned plain-text columns that never wrap or truncate: long tensor
+    names stay whole and greppable, and piping to a file or less keeps every column."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return [
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
+
+
+def print_split_report(report: SplitReport) -> None:
+    """A dry run shows the layout: each shard with the first and last tensor it holds
+    (shards hold consecutive runs of tensors in name order); a real run shows what
+    was written, as merge does."""
+    if not report.dry_run:
+        print_write_report(report)
+        return
+    rows = []
+    for f in report.files:
+        names = report.layout.get(Path(f.path).name, [])
+        holds = "" if not names else names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+        rows.append([Path(f.path).name, str(f.tensors), format_size(f.size), holds])
+    for line in _aligned([["shard", "tensors", "size", "holds (packed in name order)"], *rows], right={1, 2}):
+        print(line)
+    shards = f"{len(report.files)} shard(s)" + (" and an index" if report.index else ", no index")
+    print(
+        f"split: would write {shards} of at most {format_size(report.max_shard_size)} to {report.output}: "
+        f"{report.tensors} tensors, {report.parameters:,} parameters, {format_size(report.bytes)}"
+    )
+    if report.copied_files:
+        print("would copy: " + ", ".join(report.copied_files))
+
+
+def _count(value: int) -> str:
+    """7615616512 → "7.62B": parameter counts as model cards write them."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def print_inspect_report(report: InspectReport) -> None:
+    """Summary, files, then the layer view (or, with --tensors, every tensor).
+    Plain print, no rich: inspect is meant to be instant."""
+    lines = []
+    if report.index:
+        state = "agrees with the shards" if report.index_consistent else "total_size disagrees, see warning"
+        lines.append(["index", f"{report.index} ({state})"])
+    by_dtype = ", ".join(f"{dtype} {count:,}" for dtype, count in report.parameters_by_dtype.items())
+    lines += [
+        ["files", str(len(report.files))],
+        ["tensors", str(report.tensors)],
+        ["parameters", f"{report.parameters:,} ({_count(report.parameters)})" + (f"; {by_dtype}" if by_dtype else "")],
+        ["bytes", f"{report.bytes:,} ({format_size(report.bytes)})"],
+    ]
+    if report.metadata:
+        lines.append(["metadata", ", ".join(f"{k}={v}" for k, v in report.metadata.items())])
+    extra = {k: v for k, v in report.index_metadata.items() if k != "total_size"}
+    if extra:
+        lines.append(["index metadata", ", ".join(f"{k}={v}" for k, v in extra.items())])
+    print("\n".join(_aligned(lines)))
+
+    if len(report.files) > 1:
+        rows = [[f.path, str(f.tensors), format_size(f.size), f"{f.header_size:,} B"] for f in report.files]
+        print()
+        print("\n".join(_aligned([["file", "tensors", "size", "header"], *rows], right={1, 2, 3})))
+
+    if report.filter is not None:
+        print()
+        print(
+            f"filter {report.filter!r}: {report.matched_tensors} of {report.tensors} tensors, "
+            f"{report.matched_parameters:,} parameters, {format_size(report.matched_bytes)}"
+        )
+    if report.tensor_rows is not None:
+        head = ["tensor", "dtype", "shape", "parameters", "bytes", "shard", "offset"]
+        rows = [
+            [r.name, r.dtype, _shape(r.shape), f"{r.parameters:,}", f"{r.bytes:,}", r.shard, f"{r.offset:,}"]
+            for r in report.tensor_rows
+        ]
+        right = {3, 4, 6}
+    else:
+        head = ["tensor", "dtype", "shape", "count", "parameters"]
+        rows = [
+            [g.pattern, g.dtype, _shape(g.shape), f"×{g.count}" if g.count > 1 else "", f"{g.parameters:,}"]
+            for g in report.layers
+        ]
+        right = {3, 4}
+    if rows:
+        print()
+        print("\n".join(_aligned([head, *rows], right=right)))
+
+
+def print_diff_report(report: DiffReport) -> None:
+    """One line per difference, then a summary line that says identical or not (plain
+    print: tensor names may hold brackets that rich would read as markup)."""
+    for name in report.only_a:
+        print(f"- {name}  (only in A)")
+    for name in report.only_b:
+        print(f"+ {name}  (only in B)")
+    for change in report.dtype_changed:
+        print(f"~ {change.name}  dtype {change.a} → {change.b}")
+    for change in report.shape_changed:
+        print(f"~ {change.name}  shape {change.a} → {change.b}")
+    for meta in report.metadata_changed:
+        where = "metadata" if meta.scope == "file" else "index metadata"
+        before = "(absent)" if meta.a is None else repr(meta.a)
+        after = "(absent)" if meta.b is None else repr(meta.b)
+        print(f"~ {where} {meta.key!r}  {before} → {after}")
+    for name in report.data_different:
+        line = f"≠ {name}  data differs"
+        if report.max_abs_diff is not None:
+            value = report.max_abs_diff.get(name)
+            line += "  (max |a-b| not measurable for this dtype)" if value is None else f"  max |a-b| = {value:.9g}"
+        print(line)
+    verdict = "identical" if report.identical else "different"
+    if not report.data_compared:
+        verdict += " headers"
+    if report.data_compared:
+        data = f"{report.data_equal} tensors with equal data ({format_size(report.compared_bytes)} compared)"
+    else:
+        data = "data not compared (--no-data)"
+    print(f"{verdict}: A has {report.tensors_a} tensors, B has {report.tensors_b}; {data}")

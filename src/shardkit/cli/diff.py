@@ -1,0 +1,68 @@
+"""`shardkit diff` on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
+from .common import AllowUnindexedOpt, DebugOpt, JsonOpt, QuietOpt, StrictOpt, byte_progress, run, warn
+from .render import print_diff_report
+
+SideArg = Annotated[Path, typer.Argument(help="A .safetensors file, a checkpoint folder, or an index .json.")]
+NoDataOpt = Annotated[
+    bool, typer.Option("--no-data", help="Compare headers only (names, dtypes, shapes, metadata); read no tensor.")
+]
+MaxAbsDiffOpt = Annotated[
+    bool,
+    typer.Option(
+        "--max-abs-diff",
+        help="For float tensors that differ, also print the largest absolute difference "
+        "(needs pip install 'shardkit[numeric]').",
+    ),
+]
+
+
+def diff_command(
+    a: SideArg,
+    b: SideArg,
+    no_data: NoDataOpt = False,
+    max_abs_diff: MaxAbsDiffOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    strict: StrictOpt = False,
+    allow_unindexed: AllowUnindexedOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two checkpoints tensor by tensor, whatever their sharding.
+
+    Lists tensors only in A or only in B, dtype and shape changes, metadata changes,
+    and which tensors hold different bytes (streamed in constant memory). Exit code
+    0 when identical, 1 when they differ, 2 when an input is unusable, as diff and
+    cmp do.
+
+    Example: shardkit diff Qwen2.5-7B-Instruct/ qwen-merged/model.safetensors
+    """
+    from ..commands.diff import diff
+
+    try:
+        with byte_progress("comparing", enabled=not (quiet or json_output or no_data)) as progress:
+            report = run(
+                lambda: diff(
+                    a, b, data=not no_data, max_abs_diff=max_abs_diff, strict=strict,
+                    allow_unindexed=allow_unindexed, progress=progress,
+                ),
+                debug=debug,
+            )
+    except typer.Exit as exc:
+        # Exit 1 means "they differ" here, so a failure to compare must not look like it.
+        raise typer.Exit(EXIT_BAD_INPUT if exc.exit_code == EXIT_FAILURE else exc.exit_code) from None
+    if json_output:
+        print(report.to_json())
+    else:
+        warn(report.warnings, quiet)
+        if not quiet:
+            print_diff_report(report)
+    raise typer.Exit(0 if report.identical else 1)

@@ -1,0 +1,50 @@
+"""`shardkit inspect` on the command line."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .common import DebugOpt, JsonOpt, SourceArg, StrictOpt, run, warn
+from .render import print_inspect_report
+
+TensorsOpt = Annotated[
+    bool,
+    typer.Option("--tensors", "-t", help="One row per tensor: dtype, shape, parameters, bytes, shard, offset."),
+]
+FilterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--filter", "-k",
+        help="Only tensors whose name matches this glob, e.g. 'model.layers.0.*' or '*.mlp.*'.",
+        show_default=False,
+    ),
+]
+
+
+def inspect_command(
+    path: SourceArg,
+    tensors: TensorsOpt = False,
+    filter_glob: FilterOpt = None,
+    json_output: JsonOpt = False,
+    strict: StrictOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a checkpoint holds, reading headers only: instant even for 70B.
+
+    Prints files, tensor and parameter counts (in total and by dtype), bytes,
+    metadata, whether the index agrees with the shards, and a compact layer view
+    that folds model.layers.N so 28 layers read as one row per layer tensor.
+    --tensors lists every tensor with its shard and byte offset instead.
+
+    Example: shardkit inspect Qwen2.5-7B-Instruct/ --tensors --filter 'model.layers.0.*'
+    """
+    from ..commands.inspect import inspect
+
+    report = run(lambda: inspect(path, tensors=tensors, filter=filter_glob, strict=strict), debug=debug)
+    if json_output:
+        print(report.to_json())
+        return
+    warn(report.warnings, quiet=False)
+    print_inspect_report(report)

@@ -1,0 +1,93 @@
+"""`shardkit split` (and its alias `reshard`) on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..sizes import DEFAULT_MAX_SHARD_SIZE
+from .common import (
+    AllowUnindexedOpt,
+    DebugOpt,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    Sha256Opt,
+    SourceArg,
+    StrictOpt,
+    VerifyOpt,
+    byte_progress,
+    run,
+    warn,
+)
+from .render import print_split_report
+
+OutputDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o",
+        help="The output folder: shards, index and the source's config/tokenizer files.",
+        show_default=False,
+    ),
+]
+MaxShardSizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-shard-size", "-s",
+        help="Most tensor bytes per shard: 5GB = 5·10⁹, 4GiB = 4·2³⁰, or plain bytes. "
+        "A bigger tensor gets a shard of its own.",
+    ),
+]
+PrefixOpt = Annotated[
+    str,
+    typer.Option(
+        "--prefix",
+        help="Shard name prefix: PREFIX-00001-of-00004.safetensors (diffusers uses diffusion_pytorch_model).",
+    ),
+]
+
+
+def split_command(
+    source: SourceArg,
+    output: OutputDirOpt,
+    max_shard_size: MaxShardSizeOpt = DEFAULT_MAX_SHARD_SIZE,
+    prefix: PrefixOpt = "model",
+    force: ForceOpt = False,
+    sha256: Sha256Opt = False,
+    dry_run: DryRunOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    strict: StrictOpt = False,
+    allow_unindexed: AllowUnindexedOpt = False,
+    verify: VerifyOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Split a checkpoint into Hugging Face shards, or reshard it (4 shards into 8, or into 1).
+
+    Tensors are packed in name order as huggingface_hub packs them; the folder gets
+    model-0000i-of-0000n.safetensors plus model.safetensors.index.json (or a single
+    model.safetensors when everything fits) and the source's config and tokenizer
+    files. Byte ranges are copied at disk speed; the folder appears atomically, so no
+    stale shard or index of a replaced output survives.
+
+    Example: shardkit split qwen.safetensors -o qwen-sharded/ --max-shard-size 2GB
+    """
+    from ..commands.split import split
+
+    with byte_progress("splitting", enabled=not (quiet or json_output)) as progress:
+        report = run(
+            lambda: split(
+                source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
+                dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify, progress=progress,
+            ),
+            debug=debug,
+        )
+    if json_output:
+        print(report.to_json())
+        return
+    warn(report.warnings, quiet)
+    if not quiet:
+        print_split_report(report)

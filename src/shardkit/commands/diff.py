@@ -1,0 +1,198 @@
+"""`shardkit diff`: how two checkpoints differ, whatever their sharding.
+
+Original shards against their merge, two fine-tunes of one base, a download
+against a re-upload: names, dtypes and shapes come from the headers, data is
+compared byte for byte in constant memory (`compare.compare_checkpoints`), and
+metadata is compared as a loader sees it, regardless of which file holds what.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from ..compare import compare_checkpoints
+from ..errors import BadInputError
+from ..reports import JsonReport
+from .inspect import metadata_union
+
+#: Bytes of each side decoded at a time for --max-abs-diff; widened to float64 that
+#: is 8 MB per side for BF16, whatever the tensor size.
+NUMERIC_CHUNK = 1024 * 1024
+
+#: Derived from the tensors (which are compared anyway) and present only when sharded.
+_DERIVED_INDEX_KEYS = ("total_size",)
+
+
+@dataclass(frozen=True)
+class Change(JsonReport):
+    """A tensor on both sides whose dtype (or shape) differs."""
+
+    name: str
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class MetadataChange(JsonReport):
+    """A metadata key whose value differs; None means the key is absent on that side.
+
+    `scope` is "file" for the safetensors `__metadata__` (the union over a side's
+    files) or "index" for the index's `metadata` (compared when both sides have one).
+    """
+
+    scope: str
+    key: str
+    a: object
+    b: object
+
+
+@dataclass(frozen=True)
+class DiffReport(JsonReport):
+    a: str
+    b: str
+    identical: bool
+    tensors_a: int
+    tensors_b: int
+    only_a: list[str]
+    only_b: list[str]
+    dtype_changed: list[Change]
+    shape_changed: list[Change]
+    metadata_changed: list[MetadataChange]
+    data_compared: bool
+    data_equal: int
+    data_different: list[str]
+    compared_bytes: int
+    #: With max_abs_diff: tensor → max |a − b| for each tensor of `data_different`;
+    #: None for dtypes that are not decodable floats (integers, bool, F4, F6).
+    max_abs_diff: dict[str, float | None] | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        data = super().to_dict()
+        if self.max_abs_diff is not None:
+            # JSON has no NaN or Infinity; scripts get them as strings.
+            data["max_abs_diff"] = {name: _jsonable(value) for name, value in self.max_abs_diff.items()}
+        return data
+
+
+def _jsonable(value: float | None) -> object:
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)
+
+
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    data: bool = True,
+    max_abs_diff: bool = False,
+    strict: bool = False,
+    allow_unindexed: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> DiffReport:
+    """Compare the checkpoints at `a` and `b` (each a file, folder or index).
+
+    With `data=False` only headers are read. With `max_abs_diff`, every float tensor
+    whose bytes differ is decoded in chunks to find the largest absolute difference
+    (needs the `numeric` extra: numpy and ml_dtypes). Metadata counts as a
+    difference: `identical` means a loader could not tell the two apart.
+    """
+    if max_abs_diff and not data:
+        raise BadInputError("--max-abs-diff reads the tensors' values; it cannot be combined with --no-data")
+    if max_abs_diff:
+        from ..numeric import require_numeric
+
+        require_numeric("--max-abs-diff")
+    started = time.perf_counter()
+    left = open_checkpoint(a, strict=strict, allow_unindexed=allow_unindexed)
+    right = open_checkpoint(b, strict=strict, allow_unindexed=allow_unindexed)
+    measured: dict[str, float | None] | None = {} if max_abs_diff else None
+
+    def on_difference(ta: SourceTensor, tb: SourceTensor, readers: object) -> None:
+        if measured is not None:
+            measured[ta.name] = _max_abs_diff(ta, tb, readers)
+
+    total = _comparable_bytes(left, right)
+    on_bytes = (lambda step: progress(step, total)) if progress is not None else None
+    comparison = compare_checkpoints(left, right, data=data, on_bytes=on_bytes, on_difference=on_difference)
+    metadata_changed = _metadata_changes(left, right)
+    return DiffReport(
+        a=str(a),
+        b=str(b),
+        identical=comparison.identical and not metadata_changed,
+        tensors_a=len(left.tensors),
+        tensors_b=len(right.tensors),
+        only_a=comparison.only_a,
+        only_b=comparison.only_b,
+        dtype_changed=[Change(c.name, c.a, c.b) for c in comparison.dtype_changed],
+        shape_changed=[Change(c.name, c.a, c.b) for c in comparison.shape_changed],
+        metadata_changed=metadata_changed,
+        data_compared=comparison.data_compared,
+        data_equal=comparison.data_equal,
+        data_different=comparison.data_different,
+        compared_bytes=comparison.compared_bytes,
+        max_abs_diff=dict(sorted(measured.items())) if measured is not None else None,
+        seconds=round(time.perf_counter() - started, 6),
+        warnings=[*_labelled("A", left.warnings), *_labelled("B", right.warnings)],
+    )
+
+
+def _comparable_bytes(left: Checkpoint, right: Checkpoint) -> int:
+    total = 0
+    for name, ta in left.tensors.items():
+        tb = right.tensors.get(name)
+        if tb is not None and (ta.info.dtype, ta.info.shape) == (tb.info.dtype, tb.info.shape):
+            total += ta.info.nbytes
+    return total
+
+
+def _metadata_changes(left: Checkpoint, right: Checkpoint) -> list[MetadataChange]:
+    changes = _dict_changes("file", metadata_union(left.shards)[0], metadata_union(right.shards)[0])
+    if left.index_path is not None and right.index_path is not None:
+        changes += _dict_changes(
+            "index",
+            {k: v for k, v in left.index_metadata.items() if k not in _DERIVED_INDEX_KEYS},
+            {k: v for k, v in right.index_metadata.items() if k not in _DERIVED_INDEX_KEYS},
+        )
+    return changes
+
+
+def _dict_changes(scope: str, a: dict[str, object], b: dict[str, object]) -> list[MetadataChange]:
+    keys = sorted(a.keys() | b.keys())
+    return [MetadataChange(scope, key, a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)]
+
+
+def _labelled(side: str, warnings: tuple[str, ...]) -> list[str]:
+    return [f"{side}: {warning}" for warning in warnings]
+
+
+def _max_abs_diff(ta: SourceTensor, tb: SourceTensor, readers: object) -> float | None:
+    from ..numeric import element_size, max_abs_difference, measurable
+
+    dtype = ta.info.dtype
+    if not measurable(dtype):
+        return None
+    step = NUMERIC_CHUNK - NUMERIC_CHUNK % element_size(dtype)
+    fd_a, fd_b = readers.fd(ta.shard.path), readers.fd(tb.shard.path)  # type: ignore[attr-defined]
+
+    def pairs() -> Iterator[tuple[bytes, bytes]]:
+        for done in range(0, ta.info.nbytes, step):
+            length = min(step, ta.info.nbytes - done)
+            yield _pread(fd_a, ta, done, length), _pread(fd_b, tb, done, length)
+
+    return max_abs_difference(dtype, pairs())
+
+
+def _pread(fd: int, tensor: SourceTensor, done: int, length: int) -> bytes:
+    chunk = os.pread(fd, length, tensor.offset + done)
+    if len(chunk) != length:
+        raise OSError(f"{Path(tensor.shard.path)}: tensor {tensor.name!r} could not be read (file shrank?)")
+    return chunk

@@ -1,0 +1,172 @@
+"""`shardkit inspect`: what a checkpoint holds, from its headers alone.
+
+Only the header bytes and the index are read (a few tens of kilobytes for a 7B model),
+so inspecting a 70B checkpoint is as quick as a 1B one and works on files still
+being downloaded elsewhere, as long as their headers are complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import open_checkpoint
+from ..format import Header
+from ..layers import group_layers
+from ..plan import natural_key
+from ..reports import JsonReport
+
+
+@dataclass(frozen=True)
+class FileSummary(JsonReport):
+    path: str
+    size: int
+    header_size: int  # the JSON, padding included (the 8-byte length not counted)
+    tensors: int
+    metadata: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class TensorRow(JsonReport):
+    name: str
+    dtype: str
+    shape: list[int]
+    parameters: int
+    bytes: int
+    shard: str  # file name, relative to the checkpoint's folder
+    offset: int  # absolute byte offset of the data in that file
+
+
+@dataclass(frozen=True)
+class LayerRow(JsonReport):
+    """Tensors folded over their layer (or expert) numbers; see `shardkit.layers`."""
+
+    pattern: str
+    dtype: str
+    shape: list[int]
+    count: int
+    parameters: int  # over all `count` tensors
+    bytes: int
+
+
+@dataclass(frozen=True)
+class InspectReport(JsonReport):
+    path: str
+    index: str | None
+    #: None without an index; False when the index's total_size disagrees with the tensors
+    #: (the only disagreement a checkpoint may have and still open, see `warnings`).
+    index_consistent: bool | None
+    files: list[FileSummary]
+    tensors: int
+    parameters: int
+    parameters_by_dtype: dict[str, int]
+    bytes: int
+    metadata: dict[str, str]  # union of the files' __metadata__
+    index_metadata: dict[str, object]
+    layers: list[LayerRow]
+    filter: str | None = None
+    matched_tensors: int = 0
+    matched_parameters: int = 0
+    matched_bytes: int = 0
+    tensor_rows: list[TensorRow] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    tensors: bool = False,
+    filter: str | None = None,
+    strict: bool = False,
+) -> InspectReport:
+    """Summarise the checkpoint at `path` (file, folder or index).
+
+    The summary (files, tensor count, parameters in total and by dtype, bytes,
+    metadata, index consistency) always covers the whole checkpoint; `filter`, a glob
+    such as `model.layers.0.*`, narrows the layer view and the per-tensor rows that
+    `tensors=True` adds. Stray weight files no index covers are reported as warnings,
+    not refused: inspecting is how one finds out about them.
+    """
+    checkpoint = open_checkpoint(path, strict=strict, allow_unindexed=True)
+    root = checkpoint.root
+    by_dtype: dict[str, int] = {}
+    for tensor in checkpoint.tensors.values():
+        by_dtype[tensor.info.dtype] = by_dtype.get(tensor.info.dtype, 0) + tensor.info.nelements
+    metadata, warnings = metadata_union(checkpoint.shards)
+
+    selected = sorted(
+        (t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)),
+        key=lambda t: natural_key(t.name),
+    )
+    groups = group_layers((t.name, t.info.dtype, t.info.shape) for t in selected)
+    infos = {t.name: t.info for t in selected}
+    layers = [
+        LayerRow(
+            g.pattern, g.dtype, list(g.shape), g.count,
+            sum(infos[n].nelements for n in g.names), sum(infos[n].nbytes for n in g.names),
+        )
+        for g in groups
+    ]
+    rows = None
+    if tensors:
+        rows = [
+            TensorRow(
+                t.name, t.info.dtype, list(t.info.shape), t.info.nelements, t.info.nbytes,
+                _relative(t.shard.path, root), t.offset,
+            )
+            for t in selected
+        ]
+    index_consistent = None
+    if checkpoint.index_path is not None:
+        declared = checkpoint.index_metadata.get("total_size")
+        index_consistent = declared is None or declared == checkpoint.total_bytes
+    return InspectReport(
+        path=str(path),
+        index=str(checkpoint.index_path) if checkpoint.index_path else None,
+        index_consistent=index_consistent,
+        files=[
+            FileSummary(_relative(h.path, root), h.file_size, h.header_size, len(h.tensors), h.metadata)
+            for h in sorted(checkpoint.shards, key=lambda h: natural_key(h.path))
+        ],
+        tensors=len(checkpoint.tensors),
+        parameters=checkpoint.parameters,
+        parameters_by_dtype=dict(sorted(by_dtype.items(), key=lambda item: (-item[1], item[0]))),
+        bytes=checkpoint.total_bytes,
+        metadata=metadata,
+        index_metadata=dict(checkpoint.index_metadata),
+        layers=layers,
+        filter=filter,
+        matched_tensors=len(selected),
+        matched_parameters=sum(t.info.nelements for t in selected),
+        matched_bytes=sum(t.info.nbytes for t in selected),
+        tensor_rows=rows,
+        warnings=[*checkpoint.warnings, *warnings],
+    )
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def metadata_union(shards: Iterable[Header]) -> tuple[dict[str, str], list[str]]:
+    """Every file's `__metadata__` in one dict; a key whose value differs between
+    files keeps the first and is reported, since one value cannot describe both."""
+    union: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    warnings: list[str] = []
+    for header in sorted(shards, key=lambda h: natural_key(h.path)):
+        for key, value in (header.metadata or {}).items():
+            if key not in union:
+                union[key], origin[key] = value, Path(header.path).name
+            elif union[key] != value:
+                warnings.append(
+                    f"metadata {key!r} differs between files: {union[key]!r} in {origin[key]}, "
+                    f"{value!r} in {Path(header.path).name}"
+                )
+    return union, warnings

@@ -1,0 +1,78 @@
+"""Fold the repeated layers of a transformer into one row per distinct layer tensor.
+
+A 7B model has 28 layers of 12 tensors each: people want to read
+`model.layers.{0..27}.mlp.up_proj.weight  BF16 [18944, 3584] ×28`, not 336 rows.
+A name is folded at every `layers.N`, `layer.N`, `h.N`, `blocks.N`, `block.N`
+(also `transformer_blocks.N`, `down_blocks.N`, ...) and `experts.N` segment, so a
+mixture-of-experts model folds on both axes. Tensors fold together only when their
+dtype and shape agree too, so a layer that differs from the others shows on its own row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .plan import natural_key
+
+_INDEXED = re.compile(r"(?:^|(?<=\.))((?:\w*_)?(?:layers|layer|blocks|block)|h|experts)\.(\d+)(?=\.|$)")
+PLACEHOLDER = "{}"
+
+
+def split_name(name: str) -> tuple[str, tuple[int, ...]]:
+    """`model.layers.3.mlp.experts.7.w1` → (`model.layers.{}.mlp.experts.{}.w1`, (3, 7))."""
+    indices: list[int] = []
+
+    def fold(match: re.Match[str]) -> str:
+        indices.append(int(match.group(2)))
+        return f"{match.group(1)}.{PLACEHOLDER}"
+
+    return _INDEXED.sub(fold, name), tuple(indices)
+
+
+def format_indices(values: Iterable[int]) -> str:
+    """{0, 1, 2, 5, 7, 8} → "0..2,5,7..8"; a single value stays a plain number."""
+    ordered = sorted(set(values))
+    runs: list[str] = []
+    start = previous = ordered[0]
+    for value in [*ordered[1:], None]:
+        if value is not None and value == previous + 1:
+            previous = value
+            continue
+        runs.append(str(start) if start == previous else f"{start}..{previous}")
+        if value is not None:
+            start = previous = value
+    return runs[0] if len(runs) == 1 and ".." not in runs[0] else "{" + ",".join(runs) + "}"
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Tensors that differ only in their layer (or expert) numbers."""
+
+    pattern: str  # e.g. model.layers.{0..27}.mlp.up_proj.weight
+    dtype: str
+    shape: tuple[int, ...]
+    names: tuple[str, ...]  # in natural order
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def group_layers(tensors: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[LayerGroup]:
+    """Fold (name, dtype, shape) triples; groups come in the natural order of their
+    first tensor, so the view reads top to bottom like the model."""
+    groups: dict[tuple[str, str, tuple[int, ...]], list[tuple[str, tuple[int, ...]]]] = {}
+    for name, dtype, shape in tensors:
+        template, indices = split_name(name)
+        groups.setdefault((template, dtype, shape), []).append((name, indices))
+    result = []
+    for (template, dtype, shape), members in groups.items():
+        members.sort(key=lambda member: natural_key(member[0]))
+        pattern = template
+        for position in range(template.count(PLACEHOLDER)):
+            pattern = pattern.replace(PLACEHOLDER, format_indices(m[1][position] for m in members), 1)
+        result.append(LayerGroup(pattern, dtype, shape, tuple(m[0] for m in members)))
+    result.sort(key=lambda group: natural_key(group.names[0]))
+    return result
