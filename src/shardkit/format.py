@@ -15,7 +15,6 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 from . import header_json
 from .errors import FormatError
@@ -238,6 +237,8 @@ def parse_header(
 
 def _parse_metadata(value: object, path: str, strict: bool) -> dict[str, str] | None:
     if value is None:
+        if strict:
+            raise FormatError(path, "strict: __metadata__ is null; the format wants an object of string to string")
         return None
     if not isinstance(value, Pairs):
         raise FormatError(path, "__metadata__ must be an object of string to string")
@@ -265,16 +266,17 @@ def _parse_entry(name: str, value: object, path: str, strict: bool) -> TensorInf
             if key not in fields:
                 raise FormatError(path, f"missing field {key!r}", name)
         dtype, shape, offsets = (fields[k] for k in _TENSOR_FIELDS)
-    elif isinstance(value, list) and not strict:
+    elif isinstance(value, list):
         # serde reads a struct from a 3-element sequence too; the reference accepts it.
+        if strict:
+            raise FormatError(path, "strict: entry is a [dtype, shape, data_offsets] sequence, not an object", name)
         if len(value) != 3:
             raise FormatError(path, "entry must be an object with dtype, shape and data_offsets", name)
         dtype, shape, offsets = value
     else:
         raise FormatError(path, "entry must be an object with dtype, shape and data_offsets", name)
 
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(path, f"unknown dtype {dtype!r}", name)
+    dtype = _dtype_code(dtype, path, name, strict)
     if not isinstance(shape, list) or isinstance(shape, Pairs) or not all(map(header_json.is_u64, shape)):
         raise FormatError(path, f"shape must be a list of non-negative integers, got {_show(shape)}", name)
     if (
@@ -285,6 +287,18 @@ def _parse_entry(name: str, value: object, path: str, strict: bool) -> TensorInf
     ):
         raise FormatError(path, f"data_offsets must be two non-negative integers, got {_show(offsets)}", name)
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _dtype_code(value: object, path: str, name: str, strict: bool) -> str:
+    # serde also reads an enum's unit variant from the one-key object {"F32": null},
+    # so the reference accepts that spelling of a dtype.
+    if isinstance(value, Pairs) and len(value) == 1 and value[0][1] is None and isinstance(value[0][0], str):
+        if strict:
+            raise FormatError(path, f"strict: dtype written as the object {{{value[0][0]!r}: null}}", name)
+        value = value[0][0]
+    if not isinstance(value, str) or value not in DTYPES:
+        raise FormatError(path, f"unknown dtype {_show(value)}", name)
+    return value
 
 
 def _show(value: object) -> str:
