@@ -17,13 +17,17 @@ _API = {
     "split": "shardkit.commands.split",
     "inspect": "shardkit.commands.inspect",
     "diff": "shardkit.commands.diff",
+    "verify": "shardkit.commands.verify",
+    "checksum": "shardkit.commands.checksum",
 }
 
 if TYPE_CHECKING:
+    from .commands.checksum import checksum
     from .commands.diff import diff
     from .commands.inspect import inspect
     from .commands.merge import merge
     from .commands.split import split
+    from .commands.verify import verify
 
 
 def __getattr__(name: str) -> object:

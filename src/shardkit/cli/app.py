@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from .checksum import checksum_command
 from .diff import diff_command
 from .inspect import inspect_command
 from .merge import merge_command
 from .split import split_command
+from .verify import verify_command
 
 app = typer.Typer(
     name="shardkit",
@@ -40,6 +42,8 @@ app.command(
 )(split_command)
 app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
+app.command("verify")(verify_command)
+app.command("checksum")(checksum_command)
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ from ..reports import SplitReport, WriteReport
 from ..sizes import format_size
 
 if TYPE_CHECKING:
+    from ..commands.checksum import ChecksumReport
     from ..commands.diff import DiffReport
     from ..commands.inspect import InspectReport
+    from ..commands.verify import VerifyReport
 
 
 def console():  # noqa: ANN201 - rich is imported lazily to keep start-up fast
@@ -181,3 +183,27 @@ def print_diff_report(report: DiffReport) -> None:
     else:
         data = "data not compared (--no-data)"
     print(f"{verdict}: A has {report.tensors_a} tensors, B has {report.tensors_b}; {data}")
+
+
+def print_verify_report(report: VerifyReport) -> None:
+    """One line per problem (check, file, tensor, rule), then a verdict line (plain
+    print: messages hold shapes in brackets that rich would read as markup)."""
+    for problem in report.problems:
+        print(f"✗ {problem.check}: {problem}")
+    files = f"{len(report.files)} file(s), {report.tensors} tensors"
+    verdict = f"OK: {files}" if report.ok else f"FAILED: {len(report.problems)} problem(s) in {files}"
+    read = ""
+    if report.bytes_read:
+        speed = report.bytes_read / report.seconds if report.seconds > 0 else 0
+        read = f"; read {format_size(report.bytes_read)} ({format_size(int(speed))}/s)"
+    print(f"verify: {verdict}; checks: {', '.join(report.checks)}{read}; {report.seconds:.2f} s")
+
+
+def print_checksum_report(report: ChecksumReport) -> None:
+    """The summary printed when the manifest went to a file (-o)."""
+    kind = f"{len(report.tensors)} tensors" if report.kind == "tensors" else f"{len(report.files)} file(s)"
+    speed = report.bytes / report.seconds if report.seconds > 0 else 0
+    print(
+        f"checksum: wrote {report.output}: {kind}, {format_size(report.bytes)} hashed in "
+        f"{report.seconds:.2f} s ({format_size(int(speed))}/s)"
+    )

@@ -1,0 +1,65 @@
+"""`shardkit checksum` on the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DebugOpt, ForceOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
+from .render import print_checksum_report
+
+ManifestOutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output", "-o",
+        help="Write the manifest to this file (atomically) instead of stdout.",
+        show_default=False,
+    ),
+]
+TensorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tensors",
+        help="A JSON manifest of every tensor's dtype, shape and data SHA-256: it stays valid across merge and split.",
+    ),
+]
+
+
+def checksum_command(
+    path: SourceArg,
+    output: ManifestOutputOpt = None,
+    tensors: TensorsOpt = False,
+    force: ForceOpt = False,
+    strict: StrictOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print a SHA-256 manifest of a checkpoint's weight files, for `shardkit verify --checksums`.
+
+    The default output is exactly what sha256sum prints, with names relative to the
+    checkpoint folder, so `cd model && sha256sum -c SHA256SUMS` checks it too. With
+    --tensors, a JSON manifest hashes each tensor's bytes instead of files, so it still
+    holds after the checkpoint is merged or split. The checkpoint is validated first;
+    files are read once, in constant memory, at sha256sum speed.
+
+    Example: shardkit checksum model/ -o model/SHA256SUMS
+    """
+    from ..commands.checksum import checksum
+
+    with byte_progress("hashing", enabled=not (quiet or json_output or output is None)) as progress:
+        report = run(
+            lambda: checksum(path, tensors=tensors, output=output, force=force, strict=strict, progress=progress),
+            debug=debug,
+        )
+    if json_output:
+        print(report.to_json())
+        return
+    warn(report.warnings, quiet)
+    if output is None:
+        sys.stdout.write(report.manifest())
+    elif not quiet:
+        print_checksum_report(report)

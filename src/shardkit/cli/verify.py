@@ -1,0 +1,95 @@
+"""`shardkit verify` on the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
+from .common import DebugOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
+from .render import print_verify_report
+
+ChecksumsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checksums", "-c",
+        help="A manifest from `shardkit checksum` (sha256sum text, or --tensors JSON) to check the bytes against; "
+        "file names are relative to PATH's folder.",
+        show_default=False,
+    ),
+]
+AgainstOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--against",
+        help="Another checkpoint that must hold the same tensors, byte for byte, whatever its sharding.",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A config.json to check tensor names, shapes and dtypes against (needs shardkit\\[hf]). "
+        "Default: PATH's own config.json when transformers is installed.",
+        show_default=False,
+    ),
+]
+NoArchitectureOpt = Annotated[
+    bool, typer.Option("--no-architecture", help="Skip the architecture check even if a config.json is found.")
+]
+
+
+def verify_command(
+    path: SourceArg,
+    checksums: ChecksumsOpt = None,
+    against: AgainstOpt = None,
+    config: ConfigOpt = None,
+    no_architecture: NoArchitectureOpt = False,
+    strict: StrictOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Prove a checkpoint is complete and intact; exit 0 if so, 1 if not, 2 if PATH is unusable.
+
+    Always checks every weight file against every format rule and every index
+    cross-check (headers only: milliseconds). The bytes are checked against whatever
+    reference there is, reading each file once in constant memory: a --checksums
+    manifest, the blob names of a Hugging Face cache snapshot (automatic), or
+    --against another checkpoint. With a config.json, tensor names, shapes and dtypes
+    are checked against the model's architecture. Every problem is listed with its
+    file and tensor.
+
+    Example: shardkit verify model/ --checksums SHA256SUMS
+    """
+    from ..commands.verify import verify
+
+    try:
+        with byte_progress("verifying", enabled=not (quiet or json_output)) as progress:
+            report = run(
+                lambda: verify(
+                    path, checksums=checksums, against=against, config=config,
+                    architecture=False if no_architecture else None, strict=strict, progress=progress,
+                ),
+                debug=debug,
+            )
+    except typer.Exit as exc:
+        # Exit 1 means "a problem was found", so a failure to verify at all must not look like it.
+        raise typer.Exit(EXIT_BAD_INPUT if exc.exit_code == EXIT_FAILURE else exc.exit_code) from None
+    if json_output:
+        print(report.to_json())
+    else:
+        for note in report.notes:
+            if not quiet:
+                print(f"shardkit: note: {note}", file=sys.stderr)
+        warn(report.warnings, quiet)
+        if quiet:
+            for problem in report.problems:
+                print(f"shardkit: {problem}", file=sys.stderr)
+        else:
+            print_verify_report(report)
+    raise typer.Exit(0 if report.ok else EXIT_FAILURE)

@@ -1,0 +1,474 @@
+"""`shardkit verify`: prove a checkpoint is whole, and that its bytes are the right ones.
+
+What is checked, and what it costs:
+
+- Always, from headers only: every weight file against every rule of the format, each
+  file on its own so that one broken shard does not hide another (the rule that the
+  tensors cover exactly the file's data bytes is what catches a truncated or extended
+  file), then the index cross-checks of :func:`~shardkit.checkpoint.open_checkpoint`.
+- Bytes, wherever there is something to compare them with: a checksum manifest
+  (`checksums`), the blob names of a Hugging Face cache snapshot (found by itself), or
+  another checkpoint (`against`, tensor by tensor, whatever the sharding). Each file is
+  then read once, front to back, in constant memory. Without a reference a full read
+  would only prove the disk can still read the file, at the price of the whole
+  checkpoint's I/O, so a plain verify reads headers only and takes milliseconds.
+- The architecture: with a `config.json` (given, or found in the checkpoint folder),
+  tensor names, shapes and dtypes against the model transformers builds on the meta
+  device (:mod:`shardkit.architecture`, needs the `hf` extra).
+
+Problems are collected, not raised: the report lists every one with its file and
+tensor, and `ok` says whether there were none. Only unusable input (a missing path,
+an unreadable manifest, a broken `against` checkpoint) raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
+from ..compare import compare_checkpoints
+from ..errors import BadInputError, CheckpointError, FormatError, MissingExtraError
+from ..format import Header, read_header
+from ..hashing import Streamer
+from ..hub_cache import HubBlob, hub_blob
+from ..manifest import Manifest, read_manifest
+from ..reports import JsonReport
+from .checksum import manifest_name
+from .writing import ProgressCallback
+
+INSTALL_HINT = "pip install 'shardkit[hf]'"
+
+
+@dataclass(frozen=True)
+class Problem(JsonReport):
+    """One thing wrong, with where it is. `check` is the check that found it."""
+
+    check: str  # format | index | hub | checksums | tensor-checksums | against | architecture | read
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        if self.tensor is not None:
+            where += f"tensor {self.tensor!r}: "
+        return where + self.message
+
+
+@dataclass(frozen=True)
+class VerifyReport(JsonReport):
+    path: str
+    ok: bool
+    problems: list[Problem]
+    checks: list[str]  # the checks that ran, in order
+    files: list[str]  # the weight files examined
+    tensors: int
+    bytes_read: int  # data bytes read (headers not counted)
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # checks skipped, and why
+    warnings: list[str] = field(default_factory=list)
+    checksums: str | None = None
+    against: str | None = None
+    config: str | None = None
+
+
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    checksums: str | os.PathLike[str] | None = None,
+    against: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    architecture: bool | None = None,
+    strict: bool = False,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
+    """Verify the checkpoint at `path` (file, folder or index); see the module docstring.
+
+    `architecture`: None checks against `config` or, when `path` is a folder or an index,
+    its `config.json` if transformers is installed (else a note says how to install it);
+    True requires the check; False skips it. `strict` applies the format's strict rules
+    and turns index warnings (e.g. a wrong `total_size`) into problems.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    manifest = read_manifest(checksums) if checksums is not None else None
+    reference = open_checkpoint(against, strict=strict) if against is not None else None
+    config_path, note = _architecture_config(path, config, architecture)
+
+    run = _Run(path, strict)
+    if note:
+        run.notes.append(note)
+    files, indexes = weight_files(path)
+    headers = run.check_files(files)
+    checkpoint = run.check_checkpoint()
+    run.check_bytes(files + indexes, checkpoint, manifest, reference, progress)
+    if config_path is not None:
+        run.check_architecture(config_path, checkpoint, explicit=config is not None or architecture is True)
+
+    return VerifyReport(
+        path=str(path),
+        ok=not run.problems,
+        problems=run.problems,
+        checks=run.checks,
+        files=[str(f) for f in files],
+        tensors=len(checkpoint.tensors) if checkpoint else sum(len(h.tensors) for h in headers.values()),
+        bytes_read=run.bytes_read,
+        seconds=round(time.perf_counter() - started, 6),
+        notes=run.notes,
+        warnings=run.warnings,
+        checksums=str(checksums) if checksums is not None else None,
+        against=str(against) if against is not None else None,
+        config=str(config_path) if config_path is not None else None,
+    )
+
+
+def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """The `.safetensors` files to check at `path`, and the index files found.
+
+    A folder contributes every top-level `.safetensors` file and every shard its
+    indexes name, so a file the index forgot and a shard the folder lacks both show up.
+    """
+    if path.is_file():
+        if path.name.endswith(".safetensors"):
+            return [path], []
+        if path.name.endswith(".json"):
+            return sorted(_index_shards(path)), [path]
+        raise BadInputError(f"{path}: not a .safetensors file, an index .json or a folder")
+    indexes = find_indexes(path)
+    files = {p for p in path.glob("*.safetensors") if p.is_file()}
+    for index in indexes:
+        files |= _index_shards(index)
+    if not files and not indexes:
+        raise BadInputError(f"{path}: no .safetensors file and no index: nothing to verify")
+    return sorted(files), indexes
+
+
+def _index_shards(index: Path) -> set[Path]:
+    """Existing shard files an index names; a broken index is reported by the cross-checks."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        names = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return set()
+    shards = set()
+    for name in names:
+        try:
+            check_shard_name(name, index, "")
+        except CheckpointError:
+            continue
+        if (index.parent / name).is_file():
+            shards.add(index.parent / name)
+    return shards
+
+
+def hf_installed() -> bool:
+    """Whether the `hf` extra (torch and transformers) can be imported, without importing it."""
+    for name in ("torch", "transformers"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            return False
+    return True
+
+
+def _architecture_config(
+    path: Path, config: str | os.PathLike[str] | None, architecture: bool | None
+) -> tuple[Path | None, str | None]:
+    """Which config.json to check against (or None), and a note if the check is skipped."""
+    if architecture is False:
+        return None, None
+    if config is not None:
+        config = Path(config)
+        if not config.is_file():
+            raise BadInputError(f"{config}: config file not found")
+        if not hf_installed():
+            raise MissingExtraError("the architecture check (--config)", "hf")
+        return config, None
+    # Only a folder or an index is a model: a lone .safetensors file may sit beside an
+    # unrelated config.json.
+    found = (path if path.is_dir() else path.parent) / "config.json"
+    if path.name.endswith(".safetensors") or not found.is_file():
+        if architecture:
+            raise BadInputError(f"{path}: no config.json to check the architecture against; pass --config")
+        return None, None
+    if not hf_installed():
+        if architecture:
+            raise MissingExtraError("the architecture check", "hf")
+        return None, (
+            f"architecture check skipped: {found} needs transformers and torch; {INSTALL_HINT} to check "
+            "tensor names and shapes against it"
+        )
+    return found, None
+
+
+class _Run:
+    """The problems, notes and counters of one verification."""
+
+    def __init__(self, path: Path, strict: bool) -> None:
+        self.path = path
+        self.strict = strict
+        self.problems: list[Problem] = []
+        self.checks: list[str] = []
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.bytes_read = 0
+        self._broken: set[str] = set()
+
+    def problem(self, check: str, message: str, file: object = None, tensor: str | None = None) -> None:
+        self.problems.append(Problem(check, message, str(file) if file is not None else None, tensor))
+
+    # ------------------------------------------------------------------ headers
+
+    def check_files(self, files: list[Path]) -> dict[Path, Header]:
+        """Every format rule, file by file."""
+        self.checks.append("format")
+        headers = {}
+        for file in files:
+            try:
+                headers[file] = read_header(file, strict=self.strict)
+            except FormatError as exc:
+                self._broken.add(exc.path)
+                self.problem("format", exc.rule, exc.path, exc.tensor)
+            except OSError as exc:
+                self._broken.add(str(file))
+                self.problem("format", f"cannot read: {exc.strerror or exc}", file)
+        return headers
+
+    def check_checkpoint(self) -> Checkpoint | None:
+        """The index cross-checks; they need every header, so a broken file stops them."""
+        self.checks.append("index")
+        try:
+            checkpoint = open_checkpoint(self.path, strict=self.strict)
+        except FormatError as exc:
+            if exc.path not in self._broken:
+                self.problem("format", exc.rule, exc.path, exc.tensor)
+            self.notes.append("index cross-checks stopped: a weight file is unreadable")
+            return None
+        except CheckpointError as exc:
+            self.problem("index", str(exc))
+            return None
+        except OSError as exc:
+            self.problem("index", f"cannot read: {exc.strerror or exc}", exc.filename)
+            return None
+        for warning in checkpoint.warnings:
+            if self.strict:
+                self.problem("index", f"strict: {warning}")
+            else:
+                self.warnings.append(warning)
+        return checkpoint
+
+    # ------------------------------------------------------------------ bytes
+
+    def check_bytes(
+        self,
+        files: list[Path],
+        checkpoint: Checkpoint | None,
+        manifest: Manifest | None,
+        reference: Checkpoint | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Hub blob names, checksum manifest and `against`: one read of each file for the
+        hashes, then the tensor-by-tensor comparison."""
+        blobs = [blob for blob in map(hub_blob, files) if blob is not None]
+        reads = _Reads()
+        for blob in blobs:
+            reads.whole(blob.path)
+        expected_files: dict[Path, str] = {}
+        if manifest is not None and manifest.kind == "files":
+            expected_files = self._plan_file_manifest(manifest, files, checkpoint, reads)
+        tensor_manifest = manifest if manifest is not None and manifest.kind == "tensors" else None
+        if checkpoint is None:
+            for skipped, what in ((tensor_manifest, "tensor checksums"), (reference, "comparison with --against")):
+                if skipped is not None:
+                    self.notes.append(f"{what} skipped: the checkpoint's headers do not cross-check")
+            tensor_manifest = reference = None
+        if tensor_manifest is not None and checkpoint is not None:
+            for header in checkpoint.shards:
+                reads.tensors(header)
+
+        total = reads.total_bytes() + (2 * checkpoint.total_bytes if reference and checkpoint else 0)
+        on_bytes = _progress(progress, total)
+        digests = self._hash(reads, on_bytes)
+
+        if blobs:
+            self.checks.append("hub")
+            for blob in blobs:
+                self._check_blob(blob, digests)
+        if manifest is not None and manifest.kind == "files":
+            self.checks.append("checksums")
+            for file, expected in expected_files.items():
+                self._check_digest(file, expected, digests, manifest.path)
+        if tensor_manifest is not None and checkpoint is not None:
+            self.checks.append("tensor-checksums")
+            self._check_tensor_manifest(tensor_manifest, checkpoint, digests)
+        if reference is not None and checkpoint is not None:
+            self.checks.append("against")
+            self._compare(checkpoint, reference, on_bytes)
+
+    def _plan_file_manifest(
+        self, manifest: Manifest, files: list[Path], checkpoint: Checkpoint | None, reads: _Reads
+    ) -> dict[Path, str]:
+        base = self.path if self.path.is_dir() else self.path.parent
+        expected = {}
+        for name, digest in manifest.files.items():
+            file = base / name
+            if not file.is_file():
+                self.problem("checksums", f"listed in {manifest.path} but missing", file)
+                continue
+            expected[file] = digest
+            reads.whole(file)
+        listed = {f.resolve() for f in expected} | {(base / n).resolve() for n in manifest.files}
+        weight = [Path(h.path) for h in checkpoint.shards] if checkpoint is not None else files
+        for file in weight:
+            if file.name.endswith(".safetensors") and file.resolve() not in listed:
+                self.problem(
+                    "checksums",
+                    f"not listed in {manifest.path} (as {manifest_name(file, base)}): its bytes are unverified",
+                    file,
+                )
+        return expected
+
+    def _hash(self, reads: _Reads, on_bytes: Callable[[int], None] | None) -> dict[Path, _Digest]:
+        digests = {}
+        with Streamer() as streamer:
+            for file, (whole, header) in sorted(reads.files.items()):
+                ranges = _tensor_ranges(header) if header else []
+                try:
+                    result = streamer.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
+                except OSError as exc:
+                    self.problem("read", f"cannot read: {exc.strerror or exc}", file)
+                    continue
+                self.bytes_read += result.bytes_read
+                tensors = {t.name: d for t, d in zip(header.tensors, result.ranges)} if header else {}
+                digests[file] = _Digest(result.file, tensors)  # keyed by resolved path
+        return digests
+
+    def _check_blob(self, blob: HubBlob, digests: dict[Path, _Digest]) -> None:
+        actual = digests.get(blob.path.resolve())
+        if actual is None or actual.file is None:
+            return
+        if actual.file != blob.sha256:
+            self.problem(
+                "hub",
+                f"content SHA-256 is {actual.file} but the Hugging Face cache blob is named {blob.sha256}: "
+                f"the download is truncated or corrupted (delete {blob.blob} and download it again)",
+                blob.path,
+            )
+
+    def _check_digest(self, file: Path, expected: str, digests: dict[Path, _Digest], manifest: str) -> None:
+        actual = digests.get(file.resolve())
+        if actual is not None and actual.file != expected:
+            self.problem("checksums", f"SHA-256 is {actual.file} but {manifest} says {expected}", file)
+
+    def _check_tensor_manifest(self, manifest: Manifest, checkpoint: Checkpoint, digests: dict[Path, _Digest]) -> None:
+        for name, want in manifest.tensors.items():
+            source = checkpoint.tensors.get(name)
+            if source is None:
+                self.problem("tensor-checksums", f"listed in {manifest.path} but not in the checkpoint", None, name)
+                continue
+            info, file, said = source.info, source.shard.path, f"{manifest.path} says"
+            if info.dtype != want.dtype:
+                self.problem("tensor-checksums", f"dtype is {info.dtype}, {said} {want.dtype}", file, name)
+            elif info.shape != want.shape:
+                self.problem("tensor-checksums", f"shape is {list(info.shape)}, {said} {list(want.shape)}", file, name)
+            else:
+                actual = digests.get(Path(file).resolve())
+                if actual is not None and actual.tensors.get(name) != want.sha256:
+                    self.problem("tensor-checksums", f"data SHA-256 differs from {manifest.path}", file, name)
+        for name in sorted(set(checkpoint.tensors) - set(manifest.tensors)):
+            file = checkpoint.tensors[name].shard.path
+            self.problem("tensor-checksums", f"not listed in {manifest.path}: unverified", file, name)
+
+    def _compare(self, checkpoint: Checkpoint, reference: Checkpoint, on_bytes: Callable[[int], None] | None) -> None:
+        comparison = compare_checkpoints(checkpoint, reference, on_bytes=on_bytes)
+        self.bytes_read += 2 * comparison.compared_bytes
+        source = reference.index_path or reference.shards[0].path
+
+        def where(name: str) -> str:
+            return checkpoint.tensors[name].shard.path
+
+        for name in comparison.only_a:
+            self.problem("against", f"not in {source}", where(name), name)
+        for name in comparison.only_b:
+            self.problem("against", f"missing: {reference.tensors[name].shard.path} has it", self.path, name)
+        for change in comparison.dtype_changed:
+            self.problem("against", f"dtype {change.a}, {source} has {change.b}", where(change.name), change.name)
+        for change in comparison.shape_changed:
+            self.problem("against", f"shape {change.a}, {source} has {change.b}", where(change.name), change.name)
+        for name in comparison.data_different:
+            other = reference.tensors[name].shard.path
+            self.problem("against", f"holds different bytes than in {other}", where(name), name)
+
+    # ------------------------------------------------------------------ architecture
+
+    def check_architecture(self, config: Path, checkpoint: Checkpoint | None, *, explicit: bool) -> None:
+        if checkpoint is None:
+            self.notes.append("architecture check skipped: the checkpoint's headers do not cross-check")
+            return
+        from .. import architecture
+
+        present = {name: (t.info.dtype, t.info.shape) for name, t in checkpoint.tensors.items()}
+        try:
+            problems = architecture.check_architecture(config, present)
+        except (architecture.ArchitectureCheckError, ImportError) as exc:
+            if explicit:
+                raise BadInputError(f"architecture check: {exc}") from None
+            self.notes.append(f"architecture check skipped: {exc}")
+            return
+        self.checks.append("architecture")
+        for found in problems:
+            source = checkpoint.tensors.get(found.tensor)
+            self.problem("architecture", found.message(), source.shard.path if source else config, found.tensor)
+
+
+@dataclass
+class _Digest:
+    file: str | None
+    tensors: dict[str, str]
+
+
+class _Reads:
+    """Which files to read and what to hash in each: the whole file, its tensors, or both.
+
+    Keyed by resolved path, so a file reached under two names is still read once."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, tuple[bool, Header | None]] = {}
+
+    def whole(self, file: Path) -> None:
+        file = file.resolve()
+        _, header = self.files.get(file, (True, None))
+        self.files[file] = (True, header)
+
+    def tensors(self, header: Header) -> None:
+        file = Path(header.path).resolve()
+        whole, _ = self.files.get(file, (False, None))
+        self.files[file] = (whole, header)
+
+    def total_bytes(self) -> int:
+        total = 0
+        for file, (whole, header) in self.files.items():
+            if whole:
+                total += file.stat().st_size
+            elif header is not None:
+                total += header.data_size
+        return total
+
+
+def _tensor_ranges(header: Header) -> list[tuple[int, int]]:
+    return [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors]
+
+
+def _progress(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:
+    if progress is None or total == 0:
+        return None
+    return lambda step: progress(step, total)

@@ -1,0 +1,165 @@
+"""The two checksum manifests: `sha256sum` text for files, JSON for tensors.
+
+A file manifest is what `sha256sum` prints and `sha256sum -c` checks, names relative
+to the checkpoint folder; it proves the files are the ones produced, and changes
+whenever the sharding does. A tensor manifest records each tensor's dtype, shape and
+the SHA-256 of its data bytes; it does not depend on which file a tensor sits in or
+where, so it stays valid across merge and split. :func:`read_manifest` tells the two
+apart by their first character and also accepts `shardkit checksum --json` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInputError
+
+TENSOR_MANIFEST_FORMAT = "shardkit.tensor-sha256"
+TENSOR_MANIFEST_VERSION = 1
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+#: GNU (`HASH  name`, `HASH *name` in binary mode) and BSD tag (`SHA256 (name) = HASH`) lines.
+_GNU_LINE = re.compile(r"^(?P<hash>[0-9a-fA-F]+) [ *](?P<name>.+)$")
+_TAG_LINE = re.compile(r"^SHA256 \((?P<name>.+)\) = (?P<hash>[0-9a-fA-F]+)$")
+
+
+@dataclass(frozen=True)
+class TensorDigest:
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest: `files` (name relative to the checkpoint folder → SHA-256)
+    or `tensors` (name → digest), according to `kind`."""
+
+    path: str
+    kind: str  # "files" | "tensors"
+    files: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, TensorDigest] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def format_file_manifest(entries: Iterable[tuple[str, str]]) -> str:
+    """`sha256sum` output for (name, sha256) pairs, escaping names as coreutils does."""
+    lines = []
+    for name, digest in entries:
+        if "\\" in name or "\n" in name:
+            lines.append("\\" + digest + "  " + name.replace("\\", "\\\\").replace("\n", "\\n"))
+        else:
+            lines.append(f"{digest}  {name}")
+    return "".join(line + "\n" for line in lines)
+
+
+def tensor_manifest_document(tensors: Mapping[str, TensorDigest]) -> dict[str, object]:
+    return {
+        "format": TENSOR_MANIFEST_FORMAT,
+        "version": TENSOR_MANIFEST_VERSION,
+        "tensors": {
+            name: {"dtype": d.dtype, "shape": list(d.shape), "sha256": d.sha256}
+            for name, d in sorted(tensors.items())
+        },
+    }
+
+
+def format_tensor_manifest(tensors: Mapping[str, TensorDigest]) -> str:
+    return json.dumps(tensor_manifest_document(tensors), indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse either kind of manifest; anything else is a BadInputError naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: checksum manifest not found") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path}: not a checksum manifest (not UTF-8 text)") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read the checksum manifest: {exc.strerror}") from None
+    if text.lstrip().startswith("{"):
+        return _read_json(path, text)
+    return _read_sha256sum(path, text)
+
+
+def _read_sha256sum(path: Path, text: str) -> Manifest:
+    files: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        escaped = line.startswith("\\")
+        body = line[1:] if escaped else line
+        match = _GNU_LINE.match(body) or _TAG_LINE.match(body)
+        if match is None:
+            raise BadInputError(f"{path}:{number}: not a sha256sum line: {line[:80]!r}")
+        digest, name = match.group("hash").lower(), match.group("name")
+        if len(digest) != 64:
+            raise BadInputError(
+                f"{path}:{number}: a {len(digest) * 4}-bit hash, not SHA-256 (use a sha256sum manifest)"
+            )
+        if escaped:
+            name = _unescape(name)
+        if files.get(name, digest) != digest:
+            raise BadInputError(f"{path}:{number}: {name} is listed twice with different hashes")
+        files[name] = digest
+    if not files:
+        raise BadInputError(f"{path}: the checksum manifest lists no file")
+    return Manifest(str(path), "files", files=files)
+
+
+def _unescape(name: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), name)
+
+
+def _read_json(path: Path, text: str) -> Manifest:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadInputError(f"{path}: not a checksum manifest (JSON is not an object)")
+    if document.get("format") == TENSOR_MANIFEST_FORMAT or document.get("kind") == "tensors":
+        version = document.get("version", TENSOR_MANIFEST_VERSION)
+        if version != TENSOR_MANIFEST_VERSION:
+            raise BadInputError(f"{path}: tensor manifest version {version!r} is not supported")
+        return Manifest(str(path), "tensors", tensors=_tensor_entries(path, document.get("tensors")))
+    if document.get("kind") == "files" and isinstance(document.get("files"), list):
+        files = {}
+        for entry in document["files"]:
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _is_hex64(entry.get("sha256"))):
+                raise BadInputError(f"{path}: files entry {entry!r} needs a name and a 64-hex sha256")
+            files[entry["name"]] = entry["sha256"].lower()
+        return Manifest(str(path), "files", files=files)
+    raise BadInputError(f"{path}: JSON but not a shardkit checksum manifest (no format {TENSOR_MANIFEST_FORMAT!r})")
+
+
+def _tensor_entries(path: Path, raw: object) -> dict[str, TensorDigest]:
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{path}: \"tensors\" must be an object of tensor name to digest")
+    tensors = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise BadInputError(f"{path}: tensor {name!r}: entry must be an object")
+        dtype, shape, digest = entry.get("dtype"), entry.get("shape"), entry.get("sha256")
+        if not isinstance(dtype, str):
+            raise BadInputError(f"{path}: tensor {name!r}: dtype must be a string")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise BadInputError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers")
+        if not _is_hex64(digest):
+            raise BadInputError(f"{path}: tensor {name!r}: sha256 must be 64 hex digits")
+        tensors[name] = TensorDigest(dtype, tuple(shape), digest.lower())  # type: ignore[union-attr]
+    return tensors
+
+
+def _is_hex64(value: object) -> bool:
+    return isinstance(value, str) and _HEX64.match(value) is not None
