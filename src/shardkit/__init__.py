@@ -19,10 +19,12 @@ _API = {
     "diff": "shardkit.commands.diff",
     "verify": "shardkit.commands.verify",
     "checksum": "shardkit.commands.checksum",
+    "clean": "shardkit.commands.clean",
 }
 
 if TYPE_CHECKING:
     from .commands.checksum import checksum
+    from .commands.clean import clean
     from .commands.diff import diff
     from .commands.inspect import inspect
     from .commands.merge import merge

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .checksum import checksum_command
+from .clean import clean_command
 from .diff import diff_command
 from .inspect import inspect_command
 from .merge import merge_command
@@ -44,6 +45,7 @@ app.command("inspect")(inspect_command)
 app.command("diff")(diff_command)
 app.command("verify")(verify_command)
 app.command("checksum")(checksum_command)
+app.command("clean")(clean_command)
 
 
 def main() -> None:
