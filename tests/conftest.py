@@ -61,3 +61,11 @@ def checkpoint(tmp_path: Path) -> SyntheticCheckpoint:
     """A tiny Qwen2-layout model folder: 4 shards, index, config and tokenizer files,
     plus tensors of the format's corner cases (F8, F4, BOOL, scalar, zero-size)."""
     return write_checkpoint(tmp_path / "qwen-tiny", edge_tensors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session (see s3_server.py)."""
+    from s3_server import seaweed_s3_fixture
+
+    yield from seaweed_s3_fixture()
