@@ -194,7 +194,7 @@ def print_verify_report(report: VerifyReport) -> None:
     verdict = f"OK: {files}" if report.ok else f"FAILED: {len(report.problems)} problem(s) in {files}"
     read = ""
     if report.bytes_read:
-        speed = report.bytes_read / report.seconds if report.seconds > 0 else 0
+        speed = report.bytes_read / report.read_seconds if report.read_seconds > 0 else 0
         read = f"; read {format_size(report.bytes_read)} ({format_size(int(speed))}/s)"
     print(f"verify: {verdict}; checks: {', '.join(report.checks)}{read}; {report.seconds:.2f} s")
 

@@ -71,6 +71,7 @@ class VerifyReport(JsonReport):
     tensors: int
     bytes_read: int  # data bytes read (headers not counted)
     seconds: float
+    read_seconds: float  # of which reading and hashing or comparing data
     notes: list[str] = field(default_factory=list)  # checks skipped, and why
     warnings: list[str] = field(default_factory=list)
     checksums: str | None = None
@@ -109,7 +110,9 @@ def verify(
     files, indexes = weight_files(path)
     headers = run.check_files(files)
     checkpoint = run.check_checkpoint()
+    reading = time.perf_counter()
     run.check_bytes(files + indexes, checkpoint, manifest, reference, progress)
+    read_seconds = time.perf_counter() - reading
     if config_path is not None:
         run.check_architecture(config_path, checkpoint, explicit=config is not None or architecture is True)
 
@@ -122,6 +125,7 @@ def verify(
         tensors=len(checkpoint.tensors) if checkpoint else sum(len(h.tensors) for h in headers.values()),
         bytes_read=run.bytes_read,
         seconds=round(time.perf_counter() - started, 6),
+        read_seconds=round(read_seconds, 6),
         notes=run.notes,
         warnings=run.warnings,
         checksums=str(checksums) if checksums is not None else None,
