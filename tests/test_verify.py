@@ -202,6 +202,20 @@ def test_flipped_byte_is_named_by_against_and_by_the_checksums(
     assert snapshot(checkpoint.folder) == before
 
 
+def test_progress_counts_every_byte_read(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
+    merged = tmp_path / "merged.safetensors"
+    shardkit.merge(checkpoint.folder, merged)
+    manifest = tmp_path / "tensors.json"
+    shardkit.checksum(checkpoint.folder, tensors=True, output=manifest)
+    events: list[tuple[int, int]] = []
+    report = shardkit.verify(
+        merged, checksums=manifest, against=checkpoint.folder, progress=lambda step, total: events.append((step, total))
+    )
+    assert report.ok and report.checks == ["format", "index", "tensor-checksums", "against"]
+    assert sum(step for step, _ in events) == events[-1][1] == report.bytes_read
+    assert report.bytes_read == 3 * sum(t.nbytes for t in checkpoint.tensors)
+
+
 def test_against_reports_missing_extra_and_reshaped_tensors(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
     kept = [t for t in checkpoint.tensors if t.name != "model.norm.weight"]

@@ -330,7 +330,7 @@ class _Run:
                 continue
             expected[file] = digest
             reads.whole(file)
-        listed = {f.resolve() for f in expected} | {(base / n).resolve() for n in manifest.files}
+        listed = {(base / name).resolve() for name in manifest.files}
         weight = [Path(h.path) for h in checkpoint.shards] if checkpoint is not None else files
         for file in weight:
             if file.name.endswith(".safetensors") and file.resolve() not in listed:
@@ -393,7 +393,9 @@ class _Run:
             self.problem("tensor-checksums", f"not listed in {manifest.path}: unverified", file, name)
 
     def _compare(self, checkpoint: Checkpoint, reference: Checkpoint, on_bytes: Callable[[int], None] | None) -> None:
-        comparison = compare_checkpoints(checkpoint, reference, on_bytes=on_bytes)
+        # compare_checkpoints reports the bytes of one side; both sides are read.
+        both = (lambda step: on_bytes(2 * step)) if on_bytes is not None else None
+        comparison = compare_checkpoints(checkpoint, reference, on_bytes=both)
         self.bytes_read += 2 * comparison.compared_bytes
         source = reference.index_path or reference.shards[0].path
 
