@@ -9,13 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, snapshot, temporaries
 from safetensors import TensorSpec, deserialize, safe_open, serialize
 
 import shardkit
+from conftest import run_cli, snapshot, temporaries
+from shardkit.checkpoint import open_checkpoint
 from shardkit.format import read_header
 from shardkit.plan import plan_merge
-from shardkit.checkpoint import open_checkpoint
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 # safetensors' TensorSpec takes torch-style dtype names
@@ -256,3 +256,21 @@ def test_header_length_prefix_matches(checkpoint: SyntheticCheckpoint, tmp_path:
     (length,) = struct.unpack("<Q", raw[:8])
     assert length % 8 == 0
     assert raw[8 : 8 + length].rstrip(b" ").endswith(b"}")
+
+
+def test_existing_empty_folder_is_a_valid_destination(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "made-by-user"
+    out.mkdir()
+    result = run_cli("merge", checkpoint.folder, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.safetensors").read_bytes() == reference_serialize(checkpoint, {"format": "pt"})
+
+
+def test_lone_file_does_not_drag_its_neighbours_along(tmp_path: Path) -> None:
+    downloads = tmp_path / "Downloads"
+    made = write_checkpoint(downloads, max_shard_size=None, companions=False)
+    (downloads / "holiday.jpg").write_bytes(b"\xff\xd8")
+    (downloads / "notes.txt").write_text("private")
+    report = shardkit.merge(downloads / made.shard_files[0], tmp_path / "out")
+    assert report.copied_files == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]

@@ -71,6 +71,11 @@ def remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+    except OSError:
+        # A read-only filesystem refuses even to unlink a name that is not there
+        # (EROFS): that must not hide the error that made us clean up.
+        if os.path.lexists(path):
+            raise
 
 
 def clean(folder: Path, dest_name: str | None = None) -> list[Path]:
@@ -114,6 +119,17 @@ def commit(staged: Path, dest: Path, *, replace: bool) -> None:
     is first renamed aside under a temporary name, so `dest` never holds a mixture.
     """
     if not replace and (dest.exists() or dest.is_symlink()):
+        if staged.is_dir() and dest.is_dir() and not dest.is_symlink():
+            # rename(2) atomically replaces an empty folder (a user's `mkdir out`
+            # first) and fails with ENOTEMPTY if something appeared in it meanwhile.
+            try:
+                os.rename(staged, dest)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(errno.EEXIST, "destination folder is no longer empty", str(dest)) from None
+                raise
+            fsync_path(dest.parent)
+            return
         raise FileExistsError(errno.EEXIST, "destination appeared while writing", str(dest))
     if staged.is_dir() and dest.is_dir() and not dest.is_symlink():
         if _rename_exchange(staged, dest):

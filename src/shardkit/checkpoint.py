@@ -346,6 +346,9 @@ def companion_files(checkpoint: Checkpoint, exclude: Path | None = None) -> list
     `exclude` (an output placed inside the source folder) are left out.
     """
     root = checkpoint.root
+    if checkpoint.index_path is None and len(checkpoint.shards) == 1 and not (root / "config.json").is_file():
+        # A lone file in e.g. ~/Downloads: its neighbours are not a model's files.
+        return []
     excluded = exclude.resolve() if exclude is not None else None
     found: list[tuple[Path, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):

@@ -16,9 +16,13 @@ if TYPE_CHECKING:
 
 
 def console():  # noqa: ANN201 - rich is imported lazily to keep start-up fast
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output goes to files and CI logs: never truncate paths or digests there.
+    width = None if sys.stdout.isatty() else 1000
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def print_write_report(report: WriteReport) -> None:
