@@ -180,9 +180,9 @@ def kill_run(
         phase = classify(process.pid, before) if process.poll() is None else "finished"
     finally:
         signal_if_running(process, signal.SIGKILL)
-        process.communicate()
+        _, stderr = process.communicate()
     if phase == "finished":
-        assert process.returncode == 0
+        assert process.returncode == 0, stderr
     log.phases.append(phase)
 
     # the destination is absent or complete, never partial

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import safetensors
 
+import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit.synthetic import SHAPES, ByteSource, SyntheticTensor, write_companion_files, write_safetensors
 
@@ -260,3 +261,47 @@ def assert_merges(source: Path, tmp_path: Path, expected: dict[str, bytes], *fla
     for name, data in expected.items():
         assert bytes(merged[name]["data"]) == data
     out.unlink()
+
+
+# ----------------------------------------------------------------- the other commands read through the same rules
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=lambda c: c.id)
+def test_verify_reports_the_same_rule(case: Broken, tmp_path: Path) -> None:
+    """verify goes on past a broken shard and reports it as a `format` problem."""
+    source = broken_checkpoint(tmp_path / "ckpt", case.raw)
+    before = snapshot(source)
+    report = shardkit.verify(source, architecture=False)
+    assert not report.ok
+    problems = [p for p in report.problems if p.check == "format"]
+    assert len(problems) == 1, report.problems
+    assert problems[0].file == str(source / BROKEN_SHARD)
+    assert case.message in problems[0].message
+    assert problems[0].tensor == case.tensor or case.tensor is None
+    assert snapshot(source) == before
+
+
+#: One per kind of rule, for the commands that refuse a broken input outright.
+REPRESENTATIVE = ["header-over-100MB", "not-utf8", "lone-surrogate-value", "metadata-int-value", "repeated-dtype",
+                  "F4-odd-count", "shape-minus-zero", "bits-overflow", "offsets-gap", "truncated-data"]
+
+
+@pytest.mark.parametrize("command", ["split", "inspect", "diff", "checksum"])
+@pytest.mark.parametrize("case", [c for c in BROKEN if c.id in REPRESENTATIVE], ids=lambda c: c.id)
+def test_other_commands_refuse_cleanly(case: Broken, command: str, tmp_path: Path) -> None:
+    source = broken_checkpoint(tmp_path / "ckpt", case.raw)
+    out = tmp_path / "out"
+    args = {
+        "split": ["split", source, "-o", out],
+        "inspect": ["inspect", source],
+        "diff": ["diff", source, source],
+        "checksum": ["checksum", source, "-o", out],
+    }[command]
+    before = snapshot(source)
+    result = run_cli(*args)
+    where = f"{source / BROKEN_SHARD}: " + (f"tensor {case.tensor!r}: " if case.tensor else "")
+    assert_clean_failure(result, 2, where)
+    assert case.message in result.stderr
+    assert result.stdout == ""
+    assert not out.exists() and temporaries(tmp_path) == []
+    assert snapshot(source) == before
