@@ -471,7 +471,7 @@ def _freeze_when_copying(process: subprocess.Popen[str], folder: Path) -> None:
     os.kill(process.pid, signal.SIGSTOP)
 
 
-@pytest.mark.parametrize("change", ["touch", "append", "replace"])
+@pytest.mark.parametrize("change", ["touch", "append", "replace", "truncate"])
 def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path, change: str) -> None:
     shard = sorted(big.source.glob("*.safetensors"))[-1]
     original = shard.stat()
@@ -484,6 +484,10 @@ def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path
         elif change == "append":
             with open(shard, "ab") as handle:
                 handle.write(b"\0")
+        elif change == "truncate":  # the copy runs into the new end of file
+            saved = shard.with_name(".saved")
+            shutil.copy2(shard, saved)
+            os.truncate(shard, original.st_size // 2)
         else:  # a re-download renamed over the shard: same bytes, another file
             copy = shard.with_name(".incoming")
             shutil.copy2(shard, copy)
@@ -502,6 +506,8 @@ def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path
     finally:
         if change == "append":
             os.truncate(shard, original.st_size)
+        if change == "truncate":
+            os.replace(shard.with_name(".saved"), shard)
         os.utime(shard, ns=(original.st_atime_ns, original.st_mtime_ns))
 
 

@@ -93,6 +93,7 @@ def execute(
         atomic.commit(staged, dest, replace=force)
     except OSError as exc:
         atomic.remove(staged)
+        check_sources_unchanged(sources)  # a source that shrank mid-copy is the cause, not the write
         raise _write_error(exc, dest) from None
     except BaseException:
         atomic.remove(staged)
