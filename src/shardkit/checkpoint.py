@@ -1,4 +1,4 @@
-"""A checkpoint on disk: which files hold which tensors, cross-checked before any write.
+"""A checkpoint: which files hold which tensors, cross-checked before any write.
 
 A checkpoint is a single `.safetensors` file, or shards plus an index whose
 `weight_map` is the truth (transformers and diffusers load through it), or, with no
@@ -6,6 +6,11 @@ index, a complete `{prefix}-NNNNN-of-NNNNN.safetensors` set. :func:`open_checkpo
 reads headers only and refuses anything a merge would silently get wrong: a shard
 outside the folder, a tensor in two shards, a tensor the index does not list, a
 weight file in the folder that no index covers.
+
+The checkpoint may be local or remote (`s3://`, `http(s)://`): every question about
+files goes through the location's small path API and every header is read through
+:func:`shardkit.storage.read_header`, so the discovery rules and cross-checks below
+are the same code for both.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import header_json
-from .errors import BadInputError, CheckpointError, FormatError
-from .format import Header, TensorInfo, read_header
+from . import header_json, storage
+from .errors import BadInputError, CheckpointError, ShardkitError
+from .format import Header, TensorInfo
+from .storage import Location
 
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")
@@ -47,14 +53,14 @@ class SourceTensor:
 class Checkpoint:
     """Everything known about a checkpoint after reading headers only."""
 
-    root: Path  # the folder, where config and tokenizer files live
-    index_path: Path | None
+    root: Location  # the folder, where config and tokenizer files live
+    index_path: Location | None
     index_metadata: dict[str, object]
     shards: tuple[Header, ...]
     tensors: dict[str, SourceTensor]  # sorted by name
     warnings: tuple[str, ...] = ()
     #: Weight and index files of the folder, excluded when copying non-weight files.
-    weight_files: frozenset[Path] = field(default_factory=frozenset)
+    weight_files: frozenset[Location] = field(default_factory=frozenset)
 
     @property
     def total_bytes(self) -> int:
@@ -65,15 +71,16 @@ class Checkpoint:
         return sum(t.info.nelements for t in self.tensors.values())
 
     @property
-    def source_files(self) -> tuple[Path, ...]:
-        return tuple(Path(h.path) for h in self.shards)
+    def source_files(self) -> tuple[Location, ...]:
+        return tuple(storage.lookup(h.path) for h in self.shards)
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], *, strict: bool = False, allow_unindexed: bool = False
+    path: str | os.PathLike[str] | Location, *, strict: bool = False, allow_unindexed: bool = False
 ) -> Checkpoint:
-    """Discover, read and cross-check the checkpoint at `path` (file, folder or index)."""
-    path = Path(path)
+    """Discover, read and cross-check the checkpoint at `path` (file, folder or index;
+    local, `s3://…`, `http(s)://…` or `hf://org/name`)."""
+    path = storage.as_path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")
     if path.is_file():
@@ -85,13 +92,13 @@ def open_checkpoint(
     return _folder(path, strict, allow_unindexed)
 
 
-def _refuse_non_safetensors(path: Path) -> None:
+def _refuse_non_safetensors(path: Location) -> None:
     if path.name.endswith(_PICKLE_SUFFIXES):
         raise BadInputError(f"{path}: pickle-based weight files are refused; shardkit never unpickles")
     raise BadInputError(f"{path}: not a .safetensors file, an index .json or a folder")
 
 
-def _folder(root: Path, strict: bool, allow_unindexed: bool) -> Checkpoint:
+def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
     indexes = find_indexes(root)
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
@@ -116,7 +123,7 @@ def _folder(root: Path, strict: bool, allow_unindexed: bool) -> Checkpoint:
     return _with_folder_checks(_shard_set(root, files, strict), [], allow_unindexed, [])
 
 
-def find_indexes(root: Path) -> list[Path]:
+def find_indexes(root: Location) -> list[Location]:
     """Index files of a folder (`model.safetensors.index.json`, variants such as `.fp16`)."""
     found = {p for pattern in INDEX_PATTERNS for p in root.glob(pattern) if p.is_file()}
     return sorted(found)
@@ -130,8 +137,8 @@ def single_file_name_for(index_name: str) -> str:
     return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"
 
 
-def _single_file(path: Path, strict: bool) -> Checkpoint:
-    header = read_header(path, strict=strict)
+def _single_file(path: Location, strict: bool) -> Checkpoint:
+    header = storage.read_header(path, strict=strict)
     tensors = {t.name: SourceTensor(t, header) for t in sorted(header.tensors, key=lambda t: t.name)}
     return Checkpoint(
         root=path.parent,
@@ -143,7 +150,7 @@ def _single_file(path: Path, strict: bool) -> Checkpoint:
     )
 
 
-def _shard_set(root: Path, files: list[Path], strict: bool) -> Checkpoint:
+def _shard_set(root: Location, files: list[Location], strict: bool) -> Checkpoint:
     """Shards without an index: accepted only as one complete `-of-` set."""
     matches = [SHARD_NAME.match(p.name) for p in files]
     groups = {(m.group("prefix"), int(m.group("total"))) for m in matches if m}
@@ -161,7 +168,7 @@ def _shard_set(root: Path, files: list[Path], strict: bool) -> Checkpoint:
             f"{root}: shard set {prefix}-*-of-{total:05d} is incomplete: missing "
             + ", ".join(f"{prefix}-{n:05d}-of-{total:05d}.safetensors" for n in missing)
         )
-    headers = tuple(read_header(p, strict=strict) for p in files)
+    headers = tuple(storage.read_header(p, strict=strict) for p in files)
     tensors: dict[str, SourceTensor] = {}
     for header in headers:
         for info in header.tensors:
@@ -181,7 +188,7 @@ def _shard_set(root: Path, files: list[Path], strict: bool) -> Checkpoint:
     )
 
 
-def _indexed(index_path: Path, strict: bool, allow_unindexed: bool) -> Checkpoint:
+def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
     root = index_path.parent
     metadata, weight_map = _read_index(index_path)
     by_shard: dict[str, list[str]] = {}
@@ -195,7 +202,7 @@ def _indexed(index_path: Path, strict: bool, allow_unindexed: bool) -> Checkpoin
             raise CheckpointError(f"{index_path}: shard {shard_name} named in weight_map does not exist")
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
-        headers[shard_name] = read_header(shard_path, strict=strict)
+        headers[shard_name] = storage.read_header(shard_path, strict=strict)
 
     tensors: dict[str, SourceTensor] = {}
     for shard_name, header in headers.items():
@@ -232,12 +239,12 @@ def _indexed(index_path: Path, strict: bool, allow_unindexed: bool) -> Checkpoin
         index_metadata=metadata,
         shards=tuple(headers.values()),
         tensors=dict(sorted(tensors.items())),
-        weight_files=frozenset({index_path, *(Path(h.path) for h in headers.values())}),
+        weight_files=frozenset({index_path, *(root / name for name in headers)}),
     )
     return _with_folder_checks(checkpoint, find_indexes(root), allow_unindexed, warnings)
 
 
-def _read_index(index_path: Path) -> tuple[dict[str, object], dict[str, str]]:
+def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]]:
     try:
         document = header_json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, header_json.JsonSyntaxError) as exc:
@@ -258,7 +265,7 @@ def _read_index(index_path: Path) -> tuple[dict[str, object], dict[str, str]]:
     return metadata, weight_map  # type: ignore[return-value]
 
 
-def _unique(pairs: header_json.Pairs, index_path: Path, what: str) -> dict[str, object]:
+def _unique(pairs: header_json.Pairs, index_path: Location, what: str) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
         if key in result:
@@ -278,7 +285,7 @@ def _plain(value: object) -> object:
     return value
 
 
-def check_shard_name(shard_name: object, index_path: Path, tensor: str) -> None:
+def check_shard_name(shard_name: object, index_path: Location, tensor: str) -> None:
     """A weight_map value must name a `.safetensors` file inside the index's folder."""
     where = f"{index_path}: weight_map entry {tensor!r}"
     if not isinstance(shard_name, str) or not shard_name:
@@ -300,7 +307,7 @@ def check_shard_name(shard_name: object, index_path: Path, tensor: str) -> None:
 
 
 def _with_folder_checks(
-    checkpoint: Checkpoint, indexes: Iterable[Path], allow_unindexed: bool, warnings: list[str]
+    checkpoint: Checkpoint, indexes: Iterable[Location], allow_unindexed: bool, warnings: list[str]
 ) -> Checkpoint:
     """Refuse (or, if allowed, warn about) weight files of the folder no index covers:
     a merge would silently drop their tensors."""
@@ -329,16 +336,16 @@ def _with_folder_checks(
     )
 
 
-def _describe(path: Path) -> str:
+def _describe(path: Location) -> str:
     try:
-        names = [t.name for t in read_header(path).tensors]
-    except (FormatError, OSError) as exc:
+        names = [t.name for t in storage.read_header(path).tensors]
+    except (ShardkitError, OSError) as exc:
         return f"unreadable: {exc}"
     shown = ", ".join(names[:3]) + (f", … {len(names) - 3} more" if len(names) > 3 else "")
     return f"{len(names)} tensors: {shown}"
 
 
-def companion_files(checkpoint: Checkpoint, exclude: Path | None = None) -> list[tuple[Path, str]]:
+def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> list[tuple[Location, str]]:
     """Non-weight files of the checkpoint's folder (config, generation config, tokenizer,
     chat template, README, LICENSE, ...) as (path, relative name).
 
@@ -350,23 +357,17 @@ def companion_files(checkpoint: Checkpoint, exclude: Path | None = None) -> list
         # A lone file in e.g. ~/Downloads: its neighbours are not a model's files.
         return []
     excluded = exclude.resolve() if exclude is not None else None
-    found: list[tuple[Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        folder = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (excluded is None or (folder / d).resolve() != excluded)
-        )
-        for name in sorted(filenames):
-            path = folder / name
-            if (
-                name.startswith(".")
-                or name.endswith(WEIGHT_SUFFIXES)
-                or path in checkpoint.weight_files
-                or ".safetensors.index" in name
-                or name.endswith(".bin.index.json")
-                or (excluded is not None and path.resolve() == excluded)
-                or not path.is_file()
-            ):
-                continue
-            found.append((path, path.relative_to(root).as_posix()))
+    found: list[tuple[Location, str]] = []
+    for path, relative in storage.walk_files(root, exclude=excluded):
+        name = path.name
+        if (
+            name.endswith(WEIGHT_SUFFIXES)
+            or path in checkpoint.weight_files
+            or ".safetensors.index" in name
+            or name.endswith(".bin.index.json")
+            or (excluded is not None and path.resolve() == excluded)
+            or not path.is_file()
+        ):
+            continue
+        found.append((path, relative))
     return found

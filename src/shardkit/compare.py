@@ -3,15 +3,16 @@
 The engine behind `diff` and `verify --against`: names, dtypes and shapes come from
 the headers; data is compared by streaming both sides in fixed-size chunks, so memory
 stays constant whatever the tensor or model size. Reads follow each side's file order
-so that both sides are read sequentially.
+so that both sides are read sequentially. Either side may be remote: bytes are read
+through :func:`shardkit.storage.open_reader` (pread locally, ranged GETs remotely).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import storage
 from .checkpoint import Checkpoint, SourceTensor
 
 CHUNK = 8 * 1024 * 1024
@@ -52,27 +53,24 @@ class Comparison:
 
 
 class _Readers:
-    """Read-only descriptors of the files being compared, opened once each."""
+    """Readers of the files being compared, opened once each."""
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._readers: dict[str, storage.RangeReader] = {}
 
-    def fd(self, path: str) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return self._fds[path]
+    def reader(self, path: str) -> storage.RangeReader:
+        if path not in self._readers:
+            self._readers[path] = storage.open_reader(path)
+        return self._readers[path]
+
+    def read(self, tensor: SourceTensor, done: int, length: int) -> bytes:
+        """`length` bytes of `tensor`'s data from `done` on."""
+        return self.reader(tensor.shard.path).read(tensor.offset + done, length)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _read(fd: int, offset: int, length: int, path: str) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise OSError(f"{path}: could read only {len(data)} of {length} bytes at offset {offset} (file shrank?)")
-    return data
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
 def same_bytes(
@@ -82,11 +80,10 @@ def same_bytes(
     length = a.info.nbytes
     if length != b.info.nbytes:
         return False
-    fd_a, fd_b = readers.fd(a.shard.path), readers.fd(b.shard.path)
     done = 0
     while done < length:
         step = min(CHUNK, length - done)
-        if _read(fd_a, a.offset + done, step, a.shard.path) != _read(fd_b, b.offset + done, step, b.shard.path):
+        if readers.read(a, done, step) != readers.read(b, done, step):
             return False
         done += step
         if on_bytes is not None:

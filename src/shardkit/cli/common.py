@@ -7,7 +7,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -16,8 +15,23 @@ from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, ShardkitErr
 
 T = TypeVar("T")
 
+# A str, not a Path: Path would fold s3://bucket into s3:/bucket.
 SourceArg = Annotated[
-    Path, typer.Argument(help="A .safetensors file, a checkpoint folder, or an index .json.", show_default=False)
+    str,
+    typer.Argument(
+        help="A .safetensors file, a checkpoint folder or an index .json; local, s3://bucket/prefix/, "
+        "http(s)://… or hf://org/name[@revision].",
+        show_default=False,
+    ),
+]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint-url",
+        help="S3-compatible endpoint for s3:// paths (MinIO, Ceph, R2, ...). Default: $AWS_ENDPOINT_URL, else AWS. "
+        "Credentials come from the usual AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
-from .common import AllowUnindexedOpt, DebugOpt, JsonOpt, QuietOpt, StrictOpt, byte_progress, run, warn
+from .common import AllowUnindexedOpt, DebugOpt, EndpointOpt, JsonOpt, QuietOpt, StrictOpt, byte_progress, run, warn
 from .render import print_diff_report
 
-SideArg = Annotated[Path, typer.Argument(help="A .safetensors file, a checkpoint folder, or an index .json.")]
+SideArg = Annotated[
+    str, typer.Argument(help="A .safetensors file, a checkpoint folder, or an index .json; local or remote.")
+]
 NoDataOpt = Annotated[
     bool, typer.Option("--no-data", help="Compare headers only (names, dtypes, shapes, metadata); read no tensor.")
 ]
@@ -34,6 +35,7 @@ def diff_command(
     quiet: QuietOpt = False,
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Compare two checkpoints tensor by tensor, whatever their sharding.
@@ -52,7 +54,7 @@ def diff_command(
             report = run(
                 lambda: diff(
                     a, b, data=not no_data, max_abs_diff=max_abs_diff, strict=strict,
-                    allow_unindexed=allow_unindexed, progress=progress,
+                    allow_unindexed=allow_unindexed, endpoint_url=endpoint_url, progress=progress,
                 ),
                 debug=debug,
             )

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, JsonOpt, SourceArg, StrictOpt, run, warn
+from .common import DebugOpt, EndpointOpt, JsonOpt, SourceArg, StrictOpt, run, warn
 from .render import print_inspect_report
 
 TensorsOpt = Annotated[
@@ -29,6 +29,7 @@ def inspect_command(
     filter_glob: FilterOpt = None,
     json_output: JsonOpt = False,
     strict: StrictOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a checkpoint holds, reading headers only: instant even for 70B.
@@ -42,7 +43,10 @@ def inspect_command(
     """
     from ..commands.inspect import inspect
 
-    report = run(lambda: inspect(path, tensors=tensors, filter=filter_glob, strict=strict), debug=debug)
+    report = run(
+        lambda: inspect(path, tensors=tensors, filter=filter_glob, strict=strict, endpoint_url=endpoint_url),
+        debug=debug,
+    )
     if json_output:
         print(report.to_json())
         return

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
-from .common import DebugOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
+from .common import DebugOpt, EndpointOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
 from .render import print_verify_report
 
 ChecksumsOpt = Annotated[
@@ -22,7 +22,7 @@ ChecksumsOpt = Annotated[
     ),
 ]
 AgainstOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--against",
         help="Another checkpoint that must hold the same tensors, byte for byte, whatever its sharding.",
@@ -52,6 +52,7 @@ def verify_command(
     strict: StrictOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Prove a checkpoint is complete and intact; exit 0 if so, 1 if not, 2 if PATH is unusable.
@@ -73,7 +74,8 @@ def verify_command(
             report = run(
                 lambda: verify(
                     path, checksums=checksums, against=against, config=config,
-                    architecture=False if no_architecture else None, strict=strict, progress=progress,
+                    architecture=False if no_architecture else None, strict=strict, endpoint_url=endpoint_url,
+                    progress=progress,
                 ),
                 debug=debug,
             )

@@ -13,8 +13,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from .. import storage
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import BadInputError
@@ -96,6 +96,7 @@ def diff(
     max_abs_diff: bool = False,
     strict: bool = False,
     allow_unindexed: bool = False,
+    endpoint_url: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DiffReport:
     """Compare the checkpoints at `a` and `b` (each a file, folder or index).
@@ -112,8 +113,10 @@ def diff(
 
         require_numeric("--max-abs-diff")
     started = time.perf_counter()
-    left = open_checkpoint(a, strict=strict, allow_unindexed=allow_unindexed)
-    right = open_checkpoint(b, strict=strict, allow_unindexed=allow_unindexed)
+    left, right = (
+        open_checkpoint(storage.as_path(p, endpoint_url=endpoint_url), strict=strict, allow_unindexed=allow_unindexed)
+        for p in (a, b)
+    )
     measured: dict[str, float | None] | None = {} if max_abs_diff else None
 
     def on_difference(ta: SourceTensor, tb: SourceTensor, readers: object) -> None:
@@ -181,18 +184,10 @@ def _max_abs_diff(ta: SourceTensor, tb: SourceTensor, readers: object) -> float 
     if not measurable(dtype):
         return None
     step = NUMERIC_CHUNK - NUMERIC_CHUNK % element_size(dtype)
-    fd_a, fd_b = readers.fd(ta.shard.path), readers.fd(tb.shard.path)  # type: ignore[attr-defined]
 
     def pairs() -> Iterator[tuple[bytes, bytes]]:
         for done in range(0, ta.info.nbytes, step):
             length = min(step, ta.info.nbytes - done)
-            yield _pread(fd_a, ta, done, length), _pread(fd_b, tb, done, length)
+            yield readers.read(ta, done, length), readers.read(tb, done, length)  # type: ignore[attr-defined]
 
     return max_abs_difference(dtype, pairs())
-
-
-def _pread(fd: int, tensor: SourceTensor, done: int, length: int) -> bytes:
-    chunk = os.pread(fd, length, tensor.offset + done)
-    if len(chunk) != length:
-        raise OSError(f"{Path(tensor.shard.path)}: tensor {tensor.name!r} could not be read (file shrank?)")
-    return chunk

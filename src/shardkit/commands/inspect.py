@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import storage
 from ..checkpoint import open_checkpoint
 from ..format import Header
 from ..layers import group_layers
@@ -81,6 +82,7 @@ def inspect(
     tensors: bool = False,
     filter: str | None = None,
     strict: bool = False,
+    endpoint_url: str | None = None,
 ) -> InspectReport:
     """Summarise the checkpoint at `path` (file, folder or index).
 
@@ -88,9 +90,10 @@ def inspect(
     metadata, index consistency) always covers the whole checkpoint; `filter`, a glob
     such as `model.layers.0.*`, narrows the layer view and the per-tensor rows that
     `tensors=True` adds. Stray weight files no index covers are reported as warnings,
-    not refused: inspecting is how one finds out about them.
+    not refused: inspecting is how one finds out about them. A remote checkpoint
+    (`s3://`, `http(s)://`) costs one or two ranged GETs per shard, never a download.
     """
-    checkpoint = open_checkpoint(path, strict=strict, allow_unindexed=True)
+    checkpoint = open_checkpoint(storage.as_path(path, endpoint_url=endpoint_url), strict=strict, allow_unindexed=True)
     root = checkpoint.root
     by_dtype: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
@@ -147,9 +150,12 @@ def inspect(
     )
 
 
-def _relative(path: str, root: Path) -> str:
+def _relative(path: str, root: object) -> str:
+    prefix = str(root).rstrip("/") + "/"
+    if storage.is_remote(path):
+        return path[len(prefix) :] if path.startswith(prefix) else path
     try:
-        return Path(path).relative_to(root).as_posix()
+        return Path(path).relative_to(root).as_posix()  # type: ignore[arg-type]
     except ValueError:
         return path
 

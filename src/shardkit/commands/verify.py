@@ -31,14 +31,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import storage
 from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import BadInputError, CheckpointError, FormatError, MissingExtraError
-from ..format import Header, read_header
+from ..format import Header
 from ..hashing import Streamer
 from ..hub_cache import HubBlob, hub_blob
 from ..manifest import Manifest, read_manifest
 from ..reports import JsonReport
+from ..storage import stream
 from .checksum import manifest_name
 from .writing import ProgressCallback
 
@@ -87,6 +89,7 @@ def verify(
     config: str | os.PathLike[str] | None = None,
     architecture: bool | None = None,
     strict: bool = False,
+    endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
     """Verify the checkpoint at `path` (file, folder or index); see the module docstring.
@@ -97,11 +100,15 @@ def verify(
     and turns index warnings (e.g. a wrong `total_size`) into problems.
     """
     started = time.perf_counter()
-    path = Path(path)
+    path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")
     manifest = read_manifest(checksums) if checksums is not None else None
-    reference = open_checkpoint(against, strict=strict) if against is not None else None
+    reference = (
+        open_checkpoint(storage.as_path(against, endpoint_url=endpoint_url), strict=strict)
+        if against is not None
+        else None
+    )
     config_path, note = _architecture_config(path, config, architecture)
 
     run = _Run(path, strict)
@@ -200,6 +207,10 @@ def _architecture_config(
     # Only a folder or an index is a model: a lone .safetensors file may sit beside an
     # unrelated config.json.
     found = (path if path.is_dir() else path.parent) / "config.json"
+    if storage.is_remote(path) and not path.name.endswith(".safetensors") and found.is_file():
+        if architecture:
+            raise BadInputError(f"{path}: the architecture check reads a local config.json; pass --config")
+        return None, f"architecture check skipped: {found} is remote; pass --config with a local copy to check it"
     if path.name.endswith(".safetensors") or not found.is_file():
         if architecture:
             raise BadInputError(f"{path}: no config.json to check the architecture against; pass --config")
@@ -238,7 +249,7 @@ class _Run:
         headers = {}
         for file in files:
             try:
-                headers[file] = read_header(file, strict=self.strict)
+                headers[file] = storage.read_header(file, strict=self.strict)
             except FormatError as exc:
                 self._broken.add(exc.path)
                 self.problem("format", exc.rule, exc.path, exc.tensor)
@@ -347,7 +358,10 @@ class _Run:
             for file, (whole, header) in sorted(reads.files.items()):
                 ranges = _tensor_ranges(header) if header else []
                 try:
-                    result = streamer.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
+                    if storage.is_remote(file):
+                        result = stream.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
+                    else:
+                        result = streamer.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
                 except OSError as exc:
                     self.problem("read", f"cannot read: {exc.strerror or exc}", file)
                     continue

@@ -1,0 +1,238 @@
+"""Where a checkpoint's bytes live: local files, S3 objects, HTTP(S) URLs, the Hugging Face cache.
+
+Every other module sees a location as a path-like object (:class:`pathlib.Path` for
+local files, a :class:`~shardkit.storage.remote.RemotePath` for `s3://` and
+`http(s)://`) and reads bytes through a :class:`RangeReader`, so checkpoint discovery,
+the cross-checks, comparison and the executor are the same code for every kind.
+`hf://org/name[@revision]` is not a kind of its own: it resolves to the local cache
+snapshot, a plain folder.
+
+Headers and byte ranges keep locations as strings (`Header.path`, `ByteRange.source`);
+a remote location is registered under its display string when its header is read, so
+`open_reader(header.path)` finds the right store and credentials again. Display strings
+never carry credentials or URL signatures.
+
+boto3 is imported only when an `s3://` path is used: local commands stay fast to start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Union
+
+from ..errors import ShardkitError
+from ..format import Header
+from ..format import read_header as read_local_header
+
+if TYPE_CHECKING:
+    from .remote import RemotePath
+
+#: A local path or a remote one; both offer the small path API checkpoint.py uses.
+Location = Union[Path, "RemotePath"]
+
+REMOTE_PREFIXES = ("s3://", "http://", "https://")
+HF_PREFIX = "hf://"
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the client exchanged with the store: requests, body bytes each way, and the
+    bytes the store copied by itself (UploadPartCopy, CopyObject)."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_copied: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            self.requests + other.requests, self.bytes_sent + other.bytes_sent,
+            self.bytes_received + other.bytes_received, self.bytes_copied + other.bytes_copied,
+        )
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(
+            self.requests - other.requests, self.bytes_sent - other.bytes_sent,
+            self.bytes_received - other.bytes_received, self.bytes_copied - other.bytes_copied,
+        )
+
+
+class TransportError(ShardkitError):
+    """The store could not be reached or broke off (exit 1: the input may be fine)."""
+
+
+class RangeReader(Protocol):
+    """Random access to one file's bytes. `read` returns exactly `length` bytes or raises;
+    remote readers are safe to share between threads."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class LocalReader:
+    """A local file read with pread: positionless, so threads can share it."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise OSError(
+                    f"{self.path}: could read only {len(data)} of {length} bytes at offset {offset} (file shrank?)"
+                )
+            data += more
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --------------------------------------------------------------------------- locations
+
+_registry: dict[str, RemotePath] = {}
+_registry_lock = threading.Lock()
+
+
+def is_url(text: object) -> bool:
+    return isinstance(text, str) and text.startswith(REMOTE_PREFIXES)
+
+
+def is_remote(path: object) -> bool:
+    """Whether `path` (a location or a location string) is an object store or web location."""
+    from .remote import RemotePath
+
+    return isinstance(path, RemotePath) or is_url(path)
+
+
+def as_path(path: str | os.PathLike[str] | RemotePath, *, endpoint_url: str | None = None) -> Location:
+    """The location `path` names: `s3://…`, `http(s)://…`, `hf://org/name[@rev]` or a local path.
+
+    `endpoint_url` points `s3://` paths at an S3-compatible store (default: the
+    `AWS_ENDPOINT_URL` environment variable, else AWS itself).
+    """
+    from .remote import RemotePath
+
+    if isinstance(path, RemotePath):
+        return path
+    if isinstance(path, str):
+        if path.startswith("s3://"):
+            from .s3 import S3Path
+
+            return S3Path.parse(path, endpoint_url=endpoint_url)
+        if path.startswith(("http://", "https://")):
+            from .http import HttpPath
+
+            return HttpPath(path)
+        if path.startswith(HF_PREFIX):
+            from .hf import resolve_hf
+
+            return resolve_hf(path)
+    return Path(path)
+
+
+def register(path: RemotePath) -> str:
+    """Remember `path` under its display string; returns that string (a `Header.path`)."""
+    key = str(path)
+    with _registry_lock:
+        known = _registry.get(key)
+        if known is not None and known.store_key != path.store_key:
+            # Two stores answering to one URL in one process: say so rather than mix them up.
+            raise ShardkitError(f"{key}: names objects in two different stores in one run; use one endpoint")
+        _registry[key] = path
+    return key
+
+
+def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
+    """The location behind a `Header.path` / `ByteRange.source` string."""
+    from .remote import RemotePath
+
+    if isinstance(location, RemotePath):
+        return location
+    if is_url(location):
+        with _registry_lock:
+            known = _registry.get(location)  # type: ignore[arg-type]
+        return known if known is not None else as_path(location)
+    return Path(location)
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def read_header(path: str | os.PathLike[str] | RemotePath, *, strict: bool = False) -> Header:
+    """Read and validate a header, locally with pread or remotely with ranged GETs."""
+    location = lookup(path)
+    if isinstance(location, Path):
+        return read_local_header(location, strict=strict)
+    return location.read_header(strict=strict)
+
+
+def open_reader(path: str | os.PathLike[str] | RemotePath) -> RangeReader:
+    location = lookup(path)
+    if isinstance(location, Path):
+        return LocalReader(location)
+    return location.open_reader()
+
+
+def size(path: Location) -> int:
+    return path.stat().st_size
+
+
+def read_bytes(path: Location) -> bytes:
+    return path.read_bytes()
+
+
+def walk_files(root: Location, *, exclude: Location | None = None) -> Iterator[tuple[Location, str]]:
+    """Every file under `root` with its name relative to it, skipping hidden entries
+    (names starting with a dot, shardkit's temporaries among them) and the folder
+    `exclude` (resolved; e.g. an output inside the source folder)."""
+    if isinstance(root, Path):
+        for dirpath, dirnames, filenames in os.walk(root):
+            folder = Path(dirpath)
+            dirnames[:] = sorted(
+                d for d in dirnames if not d.startswith(".") and (exclude is None or (folder / d).resolve() != exclude)
+            )
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    path = folder / name
+                    yield path, path.relative_to(root).as_posix()
+        return
+    inside = str(exclude).rstrip("/") + "/" if exclude is not None else None
+    for path, relative in root.walk_files():
+        if inside is None or not str(path).startswith(inside):
+            yield path, relative
+
+
+def traffic() -> Traffic:
+    """Requests and bytes exchanged with every S3 store so far in this process."""
+    total = Traffic()
+    s3 = sys.modules.get(f"{__name__}.s3")
+    if s3 is not None:
+        for store in list(s3.S3Store._stores.values()):
+            total = total + store.traffic
+    return total
+
+
+def source_changed(header: Header) -> str | None:
+    """Why a source no longer matches the header read before the copy, or None."""
+    location = lookup(header.path)
+    if isinstance(location, Path):
+        try:
+            st = os.stat(location)
+        except OSError as exc:
+            return f"source disappeared during the copy ({exc.strerror})"
+        if header.stat is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != header.stat:
+            return "source changed (size or modification time) during the copy; output discarded"
+        return None
+    return location.changed_since(header)
