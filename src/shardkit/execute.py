@@ -4,6 +4,10 @@ The only module that writes checkpoint bytes. It never opens a source for writin
 refuses destinations that are or contain a source, checks free space before the
 first byte, preallocates each file (so a full disk fails at once, not at 90 %), and
 removes everything it staged if anything goes wrong, including Ctrl-C.
+
+Sources may be remote: their ranges are then fetched with parallel ranged reads and
+written in order (:mod:`shardkit.storage.stream`). An `s3://` destination is written
+by :mod:`shardkit.execute_s3` as multipart uploads instead of staged files.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
+from . import atomic, storage
 from .byte_copy import RangeCopier
 from .errors import OutputError, SourceChangedError, WriteError
 from .format import Header
 from .plan import Plan, PlannedFile
+from .storage import stream
 
 #: Room kept free beyond the output's size for metadata and the filesystem itself.
 SPACE_MARGIN = 16 * 1024 * 1024
@@ -76,7 +81,14 @@ def execute(
     """Write `plan` to `dest` (a file, or a folder holding all planned files)."""
     if not as_folder and len(plan.files) != 1:
         raise ValueError("a single-file destination needs a plan with exactly one file")
-    check_destination(dest, (Path(h.path) for h in sources), force=force, as_folder=as_folder)
+    if storage.is_remote(dest):
+        from .execute_s3 import execute_s3
+
+        return execute_s3(
+            plan, dest, sources=sources, as_folder=as_folder, force=force, sha256=sha256, progress=progress
+        )
+    local_sources = (Path(h.path) for h in sources if not storage.is_remote(h.path))
+    check_destination(dest, local_sources, force=force, as_folder=as_folder)
     atomic.clean(dest.parent, dest.name)
     check_free_space(dest.parent, plan.total_bytes + sum(c.source.stat().st_size for c in plan.copies))
 
@@ -103,14 +115,9 @@ def execute(
 
 def check_sources_unchanged(sources: Sequence[Header]) -> None:
     for header in sources:
-        try:
-            st = os.stat(header.path)
-        except OSError as exc:
-            raise SourceChangedError(f"{header.path}: source disappeared during the copy ({exc.strerror})") from None
-        if header.stat is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != header.stat:
-            raise SourceChangedError(
-                f"{header.path}: source changed (size or modification time) during the copy; output discarded"
-            )
+        reason = storage.source_changed(header)
+        if reason is not None:
+            raise SourceChangedError(f"{header.path}: {reason}")
 
 
 def _write_error(exc: OSError, dest: Path) -> WriteError:
@@ -131,11 +138,15 @@ def _write_file(
     try:
         _preallocate(fd, planned.size)
         copier.write(planned.header, 0)
-        for byte_range in planned.ranges:
-            src = sources.get(byte_range.source)
-            if src is None:
-                src = sources[byte_range.source] = os.open(byte_range.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            copier.copy(src, byte_range.source_offset, byte_range.dest_offset, byte_range.length)
+        if any(storage.is_remote(r.source) for r in planned.ranges):
+            _fetch_ranges(planned, copier)
+        else:
+            for byte_range in planned.ranges:
+                src = sources.get(byte_range.source)
+                if src is None:
+                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                    src = sources[byte_range.source] = os.open(byte_range.source, flags)
+                copier.copy(src, byte_range.source_offset, byte_range.dest_offset, byte_range.length)
         copier.close()
         os.fsync(fd)
     finally:
@@ -144,6 +155,23 @@ def _write_file(
         for src in sources.values():
             os.close(src)
     return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
+
+
+def _fetch_ranges(planned: PlannedFile, copier: RangeCopier) -> None:
+    """Remote sources: parallel ranged reads, written (and hashed) in file order."""
+    readers: dict[str, storage.RangeReader] = {}
+    try:
+        for r in planned.ranges:
+            if r.source not in readers:
+                readers[r.source] = storage.open_reader(r.source)
+        chunks = stream.ordered_reads((readers[r.source], r.source_offset, r.length) for r in planned.ranges)
+        offset = len(planned.header)
+        for chunk in chunks:
+            copier.write(chunk, offset)
+            offset += len(chunk)
+    finally:
+        for reader in readers.values():
+            reader.close()
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -164,7 +192,10 @@ def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
     for copy in plan.copies:
         target = staged / copy.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(copy.source, target)
+        if storage.is_remote(copy.source):
+            target.write_bytes(storage.read_bytes(copy.source))
+        else:
+            shutil.copyfile(copy.source, target)
         _fsync_file(target)
     sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
     if sums:
@@ -179,6 +210,11 @@ def checksum_file_name(plan: Plan) -> str:
 def write_checksum_beside(dest: Path, written: WrittenFile) -> Path:
     """`model.safetensors.sha256` next to a single-file output, atomically."""
     path = dest.with_name(dest.name + ".sha256")
+    if storage.is_remote(path):
+        from .execute_s3 import put_bytes
+
+        put_bytes(path, f"{written.sha256}  {dest.name}\n".encode())  # type: ignore[arg-type]
+        return path
     staged = atomic.temp_name(path)
     try:
         _write_text(staged, f"{written.sha256}  {dest.name}\n")

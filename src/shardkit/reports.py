@@ -39,6 +39,18 @@ class OutputFile(JsonReport):
 
 
 @dataclass(frozen=True)
+class Transfer(JsonReport):
+    """What a run with an object store exchanged with it: the client's requests and
+    body bytes each way, and the bytes the store copied by itself (server-side)."""
+
+    requests: int
+    bytes_sent: int
+    bytes_received: int
+    bytes_copied: int
+    server_side: bool = False
+
+
+@dataclass(frozen=True)
 class WriteReport(JsonReport):
     """What merge, split and reshard wrote (or, with dry_run, would write)."""
 
@@ -59,6 +71,7 @@ class WriteReport(JsonReport):
     header_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     verified: bool | None = None
+    transfer: Transfer | None = None  # with an s3:// source or output
 
     @property
     def throughput(self) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +10,7 @@ from .common import (
     AllowUnindexedOpt,
     DebugOpt,
     DryRunOpt,
+    EndpointOpt,
     ForceOpt,
     JsonOpt,
     QuietOpt,
@@ -25,10 +25,11 @@ from .common import (
 from .render import print_write_report
 
 OutputOpt = Annotated[
-    Path,
+    str,
     typer.Option(
         "--output", "-o",
-        help="A path ending in .safetensors for one file; anything else is a model folder.",
+        help="A path ending in .safetensors for one file; anything else is a model folder. "
+        "May be s3://bucket/key: written as a multipart upload, server-side from an S3 source in the same store.",
         show_default=False,
     ),
 ]
@@ -45,6 +46,7 @@ def merge_command(
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
     verify: VerifyOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Merge a sharded checkpoint into one .safetensors file or a ready-to-load folder.
@@ -61,7 +63,7 @@ def merge_command(
         report = run(
             lambda: merge(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-                allow_unindexed=allow_unindexed, verify=verify, progress=progress,
+                allow_unindexed=allow_unindexed, verify=verify, endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +11,7 @@ from .common import (
     AllowUnindexedOpt,
     DebugOpt,
     DryRunOpt,
+    EndpointOpt,
     ForceOpt,
     JsonOpt,
     QuietOpt,
@@ -26,7 +26,7 @@ from .common import (
 from .render import print_split_report
 
 OutputDirOpt = Annotated[
-    Path,
+    str,
     typer.Option(
         "--output", "-o",
         help="The output folder: shards, index and the source's config/tokenizer files.",
@@ -63,6 +63,7 @@ def split_command(
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
     verify: VerifyOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Split a checkpoint into Hugging Face shards, or reshard it (4 shards into 8, or into 1).
@@ -81,7 +82,8 @@ def split_command(
         report = run(
             lambda: split(
                 source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
-                dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify, progress=progress,
+                dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
+                endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import storage
 from ..checkpoint import SHARD_NAME, companion_files, open_checkpoint, single_file_name_for
 from ..plan import FileCopy, plan_merge
 from ..reports import MergeReport
@@ -21,6 +22,7 @@ def merge(
     strict: bool = False,
     allow_unindexed: bool = False,
     verify: bool = False,
+    endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Merge the checkpoint at `source` into `output`.
@@ -31,8 +33,13 @@ def merge(
     validates everything before writing, copies byte ranges, commits atomically.
     With `verify`, the written file is compared tensor by tensor with the source
     and removed if anything differs.
+
+    Either side may be remote (`s3://bucket/prefix/`, `http(s)://` for the source,
+    `hf://org/name`); `endpoint_url` names an S3-compatible store. S3 to S3 in one store
+    is assembled server-side: the client moves about 10 MiB whatever the model size.
     """
-    source, output = Path(source), Path(output)
+    source = storage.as_path(source, endpoint_url=endpoint_url)
+    output = storage.as_path(output, endpoint_url=endpoint_url)
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
     as_folder = not output.name.endswith(".safetensors")
     if as_folder:
@@ -48,7 +55,7 @@ def merge(
     return report  # type: ignore[return-value]
 
 
-def _weight_file_name(index_path: Path | None, first_shard: str) -> str:
+def _weight_file_name(index_path: storage.Location | None, first_shard: str) -> str:
     """Keep the checkpoint's own prefix: diffusers folders load `diffusion_pytorch_model.safetensors`."""
     if index_path is not None:
         return single_file_name_for(index_path.name)

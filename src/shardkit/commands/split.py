@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
+from .. import storage
 from ..checkpoint import companion_files, open_checkpoint
 from ..errors import BadInputError
 from ..plan import FileCopy, natural_key, plan_split
@@ -31,6 +31,7 @@ def split(
     strict: bool = False,
     allow_unindexed: bool = False,
     verify: bool = False,
+    endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> SplitReport:
     """Write the checkpoint at `source` into `output_dir` as shards of at most
@@ -42,8 +43,10 @@ def split(
     tensor larger than the limit gets a shard of its own, as in huggingface_hub, so a
     shard can exceed the limit. The folder is staged and swapped in whole: an old
     index or shard of a replaced `output_dir` can never survive next to the new ones.
+    Source and output may be remote, as for :func:`~shardkit.commands.merge.merge`.
     """
-    source, output_dir = Path(source), Path(output_dir)
+    source = storage.as_path(source, endpoint_url=endpoint_url)
+    output_dir = storage.as_path(output_dir, endpoint_url=endpoint_url)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
     if output_dir.name.endswith(".safetensors"):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from .. import atomic
+from .. import atomic, storage
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import OutputError, VerificationError
 from ..execute import execute, write_checksum_beside
 from ..plan import Plan
-from ..reports import OutputFile, WriteReport
+from ..reports import OutputFile, Transfer, WriteReport
+from ..storage import Location
 
 #: Called as `progress(advance, total)` with bytes just written and the bytes to write.
 ProgressCallback = Callable[[int, int], None]
@@ -22,9 +22,9 @@ def run_plan(
     report_type: type[WriteReport],
     command: str,
     checkpoint: Checkpoint,
-    source: Path,
+    source: Location,
     plan: Plan,
-    output: Path,
+    output: Location,
     *,
     as_folder: bool,
     force: bool,
@@ -36,7 +36,8 @@ def run_plan(
     """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the written
     output with the source tensor by tensor and remove it if they differ."""
     started = time.perf_counter()
-    checksum_file: Path | None = None
+    traffic_before = storage.traffic()
+    checksum_file: Location | None = None
     if sha256 and not as_folder:
         checksum_file = output.with_name(output.name + ".sha256")
         if checksum_file.exists() and not force and not dry_run:
@@ -79,14 +80,33 @@ def run_plan(
         header_bytes=sum(len(f.header) for f in plan.files),
         warnings=list(plan.warnings),
         verified=True if verify and not dry_run else None,
+        transfer=_transfer(traffic_before, checkpoint, output) if not dry_run else None,
     )
 
 
-def verify_written(source: Checkpoint, output: Path) -> None:
+def _transfer(before: object, checkpoint: Checkpoint, output: Location) -> Transfer | None:
+    """The store traffic of this run, when an s3:// location took part."""
+    spent = storage.traffic() - before  # type: ignore[operator]
+    if spent.requests == 0:
+        return None
+    from ..execute_s3 import is_server_side
+
+    return Transfer(
+        spent.requests, spent.bytes_sent, spent.bytes_received, spent.bytes_copied,
+        server_side=is_server_side(checkpoint.shards, output),
+    )
+
+
+def verify_written(source: Checkpoint, output: Location) -> None:
     """Prove the output holds the source's tensors, byte for byte; else remove it."""
     comparison = compare_checkpoints(source, open_checkpoint(output))
     if not comparison.identical:
-        atomic.remove(output)
+        if storage.is_remote(output):
+            from ..execute_s3 import remove
+
+            remove(output)  # type: ignore[arg-type]
+        else:
+            atomic.remove(output)
         problems = comparison.problems()
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerificationError(f"{output}: verification failed, output removed: {problems[0]}{more}")

@@ -1,0 +1,448 @@
+"""Carry out a plan into S3: every output object appears whole, or not at all.
+
+Each weight file is one multipart upload, and S3 makes an object visible only when
+CompleteMultipartUpload succeeds, so a reader never sees half a file. Any failure,
+Ctrl-C included, aborts the upload (no orphaned parts are left to be billed); a run
+killed outright cannot abort, so every run first aborts the unfinished uploads and
+deletes the staged objects a previous run left for the same destination.
+
+Two ways to fill an upload:
+
+- *server-side*, when every source is an object of the same store: the parts are
+  copied from the sources inside the store (UploadPartCopy, planned by
+  :mod:`shardkit.multipart_plan`); the client only uploads the first 5 MiB (the new
+  header and the data after it) and sends requests;
+- *streamed* otherwise (local files, HTTP, another store): the output's bytes are read
+  in order with parallel ranged reads and uploaded as parts, in bounded memory.
+
+A folder output is several objects: weight files first, then config and tokenizer
+files, then the index, so an index never names a shard that is not there yet. S3
+cannot swap a folder atomically; if a run fails, the objects it completed are
+deleted, and with `force` the old output's other objects are deleted after success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
+
+from . import storage
+from .atomic import TEMP_MARK
+from .errors import OutputError
+from .execute import WrittenFile, check_sources_unchanged, checksum_file_name
+from .format import Header
+from .multipart_plan import CopyPart, ObjectPlan, Part, UploadPart, plan_object
+from .plan import Plan, PlannedFile
+from .storage import stream
+from .storage.remote import RemotePath
+from .storage.s3 import WORKERS, S3Path, S3Store
+
+MiB = 1024 * 1024
+#: Part size of streamed uploads (raised for huge files to stay within 10,000 parts).
+PART_SIZE = 16 * MiB
+#: Memory a streamed upload may hold: read-ahead, the part being filled, parts in flight.
+MEMORY_BUDGET = 256 * MiB
+_DELETE_BATCH = 1000
+
+
+def execute_s3(
+    plan: Plan,
+    dest: RemotePath,
+    *,
+    sources: Sequence[Header],
+    as_folder: bool,
+    force: bool = False,
+    sha256: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[WrittenFile]:
+    """Write `plan` to `dest` (an object, or a folder prefix holding all planned files)."""
+    if not isinstance(dest, S3Path):
+        raise OutputError(f"{dest}: cannot write there; outputs go to a local path or an s3:// URL")
+    check_s3_destination(dest, sources, force=force, as_folder=as_folder)
+    targets = [dest / f.name for f in plan.files] if as_folder else [dest]
+    for target in targets:
+        clean_stale(target)  # type: ignore[arg-type]
+    server_side = is_server_side(sources, dest)
+    local_sources = [h for h in sources if not storage.is_remote(h.path)]
+    completed: list[S3Path] = []
+    try:
+        written = []
+        for planned, target in zip(plan.files, targets):
+            if server_side:
+                written.append(assemble(planned, target, sha256=sha256, progress=progress))  # type: ignore[arg-type]
+            else:
+                check = (lambda: check_sources_unchanged(local_sources)) if local_sources else None
+                written.append(upload_streamed(planned, target, sha256=sha256, progress=progress, before_commit=check))  # type: ignore[arg-type]
+            completed.append(target)  # type: ignore[arg-type]
+        if as_folder:
+            completed += _write_extras(plan, dest, written)
+            if force:
+                keep = {p.key for p in completed}
+                delete_keys(dest, [k for k in dest.keys_under() if k not in keep])
+    except BaseException:
+        delete_keys(dest, [p.key for p in completed], best_effort=True)
+        raise
+    return written
+
+
+def is_server_side(sources: Sequence[Header], dest: object) -> bool:
+    """Whether writing to `dest` copies inside the store: every source is in the same one."""
+    return isinstance(dest, S3Path) and all(_same_store(h.path, dest.store) for h in sources)
+
+
+def _same_store(location: str, store: S3Store) -> bool:
+    source = storage.lookup(location)
+    return isinstance(source, S3Path) and source.store is store
+
+
+# --------------------------------------------------------------------------- destination
+
+
+def check_s3_destination(dest: S3Path, sources: Iterable[Header], *, force: bool, as_folder: bool) -> None:
+    """The same refusals as a local destination: existing output without force, a
+    kind change, an output that is or contains a source, a bucket that is not there."""
+    if not as_folder and not dest.key:
+        raise OutputError(f"{dest}: name the output object, e.g. {dest}/model.safetensors")
+    if dest.store.call("head_bucket", str(dest), missing_ok=True, Bucket=dest.bucket) is None:
+        raise OutputError(f"{dest}: bucket {dest.bucket} does not exist")
+    for header in sources:
+        source = storage.lookup(header.path)
+        if not (isinstance(source, S3Path) and source.store is dest.store and source.bucket == dest.bucket):
+            continue
+        if source.key == dest.key or (as_folder and (not dest.key or source.key.startswith(dest.key + "/"))):
+            raise OutputError(f"{dest}: output would overwrite the source {source}; choose another path")
+    is_file, is_dir = dest.is_file(), dest.is_dir()
+    if not (is_file or is_dir):
+        return
+    if not force:
+        raise OutputError(f"{dest}: already exists; pass --force to replace it")
+    if as_folder != is_dir or (is_file and is_dir):
+        kind = "a folder" if is_dir else "a file"
+        raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
+
+
+def staging_prefix(target: S3Path) -> str:
+    """Where the staged objects of runs writing `target` live (hidden, beside it)."""
+    parent = target.key.rpartition("/")[0]
+    return f"{parent}/{TEMP_MARK}{target.name}." if parent else f"{TEMP_MARK}{target.name}."
+
+
+def clean_stale(target: S3Path) -> list[str]:
+    """Abort unfinished uploads of `target` and delete staged objects left by runs that
+    were killed before they could clean up; returns what was removed."""
+    prefix = staging_prefix(target)
+    removed: list[str] = []
+    for search in (target.key, prefix):
+        marker: dict[str, str] = {}
+        while True:
+            response = target.call("list_multipart_uploads", Prefix=search, **marker)
+            for upload in response.get("Uploads", []):
+                key = upload["Key"]
+                if key == target.key or key.startswith(prefix):
+                    target.call("abort_multipart_upload", Key=key, UploadId=upload["UploadId"])
+                    removed.append(f"upload {upload['UploadId']} of {key}")
+            if not response.get("IsTruncated"):
+                break
+            marker = {"KeyMarker": response["NextKeyMarker"], "UploadIdMarker": response["NextUploadIdMarker"]}
+    staged = [item["Key"] for item in target.objects(prefix)]
+    delete_keys(target, staged)
+    return removed + staged
+
+
+def delete_keys(near: S3Path, keys: Sequence[str], *, best_effort: bool = False) -> None:
+    for start in range(0, len(keys), _DELETE_BATCH):
+        batch = [{"Key": key} for key in keys[start : start + _DELETE_BATCH]]
+        try:
+            near.store.call("delete_objects", str(near), Bucket=near.bucket, Delete={"Objects": batch, "Quiet": True})
+        except Exception:
+            if not best_effort:
+                raise
+
+
+def remove(path: S3Path) -> None:
+    """Remove an output object, or every object of an output folder."""
+    keys = [path.key] if path.is_file() else path.keys_under()
+    delete_keys(path, keys)
+
+
+def put_bytes(path: S3Path, data: bytes) -> None:
+    """A small object in one request (atomic, as every PUT is)."""
+    path.call("put_object", Key=path.key, Body=data)
+
+
+# --------------------------------------------------------------------------- one upload
+
+
+class MultipartUpload:
+    """One object being written; it appears on `complete`, and `abort` leaves nothing."""
+
+    def __init__(self, target: S3Path) -> None:
+        self.target = target
+        self.upload_id = target.call("create_multipart_upload", Key=target.key)["UploadId"]
+        self.etags: dict[int, str] = {}
+
+    def upload_part(self, number: int, data: bytes) -> None:
+        response = self.target.call(
+            "upload_part", Key=self.target.key, UploadId=self.upload_id, PartNumber=number, Body=data
+        )
+        self.etags[number] = response["ETag"]
+
+    def copy_part(self, number: int, source: S3Path, offset: int, length: int) -> None:
+        stat = source._stat
+        condition = {"CopySourceIfMatch": stat.version} if stat and getattr(stat, "version", None) else {}
+        response = self.target.store.call(
+            "upload_part_copy", str(source),
+            Bucket=self.target.bucket, Key=self.target.key, UploadId=self.upload_id, PartNumber=number,
+            CopySource={"Bucket": source.bucket, "Key": source.key},
+            CopySourceRange=f"bytes={offset}-{offset + length - 1}",
+            **condition,
+        )
+        self.target.store.count(copied=length)
+        self.etags[number] = response["CopyPartResult"]["ETag"]
+
+    def complete(self) -> None:
+        parts = [{"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)]
+        self.target.call(
+            "complete_multipart_upload", Key=self.target.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+        )
+
+    def abort(self) -> None:
+        """Best effort: a store that is gone cannot be told; the next run cleans up."""
+        try:
+            self.target.call("abort_multipart_upload", Key=self.target.key, UploadId=self.upload_id)
+        except Exception:  # noqa: BLE001 - the original failure is what the user must see
+            pass
+
+
+# --------------------------------------------------------------------------- streamed
+
+
+def upload_streamed(
+    planned: PlannedFile,
+    target: S3Path,
+    *,
+    sha256: bool = False,
+    progress: Callable[[int], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> WrittenFile:
+    """Upload the planned file's bytes, read in order from wherever the sources are."""
+    hasher = hashlib.sha256() if sha256 else None
+    part_size = max(PART_SIZE, -(-planned.size // 10_000 // MiB) * MiB)
+    in_flight = max(1, 4 * PART_SIZE // part_size)
+    readers = {r.source: storage.open_reader(r.source) for r in planned.ranges}
+    read_ahead = max(stream.CHUNK, MEMORY_BUDGET - (in_flight + 1) * part_size)
+    chunks = chain(
+        [planned.header],
+        stream.ordered_reads(
+            ((readers[r.source], r.source_offset, r.length) for r in planned.ranges), max_buffered=read_ahead
+        ),
+    )
+    try:
+        if planned.size <= part_size:
+            data = b"".join(chunks)
+            if hasher is not None:
+                hasher.update(data)
+            if before_commit is not None:
+                before_commit()
+            put_bytes(target, data)
+            if progress is not None:
+                progress(len(data))
+        else:
+            _upload_parts(chunks, target, part_size, in_flight, hasher, progress, before_commit)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
+
+
+def _upload_parts(
+    chunks: Iterable[bytes],
+    target: S3Path,
+    part_size: int,
+    in_flight: int,
+    hasher: hashlib._Hash | None,
+    progress: Callable[[int], None] | None,
+    before_commit: Callable[[], None] | None,
+) -> None:
+    upload = MultipartUpload(target)
+    pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="shardkit-upload")
+    pending: deque[tuple[Future[None], int]] = deque()
+    buffer = bytearray()
+    number = 0
+
+    def settle() -> None:
+        future, size = pending.popleft()
+        future.result()
+        if progress is not None:
+            progress(size)
+
+    def send(data: bytes) -> None:
+        nonlocal number
+        number += 1
+        while len(pending) >= in_flight:
+            settle()
+        pending.append((pool.submit(upload.upload_part, number, data), len(data)))
+
+    try:
+        for chunk in chunks:
+            if hasher is not None:
+                hasher.update(chunk)
+            buffer += chunk
+            while len(buffer) >= part_size:
+                send(bytes(buffer[:part_size]))
+                del buffer[:part_size]
+        if buffer or number == 0:
+            send(bytes(buffer))
+        while pending:
+            settle()
+        if before_commit is not None:
+            before_commit()
+        upload.complete()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        upload.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- server-side
+
+
+def assemble(
+    planned: PlannedFile,
+    target: S3Path,
+    *,
+    sha256: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> WrittenFile:
+    """Build the planned file inside the store from ranges of its source objects."""
+    digest = _hash_planned(planned) if sha256 else None
+    object_plan = plan_object(planned)
+    if not object_plan.staged and len(object_plan.parts) == 1 and isinstance(object_plan.parts[0], UploadPart):
+        put_bytes(target, _part_bytes(object_plan.parts[0]))
+        if progress is not None:
+            progress(planned.size)
+    else:
+        _Assembly(object_plan, target, progress).run()
+    return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
+
+
+def _part_bytes(part: UploadPart) -> bytes:
+    readers: dict[str, storage.RangeReader] = {}
+    pieces = [part.data]
+    for span in part.spans:
+        reader = readers.get(span.source) or readers.setdefault(span.source, storage.open_reader(span.source))
+        pieces.append(reader.read(span.offset, span.length))
+    return b"".join(pieces)
+
+
+def _hash_planned(planned: PlannedFile) -> str:
+    """SHA-256 of the output without writing it: the one case that reads every byte."""
+    hasher = hashlib.sha256(planned.header)
+    readers = {r.source: storage.open_reader(r.source) for r in planned.ranges}
+    for chunk in stream.ordered_reads((readers[r.source], r.source_offset, r.length) for r in planned.ranges):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+class _Assembly:
+    """Runs an ObjectPlan: staged objects, then the destination's parts, on one pool.
+
+    Tasks are submitted in plan order and only ever wait for tasks submitted before
+    them (a staged object it copies from), so the FIFO pool cannot deadlock.
+    """
+
+    def __init__(self, plan: ObjectPlan, target: S3Path, progress: Callable[[int], None] | None) -> None:
+        self.plan = plan
+        self.target = target
+        self.progress = progress
+        token = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.staged = {
+            s.name: S3Path(target.store, target.bucket, f"{staging_prefix(target)}{token}/{s.name}")
+            for s in plan.staged
+        }
+        self.built: dict[str, Future[None]] = {}
+        self.uploads: list[MultipartUpload] = []
+
+    def run(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="shardkit-copy")
+        final: MultipartUpload | None = None
+        try:
+            for staged in self.plan.staged:
+                self.built[staged.name] = pool.submit(self._build, self.staged[staged.name], staged.parts)
+            final = MultipartUpload(self.target)
+            self.uploads.append(final)
+            futures = [
+                pool.submit(self._part, final, number, part, True) for number, part in enumerate(self.plan.parts, 1)
+            ]
+            for future in futures:
+                future.result()
+            final.complete()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for upload in self.uploads:
+                upload.abort()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            delete_keys(self.target, [p.key for p in self.staged.values()], best_effort=True)
+
+    def _build(self, path: S3Path, parts: tuple[Part, ...]) -> None:
+        upload = MultipartUpload(path)
+        self.uploads.append(upload)
+        for number, part in enumerate(parts, 1):
+            self._part(upload, number, part, False)
+        upload.complete()
+        size = sum(p.size for p in parts)
+        path.learn(storage.remote.RemoteStat(size, None))
+
+    def _part(self, upload: MultipartUpload, number: int, part: Part, final: bool) -> None:
+        if isinstance(part, CopyPart):
+            span = part.span
+            if span.source in self.staged:
+                self.built[span.source].result()
+                source = self.staged[span.source]
+            else:
+                source = storage.lookup(span.source)  # type: ignore[assignment]
+            upload.copy_part(number, source, span.offset, span.length)  # type: ignore[arg-type]
+        else:
+            upload.upload_part(number, _part_bytes(part))
+        if final and self.progress is not None:
+            self.progress(part.size)
+
+
+# --------------------------------------------------------------------------- extras
+
+
+def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile]) -> list[S3Path]:
+    """Config/tokenizer copies, then the index, then the checksum file."""
+    done: list[S3Path] = []
+    for copy in plan.copies:
+        target = dest / copy.name
+        source = storage.as_path(copy.source) if isinstance(copy.source, str) else copy.source
+        if isinstance(source, S3Path) and source.store is dest.store:
+            dest.store.call(
+                "copy_object", str(source), Bucket=dest.bucket, Key=target.key,  # type: ignore[attr-defined]
+                CopySource={"Bucket": source.bucket, "Key": source.key},
+            )
+            dest.store.count(copied=source.stat().st_size)
+        else:
+            put_bytes(target, storage.read_bytes(source))  # type: ignore[arg-type]
+        done.append(target)  # type: ignore[arg-type]
+    if plan.index is not None and plan.index_name is not None:
+        target = dest / plan.index_name
+        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode())  # type: ignore[arg-type]
+        done.append(target)  # type: ignore[arg-type]
+    sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
+    if sums:
+        target = dest / checksum_file_name(plan)
+        put_bytes(target, "".join(sums).encode())  # type: ignore[arg-type]
+        done.append(target)  # type: ignore[arg-type]
+    return done
