@@ -22,8 +22,9 @@ app = typer.Typer(
 )
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     """Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch."""
@@ -31,6 +32,9 @@ def _root(
         from .. import __version__
 
         print(f"shardkit {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
         raise typer.Exit()
 
 
