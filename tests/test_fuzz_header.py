@@ -1,0 +1,417 @@
+"""Differential fuzzing of the header parser against the reference reader.
+
+Hypothesis builds safetensors files — valid ones (every dtype, zero-size and scalar
+tensors, metadata, odd names, any entry order and JSON spacing) and mutations of
+them at the JSON level (fields changed, repeated, removed, numbers made floats,
+negatives, -0 or huge, entries written as sequences, strings with lone surrogates,
+deep nesting) and at the byte level (bytes flipped, lengths changed, truncation,
+trailing bytes). For every file:
+
+* `format.parse_file` accepts it exactly when `safetensors.deserialize` does, and
+  then finds the same tensors at the same bytes;
+* with `strict=True` it may only be stricter than the reference, never laxer;
+* nothing but `FormatError` ever escapes it, and no input makes it hang.
+
+`SHARDKIT_FUZZ_EXAMPLES` sets the examples per test (`make fuzz` runs 20000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from datetime import timedelta
+
+import safetensors
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from shardkit.errors import FormatError
+from shardkit.format import DTYPES, parse_file, tensor_nbytes
+
+EXAMPLES = int(os.environ.get("SHARDKIT_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=timedelta(seconds=10),  # a hang, not a slow machine
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    database=None,
+)
+
+try:  # a Rust panic surfaces as pyo3's PanicException, a BaseException
+    from pyo3_runtime import PanicException  # type: ignore[import-not-found]
+except ImportError:
+    PanicException = BaseException  # noqa: N816
+
+
+# ----------------------------------------------------------------- the two readers
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] | None = None
+    reason: str = ""
+
+
+def reference(raw: bytes) -> Verdict:
+    try:
+        loaded = safetensors.deserialize(raw)
+    except safetensors.SafetensorError as exc:
+        return Verdict(False, reason=str(exc))
+    except PanicException as exc:  # recorded as a refusal; the assertion message shows it
+        return Verdict(False, reason=f"reference panicked: {exc}")
+    return Verdict(True, {name: (e["dtype"], tuple(e["shape"]), bytes(e["data"])) for name, e in loaded})
+
+
+def shardkit(raw: bytes, strict: bool = False) -> Verdict:
+    try:
+        header = parse_file(lambda offset, length: raw[offset : offset + length], len(raw), "fuzz", strict=strict)
+    except FormatError as exc:
+        return Verdict(False, reason=str(exc))
+    data = raw[header.data_start :]
+    return Verdict(True, {t.name: (t.dtype, t.shape, data[t.begin : t.end]) for t in header.tensors})
+
+
+def assert_agree(raw: bytes) -> None:
+    """The differential property, for one file."""
+    ours, theirs, strict = shardkit(raw), reference(raw), shardkit(raw, strict=True)
+    assert ours.accepted == theirs.accepted, (
+        f"shardkit {'accepts' if ours.accepted else 'refuses'} what the reference "
+        f"{'accepts' if theirs.accepted else 'refuses'}: {raw[:300]!r}\nshardkit: {ours.reason}\n"
+        f"reference: {theirs.reason}"
+    )
+    if ours.accepted:
+        assert ours.tensors == theirs.tensors, raw[:300]
+    assert not strict.accepted or ours.accepted, f"strict mode is laxer than the default: {raw[:300]!r}"
+    if strict.accepted:
+        assert strict.tensors == ours.tensors
+
+
+# ----------------------------------------------------------------- JSON with every liberty
+
+
+class Raw(str):
+    """JSON text written as is: NaN, -0, 1e400, escapes, anything json.dumps will not write."""
+
+
+class Obj(list):
+    """A JSON object as (key, value) pairs: duplicates and order are the test's to choose."""
+
+
+def dump(value: object, space: str = "") -> str:
+    if isinstance(value, Raw):
+        return value
+    if isinstance(value, Obj):
+        items = (f"{dump_key(k)}{space}:{space}{dump(v, space)}" for k, v in value)
+        return "{" + space + f",{space}".join(items) + space + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + f",{space}".join(dump(v, space) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def dump_key(key: str) -> str:
+    return key if isinstance(key, Raw) else json.dumps(key, ensure_ascii=False)
+
+
+def file_bytes(header: str | bytes, data: bytes) -> bytes:
+    body = header.encode("utf-8", "surrogatepass") if isinstance(header, str) else header
+    return struct.pack("<Q", len(body)) + body + data
+
+
+# ----------------------------------------------------------------- valid files
+
+
+@dataclass
+class Tensor:
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+
+
+NAMES = st.one_of(
+    st.text(min_size=0, max_size=12),
+    st.sampled_from(["model.embed_tokens.weight", "lm_head.weight", "a", "", " ", "é", "🤗", "\0", "a\nb", "__x__"]),
+).filter(lambda name: name != "__metadata__")
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> Tensor:
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    shape = draw(st.lists(st.integers(0, 5), max_size=4))
+    try:
+        nbytes = tensor_nbytes(dtype, shape)
+    except ValueError:  # sub-byte count off a byte boundary: make it whole
+        shape = [*shape, 8]
+        nbytes = tensor_nbytes(dtype, shape)
+    return Tensor(draw(NAMES), dtype, shape, nbytes)
+
+
+METADATA = st.one_of(
+    st.none(),
+    st.just("absent"),
+    st.dictionaries(st.text(max_size=8), st.text(max_size=12), max_size=4),
+)
+
+
+@dataclass
+class ValidFile:
+    entries: list[tuple[str, Obj]]  # in JSON order; data laid out in another order
+    metadata: object
+    data: bytes
+    space: str
+    lead: str
+    pad: str
+
+    def document(self) -> Obj:
+        doc = Obj()
+        if self.metadata != "absent":
+            doc.append(("__metadata__", None if self.metadata is None else Obj(self.metadata.items())))
+        doc.extend(self.entries)
+        return doc
+
+    def render(self, doc: Obj | None = None, data: bytes | None = None) -> bytes:
+        text = self.lead + dump(self.document() if doc is None else doc, self.space) + self.pad
+        return file_bytes(text, self.data if data is None else data)
+
+
+@st.composite
+def valid_files(draw: st.DrawFn) -> ValidFile:
+    found = draw(st.lists(tensors(), max_size=6, unique_by=lambda t: t.name))
+    layout = draw(st.permutations(found))  # data order, independent of JSON order
+    offsets, position = {}, 0
+    for tensor in layout:
+        offsets[tensor.name] = (position, position + tensor.nbytes)
+        position += tensor.nbytes
+    entries = [
+        (t.name, Obj([("dtype", t.dtype), ("shape", t.shape), ("data_offsets", list(offsets[t.name]))]))
+        for t in found
+    ]
+    for _, entry in entries:  # field order is free
+        entry[:] = draw(st.permutations(entry))
+    data = draw(st.binary(min_size=position, max_size=position))
+    space = draw(st.sampled_from(["", " ", "\n", "\t", "\r\n  "]))
+    pad = draw(st.sampled_from(["", " ", "       ", "\n"]))
+    return ValidFile(entries, draw(METADATA), data, space, "", pad)
+
+
+@FUZZ
+@given(valid_files())
+@example(ValidFile([], "absent", b"", "", "", ""))
+def test_valid_files_are_read_like_the_reference(made: ValidFile) -> None:
+    raw = made.render()
+    assert reference(raw).accepted, raw[:200]
+    assert_agree(raw)
+    assert shardkit(raw, strict=True).accepted == (made.metadata is not None)  # only null metadata is non-strict
+
+
+# ----------------------------------------------------------------- mutations of valid files
+
+
+ODD_VALUES = [
+    Raw("-0"), Raw("0.0"), Raw("1.0"), Raw("1e0"), Raw("1E+1"), Raw("NaN"), Raw("Infinity"), Raw("-Infinity"),
+    Raw("1e400"), Raw("-1e400"), Raw("1e-400"), Raw("01"), Raw("0x10"), Raw("+1"), Raw(".5"), Raw("1."),
+    Raw("18446744073709551615"), Raw("18446744073709551616"), Raw("-9223372036854775808"),
+    Raw("-9223372036854775809"), Raw("1" + "0" * 30), Raw("\"\\ud800\""), Raw("\"\\udc00\\ud800\""),
+    Raw("\"\\ud83d\\ude00\""), Raw("\"\\u0000\""), Raw("tru"), Raw("nul"), Raw("[1,]"), Raw("{,}"), Raw("'a'"),
+    -1, 0, 1, 2, 3, 4, 8, 2**32, 2**63, 2**64 - 1, True, False, None, "4", "F32", [], [0], [0, 0], [0, 0, 0],
+    Obj(), Obj([("F32", None)]), Obj([("U8", None)]), Obj([("BOOL", None), ("U8", None)]), 4.5,
+]
+ODD_DTYPES = [
+    "f32", "F32 ", " F32", "FLOAT32", "float32", "F128", "Q4_K", "U1", "", "bf16", "BF16\0",
+    Obj([("F32", None)]), Obj([("F4", None)]), Obj([("F32", [])]), Obj([("F32", Obj())]), Obj([("F33", None)]),
+    Obj([("F32", None), ("F16", None)]), Obj([("F32", Raw("-0"))]), ["F32"], 32, None,
+]
+
+
+def pick(draw: st.DrawFn, doc: Obj) -> tuple[int, str, Obj] | None:
+    """A tensor entry of `doc` that is still an object, with its position."""
+    objects = [(i, k, v) for i, (k, v) in enumerate(doc) if k != "__metadata__" and isinstance(v, Obj)]
+    return draw(st.sampled_from(objects)) if objects else None
+
+
+def odd_value(draw: st.DrawFn) -> object:
+    return draw(st.one_of(st.sampled_from(ODD_VALUES), st.integers(-(2**70), 2**70), st.floats(allow_nan=False)))
+
+
+def respell_number(draw: st.DrawFn, value: object) -> object:
+    """The same number written as serde might read it differently: 4.0, 4e0, 04, -0, 4E+0."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value
+    return draw(st.sampled_from([
+        Raw(f"{value}.0"), Raw(f"{value}e0"), Raw(f"{value}E+0"), Raw(f"0{value}"), Raw(f"-{value}"),
+        Raw(f"{value} "), Raw(f"{value}" + "0" * 25 if value else "-0"), value,
+    ]))
+
+
+def respell_string(draw: st.DrawFn, value: str) -> object:
+    """The same string, or its close neighbours: escaped, as an enum object, cased, padded."""
+    escaped = Raw('"' + "".join(f"\\u{ord(c):04x}" for c in value) + '"')
+    return draw(st.sampled_from([
+        escaped, Obj([(value, None)]), Obj([(value, Obj())]), Obj([(value, [])]), Obj([(value, Raw("-0"))]),
+        value.lower(), f" {value}", f"{value}\0", [value], Obj([(escaped, None)]),
+    ]))
+
+
+def deep(depth: int) -> Raw:
+    return Raw("[" * depth + "]" * depth)
+
+
+def mutate_json(draw: st.DrawFn, doc: Obj) -> Obj:
+    if not isinstance(doc, Obj):  # a top-level mutation already made it something else
+        return doc
+    kind = draw(st.sampled_from([
+        "field-value", "shape-element", "offset-element", "offset-shift", "dtype", "repeat-field", "remove-field",
+        "unknown-field", "as-sequence", "repeat-entry", "metadata", "repeat-metadata", "name", "top-level",
+        "respell-number", "respell-number", "respell-dtype", "respell-dtype",
+    ]))
+    chosen = pick(draw, doc)
+    if kind == "top-level":
+        return draw(st.sampled_from([Obj(), Raw("[]"), Raw("null"), Raw("\"x\""), Raw("{}{}"), Raw("[{}]"),
+                                     Raw(dump(doc) + "x"), Raw(dump(doc)[:-1]), Raw(dump(doc) + "\0")]))
+    if kind in ("metadata", "repeat-metadata"):
+        value = draw(st.one_of(st.sampled_from([None, Obj(), Obj([("k", "v"), ("k", "w")]), Raw("[]"), "pt"]),
+                               st.builds(lambda v: Obj([("k", v)]), st.sampled_from(ODD_VALUES))))
+        entry = ("__metadata__", value)
+        if kind == "metadata":
+            doc[:] = [(k, v) for k, v in doc if k != "__metadata__"]
+        doc.insert(draw(st.integers(0, len(doc))), entry)
+        return doc
+    if kind == "name":
+        if not doc:
+            return doc
+        index = draw(st.integers(0, len(doc) - 1))
+        name = draw(st.sampled_from([Raw('"\\ud800"'), Raw('"\\udfff x"'), Raw('"\\ud83d\\ude00"'), Raw('"\\u0041"'),
+                                     Raw('"a\\/b"'), Raw('"\\x41"'), Raw('"tab\tin"'), Raw('"__metadata__"'),
+                                     Raw('"\\u005f_metadata__"'), "__metadata__"]))
+        doc[index] = (name, doc[index][1])
+        return doc
+    if chosen is None:
+        return doc
+    index, name, entry = chosen
+    fields = [k for k, _ in entry]
+    if kind == "field-value" and fields:
+        position = draw(st.integers(0, len(entry) - 1))
+        entry[position] = (entry[position][0], odd_value(draw))
+    elif kind == "shape-element":
+        shape = next((list(v) for k, v in entry if k == "shape" and isinstance(v, list)), None)
+        if shape is not None:
+            at = draw(st.integers(0, len(shape)))
+            shape[at:at + 1] = [odd_value(draw)]
+            entry[:] = [(k, shape if k == "shape" else v) for k, v in entry]
+    elif kind in ("offset-element", "offset-shift"):
+        offsets = next((list(v) for k, v in entry if k == "data_offsets" and isinstance(v, list)), None)
+        if offsets:
+            at = draw(st.integers(0, len(offsets) - 1))
+            if kind == "offset-element" or not isinstance(offsets[at], int):
+                offsets[at] = odd_value(draw)
+            else:
+                offsets[at] = max(0, offsets[at] + draw(st.sampled_from([-8, -2, -1, 1, 2, 8])))
+            entry[:] = [(k, offsets if k == "data_offsets" else v) for k, v in entry]
+    elif kind == "respell-number":
+        numbers = [(k, v) for k, v in entry if k in ("shape", "data_offsets") and isinstance(v, list)]
+        spots = [(k, i) for k, v in numbers for i in range(len(v))]
+        if spots:
+            key, at = draw(st.sampled_from(spots))
+            entry[:] = [
+                (k, [respell_number(draw, x) if i == at else x for i, x in enumerate(v)] if k == key else v)
+                for k, v in entry
+            ]
+    elif kind == "respell-dtype":
+        entry[:] = [(k, respell_string(draw, v) if k == "dtype" and isinstance(v, str) else v) for k, v in entry]
+    elif kind == "dtype":
+        entry[:] = [(k, draw(st.sampled_from(ODD_DTYPES)) if k == "dtype" else v) for k, v in entry]
+    elif kind == "repeat-field" and fields:
+        original = draw(st.sampled_from(entry))
+        copy = (original[0], draw(st.sampled_from([original[1], odd_value(draw)])))
+        entry.insert(draw(st.integers(0, len(entry))), copy)
+    elif kind == "remove-field" and fields:
+        del entry[draw(st.integers(0, len(entry) - 1))]
+    elif kind == "unknown-field":
+        key = draw(st.sampled_from(["x", "quantization", "DTYPE", "dtype ", "offsets", ""]))
+        value = draw(st.one_of(st.sampled_from(ODD_VALUES), st.integers(120, 130).map(deep)))
+        entry.insert(draw(st.integers(0, len(entry))), (key, value))
+    elif kind == "as-sequence":
+        values = dict(entry)
+        ordered = [values.get("dtype"), values.get("shape"), values.get("data_offsets")]
+        size = draw(st.sampled_from([3, 3, 3, 2, 4, 0]))
+        if draw(st.booleans()):
+            ordered = draw(st.permutations(ordered))
+        doc[index] = (name, (ordered + [0])[:size])
+    elif kind == "repeat-entry":
+        twin = Obj(entry)
+        if draw(st.booleans()):
+            twin = Obj([(k, odd_value(draw) if k == "shape" else v) for k, v in entry])
+        doc.insert(draw(st.integers(0, len(doc))), (name, twin))
+    return doc
+
+
+@FUZZ
+@given(valid_files(), st.data())
+def test_json_mutations_are_judged_like_the_reference(made: ValidFile, data: st.DataObject) -> None:
+    doc = made.document()
+    for _ in range(data.draw(st.integers(1, 3))):
+        doc = mutate_json(data.draw, doc)
+    if data.draw(st.booleans()):
+        made.lead = data.draw(st.sampled_from([" ", "\n", "\t\r\n", "\u00a0", "\ufeff", "\x0c"]))
+    assert_agree(made.render(doc))
+
+
+@st.composite
+def byte_mutations(draw: st.DrawFn) -> bytes:
+    made = draw(valid_files())
+    raw = bytearray(made.render())
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "set", "length", "truncate", "append", "insert"]))
+        if kind in ("flip", "set") and raw:
+            at = draw(st.integers(0, len(raw) - 1))  # mostly the header: the data is a few bytes
+            if kind == "flip":
+                raw[at] ^= 1 << draw(st.integers(0, 7))
+            else:
+                raw[at] = draw(st.sampled_from(list(b'{}[]",:-.0123456789eE \\/u\x00\x80\xc0\xed\xff')))
+        elif kind == "length" and len(raw) >= 8:
+            (length,) = struct.unpack("<Q", bytes(raw[:8]))
+            length = draw(st.one_of(
+                st.integers(-16, 16).map(lambda d, length=length: min(2**64 - 1, max(0, length + d))),
+                st.sampled_from([0, 1, 100_000_000, 100_000_001, 2**63, 2**64 - 1]),
+            ))
+            raw[:8] = struct.pack("<Q", length)
+        elif kind == "truncate":
+            del raw[draw(st.integers(0, len(raw))):]
+        elif kind == "append":
+            raw += draw(st.binary(min_size=1, max_size=9))
+        elif kind == "insert":
+            at = draw(st.integers(0, len(raw)))
+            raw[at:at] = draw(st.binary(min_size=1, max_size=3))
+    return bytes(raw)
+
+
+@FUZZ
+@given(byte_mutations())
+def test_byte_mutations_are_judged_like_the_reference(raw: bytes) -> None:
+    assert_agree(raw)
+
+
+# ----------------------------------------------------------------- anything at all
+
+
+JSON_TOKENS = [*'{}[]":,- 0123456789.eE+tnrufalsNIy\\u\n"ad_', '"__metadata__"', '"dtype"', '"shape"',
+               '"data_offsets"', '"F32"', '"U8"', '"F4"', "null", "true", "NaN", "-0", "\\ud800"]
+JSONISH = st.lists(st.sampled_from(JSON_TOKENS), max_size=40).map("".join)
+
+
+@FUZZ
+@given(st.one_of(JSONISH, st.text(max_size=30)), st.binary(max_size=8))
+def test_json_like_text_is_judged_like_the_reference(text: str, data: bytes) -> None:
+    assert_agree(file_bytes(text, data))
+
+
+@FUZZ
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_only_ever_raise_format_error(raw: bytes) -> None:
+    """No traceback: any exception other than FormatError fails this test."""
+    for strict in (False, True):
+        shardkit(raw, strict)
+    shardkit(struct.pack("<Q", len(raw)) + raw, strict=False)
+    assert_agree(struct.pack("<Q", len(raw)) + raw)
