@@ -128,8 +128,8 @@ def diff(
     comparison = compare_checkpoints(left, right, data=data, on_bytes=on_bytes, on_difference=on_difference)
     metadata_changed = _metadata_changes(left, right)
     return DiffReport(
-        a=str(a),
-        b=str(b),
+        a=storage.display(a),
+        b=storage.display(b),
         identical=comparison.identical and not metadata_changed,
         tensors_a=len(left.tensors),
         tensors_b=len(right.tensors),

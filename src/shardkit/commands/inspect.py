@@ -127,7 +127,7 @@ def inspect(
         declared = checkpoint.index_metadata.get("total_size")
         index_consistent = declared is None or declared == checkpoint.total_bytes
     return InspectReport(
-        path=str(path),
+        path=storage.display(path),
         index=str(checkpoint.index_path) if checkpoint.index_path else None,
         index_consistent=index_consistent,
         files=[

@@ -136,7 +136,7 @@ def verify(
         notes=run.notes,
         warnings=run.warnings,
         checksums=str(checksums) if checksums is not None else None,
-        against=str(against) if against is not None else None,
+        against=storage.display(against) if against is not None else None,
         config=str(config_path) if config_path is not None else None,
     )
 

@@ -105,6 +105,16 @@ _registry: dict[str, RemotePath] = {}
 _registry_lock = threading.Lock()
 
 
+def display(path: object) -> str:
+    """How a path argument may be shown: a web URL without user, password or query
+    (where presigned URLs carry their signature); anything else as given."""
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        from .http import display_url
+
+        return display_url(path)
+    return str(path)
+
+
 def is_url(text: object) -> bool:
     return isinstance(text, str) and text.startswith(REMOTE_PREFIXES)
 

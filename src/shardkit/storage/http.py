@@ -32,10 +32,13 @@ def display_url(url: str) -> str:
 
 
 class HttpPath(RemotePath):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, derived: bool = False) -> None:
         self._url = url  # may carry a signature or a password: never shown
         self.url = display_url(url)
         self._stat: RemoteStat | None | bool = False
+        # A neighbour of the URL given (an index's shard, a config.json): a presigned
+        # URL's signature does not cover it, so "access denied" there means "not there".
+        self.derived = derived
 
     @property
     def store_key(self) -> object:
@@ -43,11 +46,15 @@ class HttpPath(RemotePath):
 
     def _child(self, name: str) -> HttpPath:
         parts = urlsplit(self._url)
-        return HttpPath(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/" + name, "", "")))
+        return HttpPath(
+            urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/" + name, "", "")), derived=True
+        )
 
     def _parent(self) -> HttpPath:
         parts = urlsplit(self._url)
-        return HttpPath(urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/").rpartition("/")[0], "", "")))
+        return HttpPath(
+            urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/").rpartition("/")[0], "", "")), derived=True
+        )
 
     @property
     def name(self) -> str:
@@ -60,7 +67,8 @@ class HttpPath(RemotePath):
                 reader.read_prefix(1)
                 self._stat = reader.stat()
             except BadInputError as exc:
-                if "(HTTP 404)" not in str(exc):
+                absent = ("(HTTP 404)", "(HTTP 410)") + (("(HTTP 401)", "(HTTP 403)") if self.derived else ())
+                if not str(exc).endswith(absent):
                     raise
                 self._stat = None
         return self._stat  # type: ignore[return-value]

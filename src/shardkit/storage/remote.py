@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from ..format import Header, parse_file
 
 #: The first read of a header fetches this much: one request covers almost every header.
-HEADER_PREFETCH = 256 * 1024
+HEADER_PREFETCH = 64 * 1024
 
 
 @dataclass(frozen=True)

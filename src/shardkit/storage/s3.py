@@ -70,7 +70,11 @@ class S3Store:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         config = Config(
             s3={"addressing_style": "path"} if custom else {},
-            retries={"max_attempts": 4, "mode": "standard"},
+            # The AWS_MAX_ATTEMPTS / AWS_RETRY_MODE of the environment win, as in the AWS CLI.
+            retries={
+                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 4),
+                "mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+            },
             max_pool_connections=2 * WORKERS,
             connect_timeout=10,
             # A server-side copy of a multi-GB range answers only when it is done.
@@ -137,8 +141,9 @@ class S3Store:
             if code in _MISSING_CODES:
                 return BadInputError(f"{what}: no such object")
             if code in _ACCESS_CODES:
+                shown = f"HTTP {code}" if code.isdigit() else code  # a HEAD answer has no error body
                 return BadInputError(
-                    f"{what}: access denied ({code}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                    f"{what}: access denied ({shown}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                     f"AWS_PROFILE or ~/.aws) and the endpoint ({display_endpoint(self.endpoint_url)})"
                 )
             if code in _CHANGED_CODES:
