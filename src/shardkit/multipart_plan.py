@@ -26,7 +26,7 @@ replayed on bytes in memory, which is how the tests prove it right without a ser
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .plan import PlannedFile
 
@@ -40,16 +40,17 @@ class PartLimits:
     min_part: int = 5 * MiB
     max_part: int = 5 * 1024 * MiB
     max_parts: int = 10_000
-    #: A staged object is cut once it holds this much: a chain step never copies more.
-    chain_limit: int = 32 * MiB
+    #: A chain is cut once its staged object holds this much (the head goes in as a
+    #: part, the last min_part bytes carry on), so a chain step copies < chain_limit + min_part.
+    chain_limit: int = 10 * MiB
 
     def __post_init__(self) -> None:
-        # A big range is cut into pieces of at least max_part / 2; a chain step adds less
-        # than min_part to at most chain_limit bytes; a carved base is under 2 × min_part.
+        # A big range is cut into pieces of at least max_part / 2; a staged object holds
+        # less than chain_limit + min_part bytes, and a cut leaves a head of at least min_part.
         if self.min_part <= 0 or self.max_part < 2 * self.min_part or self.max_parts < 2:
             raise ValueError(f"inconsistent part limits: {self}")
-        if not 3 * self.min_part <= self.chain_limit <= self.max_part - self.min_part:
-            raise ValueError("chain_limit must lie between 3 × min_part and max_part − min_part")
+        if not 2 * self.min_part <= self.chain_limit <= self.max_part - self.min_part:
+            raise ValueError("chain_limit must lie between 2 × min_part and max_part − min_part")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ class ObjectPlan:
 def plan_object(planned: PlannedFile, limits: PartLimits = PartLimits()) -> ObjectPlan:
     """The parts that assemble `planned` from its sources inside the store."""
     segments = [Span(r.source, r.source_offset, r.length) for r in planned.ranges]
+    # Each cut of a chain adds a part: a huge file gets longer chains to stay within max_parts.
+    wanted = -(-planned.size // (limits.max_parts // 2))
+    limits = replace(limits, chain_limit=min(max(limits.chain_limit, wanted), limits.max_part - limits.min_part))
     if planned.size <= limits.min_part:
         return ObjectPlan((UploadPart(planned.header, tuple(segments)),))
     lead, rest = _take(segments, limits.min_part - len(planned.header))
@@ -191,7 +195,7 @@ class _Builder:
         assert tail is not None, "a plan starts with its uploaded first part"
         if not tail.appends:
             self._carve(tail)
-        elif tail.size + segment.length > self.limits.chain_limit:
+        elif tail.size >= self.limits.chain_limit:
             staged = self._chain(tail.base, tail.appends)
             keep = self.limits.min_part
             self.parts.append(CopyPart(Span(staged.name, 0, staged.size - keep)))
