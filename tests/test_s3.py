@@ -363,6 +363,62 @@ def test_a_killed_client_leaves_no_object_and_the_next_run_cleans_up(store: Seaw
     assert store.client().head_object(Bucket=bucket, Key=key)["ContentLength"] == merged_size["bytes"]
 
 
+def test_ctrl_c_aborts_the_upload_itself(store: SeaweedS3, bucket: str, mid) -> None:
+    key = "interrupted/model.safetensors"
+    command = [sys.executable, "-m", "shardkit", "merge", mid.folder, "-o", f"s3://{bucket}/{key}"]
+    process = subprocess.Popen(command, env={**os.environ, **s3_env(store)}, stderr=subprocess.PIPE, text=True)
+    client = store.client()
+    deadline = time.monotonic() + 60
+    while True:  # wait until a part of the upload has arrived
+        uploads = [u for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) if u["Key"] == key]
+        if uploads and client.list_parts(Bucket=bucket, Key=key, UploadId=uploads[0]["UploadId"]).get("Parts"):
+            break
+        assert process.poll() is None and time.monotonic() < deadline, "merge ended before it could be interrupted"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert stderr == "shardkit: error: interrupted; temporary files removed\n"
+    assert keys(store, bucket, "interrupted/") == []
+    assert unfinished_uploads(store, bucket) == []  # aborted by the run itself, not left for the next
+
+
+def test_a_source_replaced_during_a_server_side_merge_fails_the_run(store: SeaweedS3, bucket: str, mid) -> None:
+    client = store.client()
+    for name in sorted(p.name for p in mid.folder.iterdir()):
+        client.copy_object(Bucket=bucket, Key=f"mutable/{name}", CopySource={"Bucket": bucket, "Key": f"mid/{name}"})
+    victim = f"mutable/{mid.shard_files[-1]}"
+    changed = bytearray((mid.folder / mid.shard_files[-1]).read_bytes())
+    changed[-1] ^= 0xFF  # same size, same header, one data byte different
+
+    def replace_when_the_merge_starts() -> None:
+        deadline = time.monotonic() + 60
+        while "mutable-merged.safetensors" not in unfinished_uploads(store, bucket) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        client.put_object(Bucket=bucket, Key=victim, Body=bytes(changed))
+
+    replacer = threading.Thread(target=replace_when_the_merge_starts, daemon=True)
+    replacer.start()
+    result = run_cli(
+        "merge", f"s3://{bucket}/mutable/", "-o", f"s3://{bucket}/mutable-merged.safetensors", env=s3_env(store)
+    )
+    replacer.join(timeout=60)
+
+    # Caught by the ETag condition of a copy, or by the check before completion: either way named.
+    assert_clean_failure(result, 1, f"s3://{bucket}/{victim}: ")
+    assert "changed" in result.stderr and "output discarded" in result.stderr
+    assert "mutable-merged.safetensors" not in keys(store, bucket)
+    assert unfinished_uploads(store, bucket) == []
+    assert not [k for k in keys(store, bucket) if ".shardkit-tmp-" in k]
+
+
+@pytest.mark.parametrize("output", ["hf://acme/model", "https://example.com/model.safetensors"])
+def test_outputs_shardkit_cannot_write_are_refused_before_anything_happens(tiny, output: str) -> None:
+    result = run_cli("merge", tiny.folder, "-o", output)
+    assert_clean_failure(result, 2, f"{output}: cannot write there; outputs go to a local path or an s3:// URL")
+
+
 def restart(server: SeaweedS3) -> None:
     """Start weed again on the killed server's data folder (new ports, same objects)."""
     server._launch(find_weed(), server.workdir / "s3.json")  # type: ignore[operator]

@@ -69,16 +69,15 @@ def execute_s3(
     for target in targets:
         clean_stale(target)  # type: ignore[arg-type]
     server_side = is_server_side(sources, dest)
-    local_sources = [h for h in sources if not storage.is_remote(h.path)]
+    write = assemble if server_side else upload_streamed
     completed: list[S3Path] = []
     try:
         written = []
         for planned, target in zip(plan.files, targets):
-            if server_side:
-                written.append(assemble(planned, target, sha256=sha256, progress=progress))  # type: ignore[arg-type]
-            else:
-                check = (lambda: check_sources_unchanged(local_sources)) if local_sources else None
-                written.append(upload_streamed(planned, target, sha256=sha256, progress=progress, before_commit=check))  # type: ignore[arg-type]
+            # Reads are conditional on each source's ETag anyway; this also catches a source
+            # replaced after its last byte was read, as a local run would.
+            check = lambda: check_sources_unchanged(sources)  # noqa: E731
+            written.append(write(planned, target, sha256=sha256, progress=progress, before_commit=check))  # type: ignore[arg-type]
             completed.append(target)  # type: ignore[arg-type]
         if as_folder:
             completed += _write_extras(plan, dest, written)
@@ -321,16 +320,20 @@ def assemble(
     *,
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> WrittenFile:
     """Build the planned file inside the store from ranges of its source objects."""
     digest = _hash_planned(planned) if sha256 else None
     object_plan = plan_object(planned)
     if not object_plan.staged and len(object_plan.parts) == 1 and isinstance(object_plan.parts[0], UploadPart):
-        put_bytes(target, _part_bytes(object_plan.parts[0]))
+        data = _part_bytes(object_plan.parts[0])
+        if before_commit is not None:
+            before_commit()
+        put_bytes(target, data)
         if progress is not None:
             progress(planned.size)
     else:
-        _Assembly(object_plan, target, progress).run()
+        _Assembly(object_plan, target, progress, before_commit).run()
     return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
 
 
@@ -359,10 +362,17 @@ class _Assembly:
     them (a staged object it copies from), so the FIFO pool cannot deadlock.
     """
 
-    def __init__(self, plan: ObjectPlan, target: S3Path, progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        plan: ObjectPlan,
+        target: S3Path,
+        progress: Callable[[int], None] | None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.plan = plan
         self.target = target
         self.progress = progress
+        self.before_commit = before_commit
         token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self.staged = {
             s.name: S3Path(target.store, target.bucket, f"{staging_prefix(target)}{token}/{s.name}")
@@ -384,6 +394,8 @@ class _Assembly:
             ]
             for future in futures:
                 future.result()
+            if self.before_commit is not None:
+                self.before_commit()
             final.complete()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic
+from .. import atomic, storage
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import OutputError
 from ..hashing import Streamer
 from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
 from ..reports import JsonReport
+from ..storage import stream
 from .writing import ProgressCallback
 
 
@@ -73,8 +74,9 @@ def checksum(
     weight files.
     """
     started = time.perf_counter()
-    path = Path(path)
-    checkpoint = open_checkpoint(path, strict=strict)
+    location = storage.as_path(path)
+    shown = storage.display(path) if isinstance(path, str) and "://" in path else str(location)
+    checkpoint = open_checkpoint(location, strict=strict)
     if output is not None:
         _check_output(Path(output), checkpoint, force)
     if tensors:
@@ -86,7 +88,7 @@ def checksum(
         digests = {}
         total = sum(f.size for f in files)
     report = ChecksumReport(
-        path=str(path),
+        path=shown,
         kind="tensors" if tensors else "files",
         files=files,
         tensors=digests,
@@ -108,9 +110,10 @@ def file_checksums(checkpoint: Checkpoint, progress: ProgressCallback | None = N
     result = []
     with Streamer() as streamer:
         for header in shards:
-            digest = streamer.digest(header.path, on_bytes=on_bytes).file
+            digest = stream.digest_file(streamer, header.path, on_bytes=on_bytes).file
             assert digest is not None
-            result.append(FileChecksum(manifest_name(Path(header.path), checkpoint.root), header.file_size, digest))
+            name = manifest_name(storage.lookup(header.path), checkpoint.root)  # type: ignore[arg-type]
+            result.append(FileChecksum(name, header.file_size, digest))
     return result
 
 
@@ -122,7 +125,7 @@ def tensor_digests(checkpoint: Checkpoint, progress: ProgressCallback | None = N
     with Streamer() as streamer:
         for header in checkpoint.shards:
             ranges = [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors]
-            hashes = streamer.digest(header.path, whole=False, ranges=ranges, on_bytes=on_bytes).ranges
+            hashes = stream.digest_file(streamer, header.path, whole=False, ranges=ranges, on_bytes=on_bytes).ranges
             for info, digest in zip(header.tensors, hashes):
                 digests[info.name] = TensorDigest(info.dtype, info.shape, digest)
     return dict(sorted(digests.items()))

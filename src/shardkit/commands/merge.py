@@ -39,7 +39,7 @@ def merge(
     is assembled server-side: the client moves about 10 MiB whatever the model size.
     """
     source = storage.as_path(source, endpoint_url=endpoint_url)
-    output = storage.as_path(output, endpoint_url=endpoint_url)
+    output = storage.as_path(output, endpoint_url=endpoint_url, output=True)
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
     as_folder = not output.name.endswith(".safetensors")
     if as_folder:

@@ -46,7 +46,7 @@ def split(
     Source and output may be remote, as for :func:`~shardkit.commands.merge.merge`.
     """
     source = storage.as_path(source, endpoint_url=endpoint_url)
-    output_dir = storage.as_path(output_dir, endpoint_url=endpoint_url)
+    output_dir = storage.as_path(output_dir, endpoint_url=endpoint_url, output=True)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
     if output_dir.name.endswith(".safetensors"):

@@ -358,10 +358,7 @@ class _Run:
             for file, (whole, header) in sorted(reads.files.items()):
                 ranges = _tensor_ranges(header) if header else []
                 try:
-                    if storage.is_remote(file):
-                        result = stream.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
-                    else:
-                        result = streamer.digest(file, whole=whole, ranges=ranges, on_bytes=on_bytes)
+                    result = stream.digest_file(streamer, file, whole=whole, ranges=ranges, on_bytes=on_bytes)
                 except OSError as exc:
                     self.problem("read", f"cannot read: {exc.strerror or exc}", file)
                     continue

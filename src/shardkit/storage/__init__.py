@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Union
 
-from ..errors import ShardkitError
+from ..errors import OutputError, ShardkitError
 from ..format import Header
 from ..format import read_header as read_local_header
 
@@ -126,16 +126,21 @@ def is_remote(path: object) -> bool:
     return isinstance(path, RemotePath) or is_url(path)
 
 
-def as_path(path: str | os.PathLike[str] | RemotePath, *, endpoint_url: str | None = None) -> Location:
+def as_path(
+    path: str | os.PathLike[str] | RemotePath, *, endpoint_url: str | None = None, output: bool = False
+) -> Location:
     """The location `path` names: `s3://…`, `http(s)://…`, `hf://org/name[@rev]` or a local path.
 
     `endpoint_url` points `s3://` paths at an S3-compatible store (default: the
-    `AWS_ENDPOINT_URL` environment variable, else AWS itself).
+    `AWS_ENDPOINT_URL` environment variable, else AWS itself). With `output`, the
+    kinds shardkit cannot write (web URLs, the Hugging Face cache) are refused.
     """
     from .remote import RemotePath
 
     if isinstance(path, RemotePath):
         return path
+    if output and isinstance(path, str) and path.startswith(("http://", "https://", HF_PREFIX)):
+        raise OutputError(f"{display(path)}: cannot write there; outputs go to a local path or an s3:// URL")
     if isinstance(path, str):
         if path.startswith("s3://"):
             from .s3 import S3Path

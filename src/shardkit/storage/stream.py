@@ -10,12 +10,13 @@ sequentially while the pool fetches ahead.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ..hashing import Digests, _RangeHashers
+from ..hashing import Digests, Streamer, _RangeHashers
 from . import RangeReader
 
 if TYPE_CHECKING:
@@ -63,6 +64,23 @@ def ordered_reads(
     finally:
         # Stop fetching ahead; reads already running finish (each at most one chunk).
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def digest_file(
+    streamer: Streamer,
+    path: str | os.PathLike[str] | RemotePath,
+    *,
+    whole: bool = True,
+    ranges: Sequence[tuple[int, int]] = (),
+    on_bytes: Callable[[int], None] | None = None,
+) -> Digests:
+    """Digests of a local file (with `streamer`) or a remote one (with ranged reads)."""
+    from . import lookup
+
+    location = lookup(path)
+    if isinstance(location, os.PathLike):
+        return streamer.digest(location, whole=whole, ranges=ranges, on_bytes=on_bytes)
+    return digest(location, whole=whole, ranges=ranges, on_bytes=on_bytes)
 
 
 def digest(
