@@ -295,3 +295,19 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
 def test_help_teaches_with_an_example() -> None:
     result = run_cli("inspect", "--help")
     assert result.exit_code == 0 and "Example: shardkit inspect" in result.stdout
+
+
+def test_literal_braces_in_names_are_text_not_placeholders() -> None:
+    groups = group_layers(
+        [
+            ("m.layers.0.{}", "F16", (2,)),
+            ("m.layers.1.{}", "F16", (2,)),
+            ("{}.layers.0.{}{}", "F16", (2,)),
+            ("m.layers.{}.w", "F16", (2,)),
+        ]
+    )
+    assert [(g.pattern, g.count) for g in groups] == [
+        ("m.layers.{0..1}.{}", 2),
+        ("m.layers.{}.w", 1),
+        ("{}.layers.0.{}{}", 1),
+    ]

@@ -20,15 +20,27 @@ _INDEXED = re.compile(r"(?:^|(?<=\.))((?:\w*_)?(?:layers|layer|blocks|block)|h|e
 PLACEHOLDER = "{}"
 
 
+def _pieces(name: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The literal text around each folded layer number, and the numbers.
+
+    Keeping the text as pieces (never as a string with placeholders) means a tensor
+    name that itself contains `{}` cannot be mistaken for a folded one.
+    """
+    pieces: list[str] = []
+    indices: list[int] = []
+    start = 0
+    for match in _INDEXED.finditer(name):
+        pieces.append(name[start : match.start(2)])
+        indices.append(int(match.group(2)))
+        start = match.end(2)
+    pieces.append(name[start:])
+    return tuple(pieces), tuple(indices)
+
+
 def split_name(name: str) -> tuple[str, tuple[int, ...]]:
     """`model.layers.3.mlp.experts.7.w1` → (`model.layers.{}.mlp.experts.{}.w1`, (3, 7))."""
-    indices: list[int] = []
-
-    def fold(match: re.Match[str]) -> str:
-        indices.append(int(match.group(2)))
-        return f"{match.group(1)}.{PLACEHOLDER}"
-
-    return _INDEXED.sub(fold, name), tuple(indices)
+    pieces, indices = _pieces(name)
+    return PLACEHOLDER.join(pieces), indices
 
 
 def format_indices(values: Iterable[int]) -> str:
@@ -63,16 +75,15 @@ class LayerGroup:
 def group_layers(tensors: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[LayerGroup]:
     """Fold (name, dtype, shape) triples; groups come in the natural order of their
     first tensor, so the view reads top to bottom like the model."""
-    groups: dict[tuple[str, str, tuple[int, ...]], list[tuple[str, tuple[int, ...]]]] = {}
+    groups: dict[tuple[tuple[str, ...], str, tuple[int, ...]], list[tuple[str, tuple[int, ...]]]] = {}
     for name, dtype, shape in tensors:
-        template, indices = split_name(name)
-        groups.setdefault((template, dtype, shape), []).append((name, indices))
+        pieces, indices = _pieces(name)
+        groups.setdefault((pieces, dtype, shape), []).append((name, indices))
     result = []
-    for (template, dtype, shape), members in groups.items():
+    for (pieces, dtype, shape), members in groups.items():
         members.sort(key=lambda member: natural_key(member[0]))
-        pattern = template
-        for position in range(template.count(PLACEHOLDER)):
-            pattern = pattern.replace(PLACEHOLDER, format_indices(m[1][position] for m in members), 1)
+        ranges = [format_indices(m[1][position] for m in members) for position in range(len(pieces) - 1)]
+        pattern = "".join(piece + text for piece, text in zip(pieces, [*ranges, ""]))
         result.append(LayerGroup(pattern, dtype, shape, tuple(m[0] for m in members)))
     result.sort(key=lambda group: natural_key(group.names[0]))
     return result
