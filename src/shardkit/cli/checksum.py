@@ -46,6 +46,9 @@ def checksum_command(
     holds after the checkpoint is merged or split. The checkpoint is validated first;
     files are read once, in constant memory, at sha256sum speed.
 
+    PATH is a .safetensors file, a checkpoint folder or an index .json: local,
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit checksum model/ -o model/SHA256SUMS
     """
     from ..commands.checksum import checksum

@@ -45,6 +45,9 @@ def diff_command(
     0 when identical, 1 when they differ, 2 when an input is unusable, as diff and
     cmp do.
 
+    A and B are each a .safetensors file, a checkpoint folder or an index .json:
+    local, s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit diff Qwen2.5-7B-Instruct/ qwen-merged/model.safetensors
     """
     from ..commands.diff import diff

@@ -39,6 +39,9 @@ def inspect_command(
     that folds model.layers.N so 28 layers read as one row per layer tensor.
     --tensors lists every tensor with its shard and byte offset instead.
 
+    PATH is a .safetensors file, a checkpoint folder or an index .json: local,
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit inspect Qwen2.5-7B-Instruct/ --tensors --filter 'model.layers.0.*'
     """
     from ..commands.inspect import inspect

@@ -55,6 +55,9 @@ def merge_command(
     at disk speed in constant memory. The output appears atomically; the sources are
     never modified.
 
+    SOURCE is a .safetensors file, a checkpoint folder or an index .json: local,
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit merge Qwen2.5-7B-Instruct/ -o qwen-merged/
     """
     from ..commands.merge import merge

@@ -74,6 +74,9 @@ def split_command(
     files. Byte ranges are copied at disk speed; the folder appears atomically, so no
     stale shard or index of a replaced output survives.
 
+    SOURCE is a .safetensors file, a checkpoint folder or an index .json: local,
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit split qwen.safetensors -o qwen-sharded/ --max-shard-size 2GB
     """
     from ..commands.split import split

@@ -65,6 +65,9 @@ def verify_command(
     are checked against the model's architecture. Every problem is listed with its
     file and tensor.
 
+    PATH is a .safetensors file, a checkpoint folder or an index .json: local,
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+
     Example: shardkit verify model/ --checksums SHA256SUMS
     """
     from ..commands.verify import verify
