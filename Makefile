@@ -31,10 +31,11 @@ demo: $(VENV)/.core-installed
 	ls -l $(DEMO)/qwen2-tiny-merged
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: most tests wait on disks and subprocesses
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/bench.py
+	$(PY) bench/bench_s3.py
 
 fuzz: $(VENV)/.test-installed
 	SHARDKIT_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz_header.py

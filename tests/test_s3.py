@@ -222,7 +222,7 @@ def test_remote_to_local_split_equals_the_local_split(store: SeaweedS3, bucket: 
     assert folder_bytes(remote) == folder_bytes(local)  # shards, index and config/tokenizer files
 
 
-def test_diff_and_verify_read_remote_checkpoints(store: SeaweedS3, bucket: str, tiny) -> None:
+def test_diff_verify_and_checksum_read_remote_checkpoints(store: SeaweedS3, bucket: str, tiny) -> None:
     env = s3_env(store)
     same = run_cli("diff", f"s3://{bucket}/tiny/", tiny.folder, env=env)
     assert same.exit_code == 0, same.stderr
@@ -231,6 +231,11 @@ def test_diff_and_verify_read_remote_checkpoints(store: SeaweedS3, bucket: str, 
     assert verified.exit_code == 0, verified.stderr
     report = json.loads(verified.stdout)
     assert report["ok"] and "against" in report["checks"]
+    for kind in ((), ("--tensors",)):
+        remote = run_cli("checksum", f"s3://{bucket}/tiny/", *kind, env=env)
+        local = run_cli("checksum", tiny.folder, *kind)
+        assert remote.exit_code == 0, remote.stderr
+        assert remote.stdout == local.stdout  # same names, same digests
 
 
 # --------------------------------------------------------------------------- writing

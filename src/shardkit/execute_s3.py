@@ -46,8 +46,8 @@ from .storage.s3 import WORKERS, S3Path, S3Store
 MiB = 1024 * 1024
 #: Part size of streamed uploads (raised for huge files to stay within 10,000 parts).
 PART_SIZE = 16 * MiB
-#: Memory a streamed upload may hold: read-ahead, the part being filled, parts in flight.
-MEMORY_BUDGET = 256 * MiB
+#: Bytes of parts being uploaded at once (the read-ahead of stream.ordered_reads comes on top).
+IN_FLIGHT = 48 * MiB
 _DELETE_BATCH = 1000
 
 
@@ -233,14 +233,14 @@ def upload_streamed(
     """Upload the planned file's bytes, read in order from wherever the sources are."""
     hasher = hashlib.sha256() if sha256 else None
     part_size = max(PART_SIZE, -(-planned.size // 10_000 // MiB) * MiB)
-    in_flight = max(1, 4 * PART_SIZE // part_size)
+    in_flight = max(1, IN_FLIGHT // part_size)
     readers = {r.source: storage.open_reader(r.source) for r in planned.ranges}
-    read_ahead = max(stream.CHUNK, MEMORY_BUDGET - (in_flight + 1) * part_size)
+    # Local files need no lead to keep the upload busy; remote sources get the full one.
+    local = not any(storage.is_remote(source) for source in readers)
+    pieces = ((readers[r.source], r.source_offset, r.length) for r in planned.ranges)
     chunks = chain(
         [planned.header],
-        stream.ordered_reads(
-            ((readers[r.source], r.source_offset, r.length) for r in planned.ranges), max_buffered=read_ahead
-        ),
+        stream.ordered_reads(pieces, max_buffered=2 * stream.CHUNK if local else stream.MAX_BUFFERED),
     )
     try:
         if planned.size <= part_size:
@@ -272,7 +272,8 @@ def _upload_parts(
     upload = MultipartUpload(target)
     pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="shardkit-upload")
     pending: deque[tuple[Future[None], int]] = deque()
-    buffer = bytearray()
+    filling: list[memoryview] = []  # the part being filled, joined (one copy) when full
+    filled = 0
     number = 0
 
     def settle() -> None:
@@ -292,12 +293,16 @@ def _upload_parts(
         for chunk in chunks:
             if hasher is not None:
                 hasher.update(chunk)
-            buffer += chunk
-            while len(buffer) >= part_size:
-                send(bytes(buffer[:part_size]))
-                del buffer[:part_size]
-        if buffer or number == 0:
-            send(bytes(buffer))
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), part_size - filled)
+                filling.append(view[:take])
+                filled, view = filled + take, view[take:]
+                if filled == part_size:
+                    send(b"".join(filling))
+                    filling, filled = [], 0
+        if filled or number == 0:
+            send(b"".join(filling))
         while pending:
             settle()
         if before_commit is not None:

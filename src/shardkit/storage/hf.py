@@ -33,7 +33,7 @@ def resolve_hf(text: str) -> Path:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub import errors as hub_errors
     except ImportError:
-        raise MissingExtraError("hf:// paths", "hf") from None
+        raise MissingExtraError("hf:// paths", "hub") from None
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         folder = snapshot_download(

@@ -79,6 +79,10 @@ class S3Store:
             connect_timeout=10,
             # A server-side copy of a multi-GB range answers only when it is done.
             read_timeout=900,
+            # No CRC of every uploaded part unless the operation requires one: it costs CPU,
+            # and several S3-compatible stores reject the new checksum headers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
         self.client = session.client(
