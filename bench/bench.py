@@ -114,7 +114,7 @@ def pairs(name: str, ours: list[str], baseline: list[str], out: Path, count: int
     return result
 
 
-def bench_shape(shape: str, count: int, naive: bool) -> list[dict[str, object]]:
+def bench_shape(shape: str, count: int, naive: bool, others: int) -> list[dict[str, object]]:
     folder, shards, total = make_checkpoint(shape)
     scratch = DATA / "out"
     scratch.mkdir(exist_ok=True)
@@ -123,16 +123,20 @@ def bench_shape(shape: str, count: int, naive: bool) -> list[dict[str, object]]:
     results = []
     merge = [*SHARDKIT, "merge", str(folder), "-o", str(out_file), "--quiet"]
     results.append(pairs(f"{shape} merge vs cat+sync", merge, cat_sync, out_file, count))
-    results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, count))
+    results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, others))
     out_dir = scratch / "split"
     cat_sync_dir = ["sh", "-c", 'mkdir -p "$0" && cat "$@" > "$0/all" && sync', str(out_dir), *map(str, shards)]
     if _has_command("split"):
         split = [*SHARDKIT, "split", str(folder), "-o", str(out_dir), "--max-shard-size", "2GB", "--quiet"]
-        results.append(pairs(f"{shape} reshard to 2GB vs cat+sync", split, cat_sync_dir, out_dir, count))
+        results.append(pairs(f"{shape} reshard to 2GB vs cat+sync", split, cat_sync_dir, out_dir, others))
     if _has_command("checksum"):
-        checksum = [*SHARDKIT, "checksum", str(folder), "-o", str(out_file)]
-        sha256sum = ["sh", "-c", 'sha256sum "$@" > "$0"', str(out_file), *map(str, shards)]
-        results.append(pairs(f"{shape} checksum vs sha256sum", checksum, sha256sum, out_file, count))
+        sums = scratch / "SHA256SUMS"
+        checksum = [*SHARDKIT, "checksum", str(folder), "-o", str(sums)]
+        sha256sum = ["sh", "-c", 'sha256sum "$@" > "$0"', str(sums), *map(str, shards)]
+        results.append(pairs(f"{shape} checksum vs sha256sum", checksum, sha256sum, sums, others))
+        verify = [*SHARDKIT, "verify", str(folder), "--against", str(folder), "--no-architecture", "--quiet"]
+        cat_both = ["sh", "-c", 'cat "$@" "$@" > /dev/null', "cat", *map(str, shards)]
+        results.append(pairs(f"{shape} verify --against (reads both) vs cat of both", verify, cat_both, sums, others))
     if naive:
         remove(out_file)
         run = timed([sys.executable, "-c", NAIVE, str(out_file), *map(str, shards)])
@@ -172,6 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=os.environ.get("BENCH_SHAPES", "0.5B,1.5B,3B"))
     parser.add_argument("--pairs", type=int, default=int(os.environ.get("BENCH_PAIRS", "5")))
+    parser.add_argument("--other-pairs", type=int, default=int(os.environ.get("BENCH_OTHER_PAIRS", "3")),
+                        help="pairs for the measurements beside plain merge")
     parser.add_argument("--naive", action="store_true", default=os.environ.get("BENCH_NAIVE") == "1")
     args = parser.parse_args()
     DATA.mkdir(exist_ok=True)
@@ -183,11 +189,12 @@ def main() -> None:
         if shutil.disk_usage(DATA).free < need and not (DATA / f"qwen2.5-{shape}" / ".complete").exists():
             print(f"skipping {shape}: needs {need / 1e9:.0f} GB free", flush=True)
             continue
-        results += bench_shape(shape, args.pairs, args.naive)
+        results += bench_shape(shape, args.pairs, args.naive, args.other_pairs)
     table = write_table(results)
     header = (
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; page cache dropped before each run; "
-        f"median of {args.pairs} alternating pairs; whole processes; outputs durable (fsync / sync).\n\n"
+        f"median of {args.pairs} alternating pairs for merge, {args.other_pairs} for the rest; "
+        "whole processes; outputs durable (fsync / sync).\n\n"
     )
     (ROOT / "bench" / "RESULTS.md").write_text(header + table)
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
