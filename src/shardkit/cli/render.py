@@ -59,6 +59,13 @@ def print_write_report(report: WriteReport) -> None:
         out.print(f"checksums: {report.checksum_file}")
     if report.verified:
         out.print("verified: every tensor equals the source, byte for byte")
+    if report.transfer:
+        t = report.transfer
+        copied = f"; the store copied {format_size(t.bytes_copied)} itself" if t.bytes_copied else ""
+        out.print(
+            f"transfer: {t.requests} requests, {format_size(t.bytes_sent)} sent, "
+            f"{format_size(t.bytes_received)} received{copied}"
+        )
 
 
 def _aligned(rows: list[list[str]], right: frozenset[int] | set[int] = frozenset()) -> list[str]:

@@ -102,8 +102,10 @@ class HttpReader:
     def __init__(self, path: HttpPath) -> None:
         self.path = path
         self.target = path._url
-        self.version: str | None = None
-        self.size: int | None = None
+        known = path._stat if isinstance(path._stat, RemoteStat) else None
+        # Reads stay conditional on the version seen when the header was read.
+        self.version: str | None = known.version if known else None
+        self.size: int | None = known.st_size if known else None
         self._local = threading.local()
 
     def stat(self) -> RemoteStat:
@@ -129,7 +131,7 @@ class HttpReader:
         if length == 0:
             return b""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        if self.version:
+        if self.version and not self.version.startswith("W/"):  # If-Match compares strong ETags only
             headers["If-Match"] = self.version
         status, _, body = self.request(headers)
         if status == 412:
