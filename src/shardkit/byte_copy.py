@@ -60,7 +60,7 @@ class WritebackPacer:
     data the copy can pile up (lag × chunk size).
     """
 
-    def __init__(self, fd: int, enabled: bool = True, lag: int = 16) -> None:
+    def __init__(self, fd: int, enabled: bool = True, lag: int = 64) -> None:
         self.fd = fd
         self.enabled = enabled and _sync_file_range is not None
         self.lag = lag
