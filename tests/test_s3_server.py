@@ -14,7 +14,6 @@ import boto3
 import botocore
 import botocore.exceptions
 import pytest
-import s3fs
 from botocore.config import Config
 
 from s3_server import PATH_STYLE, REGION, SeaweedS3, SeaweedStartError
@@ -163,16 +162,6 @@ def test_bad_credentials_are_rejected(s3: SeaweedS3, bucket: str, credentials: s
     assert error_code(read_error) in REJECTED_CREDENTIAL_CODES
     assert error_code(write_error) in REJECTED_CREDENTIAL_CODES
     assert [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]] == ["private"]
-
-
-def test_s3fs_reads_a_byte_range(s3: SeaweedS3, bucket: str) -> None:
-    data = random_bytes(64 * 1024, seed=5)
-    s3.client().put_object(Bucket=bucket, Key="blob", Body=data)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options)
-
-    # fsspec ranges are half-open, unlike HTTP's inclusive ones.
-    assert fs.cat_file(f"{bucket}/blob", start=1000, end=1010) == data[1000:1010]
-    assert fs.cat_file(f"{bucket}/blob", start=60_000, end=None) == data[60_000:]
 
 
 def test_kill_ends_the_server_and_stop_cleans_up() -> None:
