@@ -137,7 +137,7 @@ def block(path: Path, index: int) -> bytes | None:
 def written_blocks(temp: Path, reference: Path) -> int:
     """How many leading blocks of `temp` already hold the reference bytes.
 
-    The file is preallocated (zeros) and filled front to back, and the data is
+    The file is filled front to back (unwritten parts read as short or as zeros), and the data is
     pseudo-random, so the written part is the longest prefix of matching blocks.
     """
     low, high = 0, -(-reference.stat().st_size // BLOCK)
