@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic, storage
+from . import atomic, block_writer, storage
 from .byte_copy import RangeCopier
 from .errors import OutputError, SourceChangedError, WriteError
 from .format import Header
@@ -132,29 +132,77 @@ def _write_error(exc: OSError, dest: Path) -> WriteError:
 def _write_file(
     planned: PlannedFile, path: Path, sha256: bool, progress: Callable[[int], None] | None
 ) -> WrittenFile:
-    hasher = hashlib.sha256() if sha256 else None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     sources: dict[str, int] = {}
+    try:
+        if any(storage.is_remote(r.source) for r in planned.ranges):
+            digest = _copy_with_kernel(fd, planned, sources, sha256, progress)
+        else:
+            for byte_range in planned.ranges:
+                if byte_range.source not in sources:
+                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                    sources[byte_range.source] = os.open(byte_range.source, flags)
+            try:
+                digest = _write_direct(fd, planned, sources, sha256, progress)
+            except block_writer.DirectIOUnavailable:
+                block_writer.disable(fd)
+                os.ftruncate(fd, 0)
+                digest = _copy_with_kernel(fd, planned, sources, sha256, progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        for src in sources.values():
+            os.close(src)
+    return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
+
+
+def copy_method() -> str:
+    """How local bytes are written: `SHARDKIT_COPY_METHOD` = auto (default), direct or kernel.
+
+    auto writes O_DIRECT blocks where the destination accepts them and falls back to the
+    kernel copy elsewhere; the other two force one path (tests and benchmarks use them).
+    """
+    method = os.environ.get("SHARDKIT_COPY_METHOD", "auto")
+    if method not in ("auto", "direct", "kernel"):
+        raise OutputError(f"SHARDKIT_COPY_METHOD={method!r}: expected auto, direct or kernel")
+    return method
+
+
+def _write_direct(
+    fd: int, planned: PlannedFile, sources: dict[str, int], sha256: bool, progress: Callable[[int], None] | None
+) -> str | None:
+    method = copy_method()
+    if method == "kernel" or not block_writer.enable(fd):
+        if method == "direct":
+            raise OutputError(f"{planned.name}: the destination filesystem refuses O_DIRECT writes")
+        raise block_writer.DirectIOUnavailable(planned.name)
+    hasher = hashlib.sha256() if sha256 else None
+    pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
+    pieces += (
+        block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
+        for r in planned.ranges
+        if r.length
+    )
+    block_writer.write_file(fd, planned.size, pieces, hasher=hasher, on_progress=progress)
+    return hasher.hexdigest() if hasher else None
+
+
+def _copy_with_kernel(
+    fd: int, planned: PlannedFile, sources: dict[str, int], sha256: bool, progress: Callable[[int], None] | None
+) -> str | None:
+    """The kernel copy (copy_file_range, sendfile, reads) and the path for remote sources."""
+    hasher = hashlib.sha256() if sha256 else None
     copier = RangeCopier(fd, hasher=hasher, on_progress=progress)
     try:
         copier.write(planned.header, 0)
         if any(storage.is_remote(r.source) for r in planned.ranges):
             _fetch_ranges(planned, copier)
         else:
-            for byte_range in planned.ranges:
-                src = sources.get(byte_range.source)
-                if src is None:
-                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                    src = sources[byte_range.source] = os.open(byte_range.source, flags)
-                copier.copy(src, byte_range.source_offset, byte_range.dest_offset, byte_range.length)
-        copier.close()
-        os.fsync(fd)
+            for r in planned.ranges:
+                copier.copy(sources[r.source], r.source_offset, r.dest_offset, r.length)
     finally:
         copier.close()
-        os.close(fd)
-        for src in sources.values():
-            os.close(src)
-    return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
+    return hasher.hexdigest() if hasher else None
 
 
 def _fetch_ranges(planned: PlannedFile, copier: RangeCopier) -> None:
