@@ -34,6 +34,7 @@ state = {}
 for shard in sys.argv[2:]:
     state.update(load_file(shard))
 save_file(state, sys.argv[1], metadata={"format": "pt"})
+import os; os.sync()  # durable, like the other two sides
 """
 
 
@@ -174,7 +175,7 @@ def write_table(results: list[dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=os.environ.get("BENCH_SHAPES", "0.5B,1.5B,3B"))
+    parser.add_argument("--shapes", default=os.environ.get("BENCH_SHAPES", "0.5B,1.5B,3B,7B"))
     parser.add_argument("--pairs", type=int, default=int(os.environ.get("BENCH_PAIRS", "5")))
     parser.add_argument("--other-pairs", type=int, default=int(os.environ.get("BENCH_OTHER_PAIRS", "3")),
                         help="pairs for the measurements beside plain merge")

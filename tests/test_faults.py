@@ -137,8 +137,10 @@ def block(path: Path, index: int) -> bytes | None:
 def written_blocks(temp: Path, reference: Path) -> int:
     """How many leading blocks of `temp` already hold the reference bytes.
 
-    The file is filled front to back (unwritten parts read as short or as zeros), and the data is
-    pseudo-random, so the written part is the longest prefix of matching blocks.
+    The file is filled front to back (unwritten parts read as short or as zeros; the two
+    O_DIRECT workers are at most one 32 MiB block apart), and the data is pseudo-random,
+    so the written part is about the longest prefix of matching blocks: good enough to
+    choose a moment to kill at, which is all it is used for.
     """
     low, high = 0, -(-reference.stat().st_size // BLOCK)
     while low < high:

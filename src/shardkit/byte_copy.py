@@ -1,4 +1,8 @@
-"""Moving bytes between files at disk speed, in constant memory.
+"""Moving bytes between files through the kernel, in constant memory.
+
+The fallback copy: local outputs are normally written by :mod:`shardkit.block_writer`
+(O_DIRECT blocks); this path serves destinations that refuse O_DIRECT and outputs
+fed from remote sources (:func:`RangeCopier.write` of fetched chunks).
 
 `os.copy_file_range` lets the kernel move the data without it ever entering this
 process; where the kernel or filesystem refuses (EXDEV on old kernels, ENOSYS,
@@ -7,9 +11,8 @@ reused buffer. With hashing on, the data must pass through user space anyway, so
 is read once into a buffer, written, and hashed on a second thread meanwhile.
 
 Write-back is paced with `sync_file_range`: each chunk is handed to the disk as soon
-as it is written, and the chunk before it is waited for, so the final fsync finds
-almost nothing left to do and dirty memory stays bounded. That is what lets a merge
-finish no later than `cat` followed by `sync`.
+as it is written, and only chunks well behind are waited for, so the final fsync
+finds little left to do and dirty memory stays bounded.
 """
 
 from __future__ import annotations

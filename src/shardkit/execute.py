@@ -6,6 +6,9 @@ first byte, and removes everything it staged if anything goes wrong (a disk that
 fills up anyway, Ctrl-C). Files are not preallocated: on ext4, writing into
 preallocated (unwritten) extents measured slower than plain appends.
 
+Local bytes are written as O_DIRECT blocks (:mod:`shardkit.block_writer`), or with
+the kernel copy (:mod:`shardkit.byte_copy`) where the destination refuses O_DIRECT.
+
 Sources may be remote: their ranges are then fetched with parallel ranged reads and
 written in order (:mod:`shardkit.storage.stream`). An `s3://` destination is written
 by :mod:`shardkit.execute_s3` as multipart uploads instead of staged files.
