@@ -90,14 +90,16 @@ def make_checkpoint(shape: str) -> tuple[Path, list[Path], int]:
     return folder, shards, total
 
 
-def pairs(name: str, ours: list[str], baseline: list[str], out: Path, count: int) -> dict[str, object]:
+def pairs(
+    name: str, ours: list[str], baseline: list[str], out: Path, count: int, cold: bool = True
+) -> dict[str, object]:
     """Alternate which side goes first; ratio of medians and per-pair ratios."""
     mine, base = [], []
     for i in range(count):
         order = [("ours", ours), ("base", baseline)] if i % 2 == 0 else [("base", baseline), ("ours", ours)]
         for side, command in order:
             remove(out)
-            run = timed(command)
+            run = timed(command, cold)
             (mine if side == "ours" else base).append(run)
             remove(out)
     ours_median = statistics.median(r.seconds for r in mine)
@@ -123,6 +125,9 @@ def bench_shape(shape: str, count: int, naive: bool, others: int) -> list[dict[s
     cat_sync = ["sh", "-c", 'cat "$@" > "$0" && sync', str(out_file), *map(str, shards)]
     results = []
     merge = [*SHARDKIT, "merge", str(folder), "-o", str(out_file), "--quiet"]
+    inspect = [*SHARDKIT, "inspect", str(folder)]
+    python = [sys.executable, "-c", "pass"]  # the floor for any Python command
+    results.append(pairs(f"{shape} inspect (warm cache) vs bare python start-up", inspect, python, out_file, 5, False))
     results.append(pairs(f"{shape} merge vs cat+sync", merge, cat_sync, out_file, count))
     results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, others))
     out_dir = scratch / "split"
