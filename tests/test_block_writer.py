@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,24 +104,77 @@ def test_a_source_that_shrank_fails_with_its_offset_and_does_not_hang(small_bloc
     assert caught.value.errno == errno.EIO
 
 
-def test_a_failure_in_the_helper_thread_is_raised_in_the_caller(small_blocks, tmp_path: Path) -> None:
-    """A source fd that is closed (EBADF) in a late block: whichever worker meets it, the caller sees it."""
+def test_a_failure_in_the_helper_thread_is_raised_in_the_caller(small_blocks, tmp_path: Path, monkeypatch) -> None:
+    ranges, header, _ = random_layout(tmp_path, 5)
+    real_preadv = os.preadv
+
+    def failing_in_helper(fd, buffers, offset):
+        if threading.current_thread().name == "shardkit-writer":
+            raise OSError(errno.EIO, "helper read failed")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing_in_helper)
+    with pytest.raises(OSError, match="helper read failed"):
+        write_layout(tmp_path / "out.bin", ranges, header, hasher=hashlib.sha256())
+    assert not [t for t in threading.enumerate() if t.name == "shardkit-writer"]
+
+
+def test_a_slow_hash_never_sees_a_refilled_buffer(small_blocks, tmp_path: Path) -> None:
+    """If a buffer were refilled before its hash finished, the digest would be wrong."""
+    ranges, header, expected = random_layout(tmp_path, 8)
+    inner = hashlib.sha256()
+
+    class SlowHasher:
+        def update(self, data) -> None:
+            time.sleep(0.003)
+            inner.update(bytes(data))
+
+    write_layout(tmp_path / "out.bin", ranges, header, hasher=SlowHasher())
+    assert inner.hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+@pytest.mark.parametrize("header_blocks", [0, 1, 2])
+@pytest.mark.parametrize("tail", [1, -1, 0, 4095, 4096, 4097])
+def test_boundary_sizes_and_headers_larger_than_a_block(small_blocks, tmp_path: Path, header_blocks, tail) -> None:
+    """Totals just around the alignment and the block edge; headers spanning whole blocks."""
+    header = os.urandom(header_blocks * small_blocks + 5)
     source = tmp_path / "s.bin"
-    source.write_bytes(os.urandom(20 * small_blocks))
-    good = os.open(source, os.O_RDONLY)
-    closed = os.open(source, os.O_RDONLY)
-    os.close(closed)
-    out = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
-    try:
-        assert block_writer.enable(out)
-        total = 20 * small_blocks
-        pieces = [Piece(0, total - 100, good, 0), Piece(total - 100, 100, closed, 0)]
-        with pytest.raises(OSError) as caught:
-            block_writer.write_file(out, total, pieces, hasher=hashlib.sha256())
-        assert caught.value.errno == errno.EBADF
-    finally:
-        os.close(out)
-        os.close(good)
+    source.write_bytes(os.urandom(4 * small_blocks))
+    length = max(small_blocks - len(header) % small_blocks + tail, 0)
+    hasher = hashlib.sha256()
+    write_layout(tmp_path / "out.bin", [(source, 3, length)], header, hasher=hasher)
+    expected = header + source.read_bytes()[3 : 3 + length]
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    assert hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+def test_ctrl_c_during_the_copy_stops_the_helper_before_returning(small_blocks, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C in the main thread, then a second one while it waits for the helper: the
+    helper is gone when the call unwinds, so it cannot write to an fd closed after it."""
+    ranges, header, _ = random_layout(tmp_path, 11)
+    real_join = threading.Thread.join
+    joins: list[str] = []
+
+    def join_interrupted_once(thread, timeout=None):
+        joins.append(thread.name)
+        if len(joins) == 1:
+            raise KeyboardInterrupt
+        return real_join(thread, timeout)
+
+    main_calls: list[int] = []
+
+    def interrupt(length: int) -> None:  # the 1st main-thread block is written before the helper starts
+        if threading.current_thread() is threading.main_thread():
+            main_calls.append(length)
+            if len(main_calls) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "join", join_interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        write_layout(tmp_path / "out.bin", ranges, header, on_progress=interrupt)
+    monkeypatch.undo()
+    assert joins[:2] == ["shardkit-writer", "shardkit-writer"]
+    assert not [t for t in threading.enumerate() if t.name == "shardkit-writer"]
 
 
 @pytest.mark.parametrize("method", ["direct", "kernel", "auto"])
@@ -164,3 +218,20 @@ def test_unknown_copy_method_is_a_clear_cli_error(tmp_path: Path) -> None:
     assert "SHARDKIT_COPY_METHOD='fast': expected auto, direct or kernel" in result.stderr
     assert not (tmp_path / "m.safetensors").exists()
     assert execute.copy_method() == "auto"
+
+
+def test_direct_forced_on_a_refusing_filesystem_is_an_error(small_blocks, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SHARDKIT_COPY_METHOD", "direct")
+    monkeypatch.setattr(block_writer, "enable", lambda fd: False)
+    made = write_checkpoint(tmp_path / "qwen-tiny")
+    with pytest.raises(shardkit.errors.OutputError, match="refuses O_DIRECT"):
+        shardkit.merge(made.folder, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_platform_without_o_direct_uses_the_kernel_copy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delattr(os, "O_DIRECT")
+    made = write_checkpoint(tmp_path / "qwen-tiny", edge_tensors=True)
+    out = tmp_path / "merged.safetensors"
+    shardkit.merge(made.folder, out)
+    assert out.read_bytes() == reference_serialize(made, {"format": "pt"})

@@ -503,6 +503,7 @@ def test_disk_filling_up_during_the_data_copy(tmp_path: Path, monkeypatch, metho
     before = snapshot(tmp_path)
     monkeypatch.setenv("SHARDKIT_COPY_METHOD", method)
     monkeypatch.setattr(shardkit.execute, "check_free_space", lambda folder, needed: None)
+    monkeypatch.setattr(shardkit.block_writer, "BLOCK", 1 << 20)  # many blocks: both workers run
     with mounted_tmpfs(tmp_path / "full", "size=12m") as full:
         dest = full / output
         with pytest.raises(shardkit.errors.WriteError, match=f"{dest}: no space left on device; nothing was written"):

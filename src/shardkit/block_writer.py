@@ -68,6 +68,8 @@ def enable(fd: int) -> bool:
 
 
 def disable(fd: int) -> None:
+    if not hasattr(os, "O_DIRECT"):
+        return
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
 
@@ -83,6 +85,7 @@ def write_file(
     """Write `pieces` (contiguous from offset 0, in order, `size` bytes in all) to `fd`.
 
     `fd` must be open for writing with O_DIRECT (:func:`enable`) on an empty file.
+    `on_progress` is called from either worker thread, one call at a time.
     """
     _BlockWriter(fd, size, pieces, hasher, on_progress).run()
 
@@ -131,10 +134,12 @@ class _BlockWriter:
             self._fail(exc)
             raise
         finally:
+            # The threads write to and read from fds the caller closes once we return:
+            # they must be gone first, even if a second Ctrl-C or SIGTERM arrives now.
             if helper is not None:
-                helper.join()
+                _uninterruptible(helper.join, self)
             if self.hash_pool is not None:
-                self.hash_pool.shutdown(wait=True)
+                _uninterruptible(self.hash_pool.shutdown, self)
         if self.failure is not None:
             raise self.failure
         os.ftruncate(self.fd, self.size)  # the last block was written padded to ALIGN
@@ -178,6 +183,9 @@ class _BlockWriter:
             self._wait(hashed)  # the hash of this buffer's last block must finish first
             length = self._fill(buffer, index * BLOCK)
             hashed = self._hash_in_order(index, buffer[:length])
+            with self.lock:
+                if self.stop:
+                    raise _Stopped
             self._write(buffer[: _round_up(length)], index * BLOCK)
             self._progress(length)
         self._wait(hashed)
@@ -218,7 +226,7 @@ class _BlockWriter:
         position = bisect.bisect_right(self.starts, start) - 1
         while position < len(self.pieces) and self.pieces[position].dest_offset < end:
             piece = self.pieces[position]
-            if piece.data is None:
+            if piece.data is None and piece.length:
                 into = max(start - piece.dest_offset, 0)
                 take = min(piece.length, end - piece.dest_offset) - into
                 os.posix_fadvise(piece.src_fd, piece.src_offset + into, take, os.POSIX_FADV_WILLNEED)
@@ -227,14 +235,16 @@ class _BlockWriter:
     # ------------------------------------------------------------------ output
 
     def _write(self, view: memoryview, offset: int) -> None:
-        """Write all of `view`; a short write means the disk filled up (it does on tmpfs).
+        """Write all of `view`; a short write usually means the disk filled up (tmpfs does that).
 
-        The rest cannot be retried at an unaligned offset with O_DIRECT, and the retry
-        would fail with ENOSPC anyway, so a short write is reported as ENOSPC at once.
+        An aligned remainder is retried, so the kernel reports the real error; an
+        unaligned one cannot be written with O_DIRECT, so it is reported as ENOSPC.
         """
-        written = os.pwrite(self.fd, view, offset)
-        if written != len(view):
-            raise OSError(errno.ENOSPC, f"short write at offset {offset + written} (device full?)")
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            if written != len(view) and (written == 0 or written % ALIGN):
+                raise OSError(errno.ENOSPC, f"short write at offset {offset + written} (device full?)")
+            view, offset = view[written:], offset + written
 
     def _hash_in_order(self, index: int, view: memoryview) -> Future[None] | None:
         if self.hash_pool is None or self.hasher is None:
@@ -257,6 +267,20 @@ class _BlockWriter:
         if self.on_progress is not None:
             with self.lock:
                 self.on_progress(length)
+
+
+def _uninterruptible(wait: Callable[[], object], writer: _BlockWriter) -> None:
+    """Call `wait` to completion; a signal meanwhile stops the workers and is raised after."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+            writer._fail(exc)
+    if interrupted is not None:
+        raise interrupted
 
 
 def _read_exactly(fd: int, target: memoryview, offset: int) -> None:

@@ -186,7 +186,12 @@ def _write_direct(
         for r in planned.ranges
         if r.length
     )
-    block_writer.write_file(fd, planned.size, pieces, hasher=hasher, on_progress=progress)
+    try:
+        block_writer.write_file(fd, planned.size, pieces, hasher=hasher, on_progress=progress)
+    except block_writer.DirectIOUnavailable as exc:
+        if method == "direct":
+            raise OutputError(f"{planned.name}: the destination filesystem refuses O_DIRECT writes ({exc})") from None
+        raise
     return hasher.hexdigest() if hasher else None
 
 
