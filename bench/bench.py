@@ -7,7 +7,7 @@ fsyncs; the baseline runs `sync`), page cache dropped before each run when we ma
 (root), alternating which side goes first, median of N pairs. Peak RSS comes from
 wait4() of each process. Results go to stdout and bench/RESULTS.md.
 
-    python bench/bench.py [--shapes 0.5B,1.5B,3B,7B] [--pairs 5] [--naive]
+    python bench/bench.py [--shapes 0.5B,1.5B,3B,7B] [--pairs 5] [--other-pairs 3] [--only merge,sha256,...]
 """
 
 from __future__ import annotations
@@ -117,33 +117,45 @@ def pairs(
     return result
 
 
-def bench_shape(shape: str, count: int, naive: bool, others: int) -> list[dict[str, object]]:
+MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive")
+
+
+def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> list[dict[str, object]]:
+    """Merge, merge --sha256 and reshard (the ones with targets) get `count` pairs; the rest `others`."""
     folder, shards, total = make_checkpoint(shape)
     scratch = DATA / "out"
     scratch.mkdir(exist_ok=True)
     out_file = scratch / "merged.safetensors"
-    cat_sync = ["sh", "-c", 'cat "$@" > "$0" && sync', str(out_file), *map(str, shards)]
-    results = []
-    merge = [*SHARDKIT, "merge", str(folder), "-o", str(out_file), "--quiet"]
-    inspect = [*SHARDKIT, "inspect", str(folder)]
-    python = [sys.executable, "-c", "pass"]  # the floor for any Python command
-    results.append(pairs(f"{shape} inspect (warm cache) vs bare python start-up", inspect, python, out_file, 5, False))
-    results.append(pairs(f"{shape} merge vs cat+sync", merge, cat_sync, out_file, count))
-    results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, others))
     out_dir = scratch / "split"
+    sums = scratch / "SHA256SUMS"
+    cat_sync = ["sh", "-c", 'cat "$@" > "$0" && sync', str(out_file), *map(str, shards)]
     cat_sync_dir = ["sh", "-c", 'mkdir -p "$0" && cat "$@" > "$0/all" && sync', str(out_dir), *map(str, shards)]
-    if _has_command("split"):
-        split = [*SHARDKIT, "split", str(folder), "-o", str(out_dir), "--max-shard-size", "2GB", "--quiet"]
-        results.append(pairs(f"{shape} reshard to 2GB vs cat+sync", split, cat_sync_dir, out_dir, others))
-    if _has_command("checksum"):
-        sums = scratch / "SHA256SUMS"
+    merge = [*SHARDKIT, "merge", str(folder), "-o", str(out_file), "--quiet"]
+    split = [*SHARDKIT, "split", str(folder), "-o", str(out_dir), "--max-shard-size", "2GB", "--quiet"]
+    results = []
+    if "inspect" in measurements:
+        inspect = [*SHARDKIT, "inspect", str(folder)]
+        python = [sys.executable, "-c", "pass"]  # the floor for any Python command
+        name = f"{shape} inspect (warm cache) vs bare python start-up"
+        results.append(pairs(name, inspect, python, out_file, 5, cold=False))
+    if "merge" in measurements:
+        results.append(pairs(f"{shape} merge vs cat+sync", merge, cat_sync, out_file, count))
+    if "sha256" in measurements:
+        results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, count))
+    if "reshard" in measurements:
+        results.append(pairs(f"{shape} reshard to 2GB vs cat+sync", split, cat_sync_dir, out_dir, count))
+    if "checksum" in measurements:
         checksum = [*SHARDKIT, "checksum", str(folder), "-o", str(sums)]
         sha256sum = ["sh", "-c", 'sha256sum "$@" > "$0"', str(sums), *map(str, shards)]
         results.append(pairs(f"{shape} checksum vs sha256sum", checksum, sha256sum, sums, others))
+    if "verify" in measurements:
         verify = [*SHARDKIT, "verify", str(folder), "--against", str(folder), "--no-architecture", "--quiet"]
         cat_both = ["sh", "-c", 'cat "$@" "$@" > /dev/null', "cat", *map(str, shards)]
         results.append(pairs(f"{shape} verify --against (reads both) vs cat of both", verify, cat_both, sums, others))
-    if naive:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if "naive" in measurements and memory < 1.5 * total:
+        print(f"skipping {shape} naive: it holds the whole model in memory ({memory / 1e9:.0f} GB here)", flush=True)
+    elif "naive" in measurements:
         remove(out_file)
         run = timed([sys.executable, "-c", NAIVE, str(out_file), *map(str, shards)])
         remove(out_file)
@@ -152,7 +164,8 @@ def bench_shape(shape: str, count: int, naive: bool, others: int) -> list[dict[s
         result = {
             "what": f"{shape} naive load_file+save_file vs cat+sync (1 run)",
             "ours_s": round(run.seconds, 2), "baseline_s": round(base.seconds, 2),
-            "ratio": round(run.seconds / base.seconds, 3), "ours_peak_rss_mb": round(run.peak_rss_mb, 1),
+            "ratio": round(run.seconds / base.seconds, 3), "pair_ratios": [round(run.seconds / base.seconds, 3)],
+            "ours_peak_rss_mb": round(run.peak_rss_mb, 1),
         }
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -161,31 +174,58 @@ def bench_shape(shape: str, count: int, naive: bool, others: int) -> list[dict[s
     return results
 
 
-def _has_command(name: str) -> bool:
-    return subprocess.run([*SHARDKIT, name, "--help"], capture_output=True).returncode == 0
-
-
 def write_table(results: list[dict[str, object]]) -> str:
     lines = [
-        "| measurement | GB | shardkit s | baseline s | ratio (median) | shardkit peak RSS MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| measurement | GB | pairs | shardkit s | baseline s | ratio (median) | per-pair ratios "
+        "| shardkit peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
+        per_pair = ", ".join(f"{x:.2f}" for x in r.get("pair_ratios", []))  # type: ignore[union-attr]
         lines.append(
-            f"| {r['what']} | {r['gigabytes']} | {r['ours_s']} | {r['baseline_s']} | "
-            f"{r['ratio']:.2f}× | {r['ours_peak_rss_mb']} |"
+            f"| {r['what']} | {r['gigabytes']} | {len(r.get('pair_ratios', []))} | {r['ours_s']} | "  # type: ignore[arg-type]
+            f"{r['baseline_s']} | {r['ratio']:.2f}× | {per_pair} | {r['ours_peak_rss_mb']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, object]]:
+    """A partial run (--shapes, --only) replaces its rows in bench/results.json and keeps the others."""
+    path = ROOT / "bench" / "results.json"
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    fresh = {r["what"] for r in results}
+    combined = [r for r in earlier if r["what"] not in fresh] + results
+    order = {shape: i for i, shape in enumerate(["0.5B", "1.5B", "3B", "7B"])}
+    kinds = {kind: i for i, kind in enumerate(MEASUREMENTS)}
+
+    def key(r: dict[str, object]) -> tuple[int, int]:
+        kind = next((i for k, i in kinds.items() if _kind(str(r["what"])) == k), len(kinds))
+        return order.get(str(r["shape"]), 99), kind
+
+    return sorted(combined, key=key)
+
+
+def _kind(what: str) -> str:
+    for word, kind in (("inspect", "inspect"), ("--sha256", "sha256"), ("reshard", "reshard"),
+                       ("checksum", "checksum"), ("verify", "verify"), ("naive", "naive"), ("merge", "merge")):
+        if word in what:
+            return kind
+    return what
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=os.environ.get("BENCH_SHAPES", "0.5B,1.5B,3B,7B"))
-    parser.add_argument("--pairs", type=int, default=int(os.environ.get("BENCH_PAIRS", "5")))
+    parser.add_argument("--pairs", type=int, default=int(os.environ.get("BENCH_PAIRS", "5")),
+                        help="pairs for merge, merge --sha256 and reshard (the measurements with targets)")
     parser.add_argument("--other-pairs", type=int, default=int(os.environ.get("BENCH_OTHER_PAIRS", "3")),
-                        help="pairs for the measurements beside plain merge")
-    parser.add_argument("--naive", action="store_true", default=os.environ.get("BENCH_NAIVE") == "1")
+                        help="pairs for checksum and verify")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ",".join(MEASUREMENTS)),
+                        help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
     args = parser.parse_args()
+    measurements = set(args.only.split(","))
+    if measurements - set(MEASUREMENTS):
+        parser.error(f"unknown measurement(s): {', '.join(sorted(measurements - set(MEASUREMENTS)))}")
     DATA.mkdir(exist_ok=True)
     results = []
     for shape in args.shapes.split(","):
@@ -195,12 +235,12 @@ def main() -> None:
         if shutil.disk_usage(DATA).free < need and not (DATA / f"qwen2.5-{shape}" / ".complete").exists():
             print(f"skipping {shape}: needs {need / 1e9:.0f} GB free", flush=True)
             continue
-        results += bench_shape(shape, args.pairs, args.naive, args.other_pairs)
+        results += bench_shape(shape, args.pairs, args.other_pairs, measurements)
+    results = merged_with_earlier(results)
     table = write_table(results)
     header = (
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; page cache dropped before each run; "
-        f"median of {args.pairs} alternating pairs for merge, {args.other_pairs} for the rest; "
-        "whole processes; outputs durable (fsync / sync).\n\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; page cache dropped before each run "
+        "(inspect: warm); alternating pairs, median; whole processes; outputs durable (fsync / sync).\n\n"
     )
     (ROOT / "bench" / "RESULTS.md").write_text(header + table)
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
