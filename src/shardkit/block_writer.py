@@ -9,10 +9,12 @@ the shards that fall into it, read with `preadv`), then written straight to the 
 while the other worker assembles the next block. The read of block N+2 is announced
 ahead (`POSIX_FADV_WILLNEED`) so it is usually in the page cache when its turn comes.
 
-Because the bytes pass through this process anyway, `--sha256` hashes the same
-buffers on a third thread, in file order, at no extra read. Memory stays constant:
-two blocks of :data:`BLOCK` bytes, whatever the model size; the output never fills
-the page cache with dirty data, so the rest of the machine keeps its cache.
+Writes start in file order (a worker waits for the previous block's turn), so the
+file grows front to back. Because the bytes pass through this process anyway,
+`--sha256` hashes the same buffers on a third thread, in file order, at no extra
+read. Memory stays constant: two blocks of :data:`BLOCK` bytes, whatever the model
+size; the output never fills the page cache with dirty data, so the rest of the
+machine keeps its cache.
 
 Where the destination refuses O_DIRECT (tmpfs on older kernels, some FUSE and network
 filesystems), :class:`DirectIOUnavailable` is raised before anything is reported
@@ -112,7 +114,7 @@ class _BlockWriter:
         self.on_progress = on_progress
         self.lock = threading.Condition()
         self.next_block = 0
-        self.next_hash = 0
+        self.next_turn = 0  # the block whose write (and hash) may start next
         self.stop = False
         self.failure: BaseException | None = None
         self.hash_pool: ThreadPoolExecutor | None = None
@@ -150,7 +152,7 @@ class _BlockWriter:
         """Block 0 alone, so a refusal of O_DIRECT surfaces before any progress."""
         self.next_block = 1
         length = self._fill(buffer, 0)
-        hashed = self._hash_in_order(0, buffer[:length])
+        hashed = self._take_turn(0, buffer[:length])
         try:
             self._write(buffer[: _round_up(length)], 0)
         except OSError as exc:
@@ -182,10 +184,7 @@ class _BlockWriter:
             self._prefetch(index + WORKERS)
             self._wait(hashed)  # the hash of this buffer's last block must finish first
             length = self._fill(buffer, index * BLOCK)
-            hashed = self._hash_in_order(index, buffer[:length])
-            with self.lock:
-                if self.stop:
-                    raise _Stopped
+            hashed = self._take_turn(index, buffer[:length])
             self._write(buffer[: _round_up(length)], index * BLOCK)
             self._progress(length)
         self._wait(hashed)
@@ -246,15 +245,22 @@ class _BlockWriter:
                 raise OSError(errno.ENOSPC, f"short write at offset {offset + written} (device full?)")
             view, offset = view[written:], offset + written
 
-    def _hash_in_order(self, index: int, view: memoryview) -> Future[None] | None:
-        if self.hash_pool is None or self.hasher is None:
-            return None
+    def _take_turn(self, index: int, view: memoryview) -> Future[None] | None:
+        """Wait until every earlier block's write has started; hand this block to the hasher.
+
+        Writes therefore start in file order (two still run at once). Unordered, the
+        second worker often extended the file past a hole the first was about to fill:
+        the 7B merge then measured 1.10-1.26x `cat`+`sync`, while the same code with
+        --sha256 (ordered by the hash) measured 0.91x in the same run.
+        """
         with self.lock:
-            self.lock.wait_for(lambda: self.next_hash == index or self.stop)
+            self.lock.wait_for(lambda: self.next_turn == index or self.stop)
             if self.stop:
                 raise _Stopped
-            future = self.hash_pool.submit(self.hasher.update, view)
-            self.next_hash += 1
+            future = None
+            if self.hash_pool is not None and self.hasher is not None:
+                future = self.hash_pool.submit(self.hasher.update, view)
+            self.next_turn += 1
             self.lock.notify_all()
         return future
 
