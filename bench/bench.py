@@ -199,8 +199,7 @@ def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, obje
     kinds = {kind: i for i, kind in enumerate(MEASUREMENTS)}
 
     def key(r: dict[str, object]) -> tuple[int, int]:
-        kind = next((i for k, i in kinds.items() if _kind(str(r["what"])) == k), len(kinds))
-        return order.get(str(r["shape"]), 99), kind
+        return order.get(str(r["shape"]), 99), kinds.get(_kind(str(r["what"])), len(kinds))
 
     return sorted(combined, key=key)
 

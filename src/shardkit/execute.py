@@ -175,18 +175,16 @@ def _write_direct(
     fd: int, planned: PlannedFile, sources: dict[str, int], sha256: bool, progress: Callable[[int], None] | None
 ) -> str | None:
     method = copy_method()
-    if method == "kernel" or not block_writer.enable(fd):
-        if method == "direct":
-            raise OutputError(f"{planned.name}: the destination filesystem refuses O_DIRECT writes")
-        raise block_writer.DirectIOUnavailable(planned.name)
-    hasher = hashlib.sha256() if sha256 else None
-    pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
-    pieces += (
-        block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
-        for r in planned.ranges
-        if r.length
-    )
     try:
+        if method == "kernel" or not block_writer.enable(fd):
+            raise block_writer.DirectIOUnavailable("O_DIRECT not enabled on the output")
+        hasher = hashlib.sha256() if sha256 else None
+        pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
+        pieces += (
+            block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
+            for r in planned.ranges
+            if r.length
+        )
         block_writer.write_file(fd, planned.size, pieces, hasher=hasher, on_progress=progress)
     except block_writer.DirectIOUnavailable as exc:
         if method == "direct":
