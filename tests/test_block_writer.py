@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import shardkit
-from conftest import run_cli
+from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit import block_writer, execute
 from shardkit.block_writer import Piece
 from shardkit.synthetic import write_checkpoint
@@ -213,10 +213,11 @@ def test_refused_o_direct_falls_back_to_the_kernel_copy(small_blocks, tmp_path: 
 
 def test_unknown_copy_method_is_a_clear_cli_error(tmp_path: Path) -> None:
     made = write_checkpoint(tmp_path / "qwen-tiny")
+    before = snapshot(made.folder)
     result = run_cli("merge", made.folder, "-o", tmp_path / "m.safetensors", env={"SHARDKIT_COPY_METHOD": "fast"})
-    assert result.exit_code == 2, result.stderr
-    assert "SHARDKIT_COPY_METHOD='fast': expected auto, direct or kernel" in result.stderr
-    assert not (tmp_path / "m.safetensors").exists()
+    assert_clean_failure(result, 2, "SHARDKIT_COPY_METHOD='fast': expected auto, direct or kernel")
+    assert not (tmp_path / "m.safetensors").exists() and temporaries(tmp_path) == []
+    assert snapshot(made.folder) == before
     assert execute.copy_method() == "auto"
 
 
@@ -224,9 +225,11 @@ def test_direct_forced_on_a_refusing_filesystem_is_an_error(small_blocks, tmp_pa
     monkeypatch.setenv("SHARDKIT_COPY_METHOD", "direct")
     monkeypatch.setattr(block_writer, "enable", lambda fd: False)
     made = write_checkpoint(tmp_path / "qwen-tiny")
+    before = snapshot(made.folder)
     with pytest.raises(shardkit.errors.OutputError, match="refuses O_DIRECT"):
         shardkit.merge(made.folder, tmp_path / "m.safetensors")
-    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "m.safetensors").exists() and temporaries(tmp_path) == []
+    assert snapshot(made.folder) == before
 
 
 def test_platform_without_o_direct_uses_the_kernel_copy(tmp_path: Path, monkeypatch) -> None:
