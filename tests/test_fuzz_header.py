@@ -315,7 +315,9 @@ def mutate_json(draw: st.DrawFn, doc: Obj) -> Obj:
         if spots:
             key, at = draw(st.sampled_from(spots))
             entry[:] = [
-                (k, [respell_number(draw, x) if i == at else x for i, x in enumerate(v)] if k == key else v)
+                (k, [respell_number(draw, x) if i == at else x for i, x in enumerate(v)])
+                if k == key and isinstance(v, list)  # a repeated field may hold a non-list
+                else (k, v)
                 for k, v in entry
             ]
     elif kind == "respell-dtype":
