@@ -40,6 +40,8 @@ BLOCK = 32 * 1024 * 1024
 #: 4096 covers 512- and 4096-byte devices. Buffers come from mmap, so page-aligned.
 ALIGN = 4096
 WORKERS = 2
+#: Block buffers start on a transparent huge page boundary (x86-64 and arm64 PMD size).
+HUGE_PAGE = 2 * 1024 * 1024
 
 
 class DirectIOUnavailable(Exception):
@@ -124,7 +126,7 @@ class _BlockWriter:
             self.hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-hash")
         helper: threading.Thread | None = None
         try:
-            buffer = memoryview(mmap.mmap(-1, min(BLOCK, _round_up(self.size))))
+            buffer = block_buffer(min(BLOCK, _round_up(self.size)))
             self._first_block(buffer)
             if self.blocks > 1:
                 helper = threading.Thread(target=self._helper, name="shardkit-writer", daemon=True)
@@ -165,7 +167,7 @@ class _BlockWriter:
 
     def _helper(self) -> None:
         try:
-            self._work(memoryview(mmap.mmap(-1, BLOCK)))
+            self._work(block_buffer(BLOCK))
         except _Stopped:
             pass
         except BaseException as exc:
@@ -287,6 +289,33 @@ def _uninterruptible(wait: Callable[[], object], writer: _BlockWriter) -> None:
             writer._fail(exc)
     if interrupted is not None:
         raise interrupted
+
+
+def block_buffer(size: int) -> memoryview:
+    """`size` bytes of private memory, backed by huge pages where the kernel allows.
+
+    Why: a device request can hold at most `max_segments` (254 on virtio) physically
+    contiguous runs; from 4 KiB pages an O_DIRECT write is therefore cut into ~1 MB
+    requests, from 2 MiB pages into `max_sectors_kb` (4 MB) ones. Measured on the
+    benchmark disk, 32 MiB writes from two workers: 3,617 requests of 869 KiB on
+    average (459 MB/s) against 840 requests of 3,745 KiB (693 MB/s) for the same
+    3 GiB. MAP_PRIVATE because shared anonymous memory is shmem, which follows
+    `shmem_enabled` rather than MADV_HUGEPAGE. Without THP this is plain memory.
+    """
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    start = (-_address(region)) % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, start, size)
+        except OSError:
+            pass  # a kernel built without THP: 4 KiB pages, the writes still work
+    return memoryview(region)[start : start + size]
+
+
+def _address(region: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(region))
 
 
 def _read_exactly(fd: int, target: memoryview, offset: int) -> None:
