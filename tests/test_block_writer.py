@@ -238,3 +238,113 @@ def test_platform_without_o_direct_uses_the_kernel_copy(tmp_path: Path, monkeypa
     out = tmp_path / "merged.safetensors"
     shardkit.merge(made.folder, out)
     assert out.read_bytes() == reference_serialize(made, {"format": "pt"})
+
+
+
+# --------------------------------------------------------------------------- several outputs
+
+
+def layout_pieces(layout, fds: list[int]) -> tuple[list[Piece], int]:
+    """Pieces and size of one output of `random_layout`; opened sources go into `fds`."""
+    ranges, header, _ = layout
+    pieces, position = [Piece(0, len(header), data=header)], len(header)
+    for path, offset, length in ranges:
+        if length:
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            pieces.append(Piece(position, length, fd, offset))
+        position += length
+    return pieces, position
+
+
+def test_several_outputs_are_one_stream_byte_exact_and_each_hashed(small_blocks, tmp_path: Path, monkeypatch) -> None:
+    """The files of a split share one pipeline: one helper thread for all, every file
+    byte-exact with its own digest, an empty output left empty, progress adding up."""
+    layouts = []
+    for seed in (21, None, 22, 23):
+        if seed is None:
+            layouts.append(None)
+            continue
+        (tmp_path / str(seed)).mkdir()
+        layouts.append(random_layout(tmp_path / str(seed), seed))
+    expected = [layout[2] if layout else b"" for layout in layouts]
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def recording_start(thread):
+        started.append(thread.name)
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    hashers = [hashlib.sha256() for _ in layouts]
+    reported: list[int] = []
+    fds: list[int] = []
+    try:
+        outputs = []
+        for number, layout in enumerate(layouts):
+            fd = os.open(tmp_path / f"out{number}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            fds.append(fd)
+            assert block_writer.enable(fd)
+            pieces, size = layout_pieces(layout, fds) if layout else ([], 0)
+            outputs.append(block_writer.Output(fd, size, pieces, hashers[number]))
+        block_writer.write_files(outputs, on_progress=reported.append)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    monkeypatch.undo()
+    for number, data in enumerate(expected):
+        assert (tmp_path / f"out{number}.bin").read_bytes() == data
+        assert hashers[number].hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sum(reported) == sum(map(len, expected))
+    assert len(reported) == sum(-(-len(data) // small_blocks) for data in expected)
+    assert started.count("shardkit-writer") == 1
+
+
+@pytest.mark.parametrize("files_per_stream", [2, 64])
+@pytest.mark.parametrize("sha256", [False, True])
+def test_split_is_identical_whichever_copy_method(
+    small_blocks, checkpoint, tmp_path: Path, monkeypatch, files_per_stream, sha256
+) -> None:
+    """A split into 8 shards, as streams of 2 files and as one stream, against the kernel copy."""
+    monkeypatch.setattr(execute, "FILES_PER_STREAM", files_per_stream)
+    outputs = {}
+    for method in ("kernel", "direct"):
+        monkeypatch.setenv("SHARDKIT_COPY_METHOD", method)
+        report = shardkit.split(checkpoint.folder, tmp_path / method, max_shard_size="500KB", sha256=sha256)
+        assert len(report.files) == 8
+        outputs[method] = snapshot(tmp_path / method)
+        if sha256:
+            lines = (tmp_path / method / "SHA256SUMS").read_text().splitlines()
+            listed = dict(line.split("  ")[::-1] for line in lines)
+            assert listed == {name: digest for name, digest in outputs[method].items() if name in listed}
+            assert len(listed) == 8
+    assert outputs["direct"] == outputs["kernel"]
+    assert sum(name.endswith(".safetensors") for name in outputs["direct"]) == 8
+
+
+def test_block_buffers_start_on_a_huge_page_and_use_them_where_the_kernel_allows() -> None:
+    import ctypes
+
+    size = 4 * block_writer.HUGE_PAGE
+    buffer = block_writer.block_buffer(size)
+    assert len(buffer) == size
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert address % block_writer.HUGE_PAGE == 0
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    buffer[:] = os.urandom(size)  # fault the pages in
+    assert huge_kib_at(address) > 0
+
+
+def huge_kib_at(address: int) -> int:
+    """AnonHugePages of the mapping of /proc/self/smaps that holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0

@@ -1,4 +1,4 @@
-"""Writing one output file as large aligned blocks with O_DIRECT, from two workers.
+"""Writing output files as large aligned blocks with O_DIRECT, from two workers.
 
 Why not the kernel copy (:mod:`shardkit.byte_copy`) everywhere: measured on this
 project's benchmark disk, a copy through the page cache spends its time in write-back
@@ -10,7 +10,10 @@ while the other worker assembles the next block. The read of block N+2 is announ
 ahead (`POSIX_FADV_WILLNEED`) so it is usually in the page cache when its turn comes.
 
 Writes start in file order (a worker waits for the previous block's turn), so the
-file grows front to back. Because the bytes pass through this process anyway,
+file grows front to back; the files of a split are one stream of blocks, so the next
+file's first blocks are read while the previous file's last ones are written. Block
+buffers sit on huge pages where the kernel allows (:func:`block_buffer`), so the disk
+gets requests of `max_sectors_kb` rather than ~1 MB. Because the bytes pass through this process anyway,
 `--sha256` hashes the same buffers on a third thread, in file order, at no extra
 read. Memory stays constant: two blocks of :data:`BLOCK` bytes, whatever the model
 size; the output never fills the page cache with dirty data, so the rest of the
@@ -78,6 +81,16 @@ def disable(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
 
 
+@dataclass(frozen=True)
+class Output:
+    """One output file: an empty file open with O_DIRECT, its size, its pieces in order."""
+
+    fd: int
+    size: int
+    pieces: Sequence[Piece]
+    hasher: Hasher | None = None
+
+
 def write_file(
     fd: int,
     size: int,
@@ -91,7 +104,18 @@ def write_file(
     `fd` must be open for writing with O_DIRECT (:func:`enable`) on an empty file.
     `on_progress` is called from either worker thread, one call at a time.
     """
-    _BlockWriter(fd, size, pieces, hasher, on_progress).run()
+    write_files([Output(fd, size, pieces, hasher)], on_progress=on_progress)
+
+
+def write_files(outputs: Sequence[Output], *, on_progress: Callable[[int], None] | None = None) -> None:
+    """Write several outputs (the shards of a split) as one stream of blocks.
+
+    Why one stream: started one after the other, every file paid for a pipeline that
+    fills (its first block written alone) and drains (its last block with one worker
+    idle); here the blocks of the next file are read while the last ones of the
+    previous file are written.
+    """
+    _BlockWriter(outputs, on_progress).run()
 
 
 class _Stopped(Exception):
@@ -99,20 +123,15 @@ class _Stopped(Exception):
 
 
 class _BlockWriter:
-    def __init__(
-        self,
-        fd: int,
-        size: int,
-        pieces: Sequence[Piece],
-        hasher: Hasher | None,
-        on_progress: Callable[[int], None] | None,
-    ) -> None:
-        self.fd = fd
-        self.size = size
-        self.pieces = pieces
-        self.starts = [p.dest_offset for p in pieces]
-        self.blocks = -(-size // BLOCK)
-        self.hasher = hasher
+    def __init__(self, outputs: Sequence[Output], on_progress: Callable[[int], None] | None) -> None:
+        self.outputs = outputs
+        self.starts = [[p.dest_offset for p in output.pieces] for output in outputs]
+        #: global block number of each output's first block (blocks are numbered across outputs)
+        self.first_blocks: list[int] = []
+        self.blocks = 0
+        for output in outputs:
+            self.first_blocks.append(self.blocks)
+            self.blocks += -(-output.size // BLOCK)
         self.on_progress = on_progress
         self.lock = threading.Condition()
         self.next_block = 0
@@ -122,16 +141,18 @@ class _BlockWriter:
         self.hash_pool: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
-        if self.hasher is not None:
+        if any(output.hasher is not None for output in self.outputs):
             self.hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardkit-hash")
         helper: threading.Thread | None = None
         try:
-            buffer = block_buffer(min(BLOCK, _round_up(self.size)))
-            self._first_block(buffer)
-            if self.blocks > 1:
-                helper = threading.Thread(target=self._helper, name="shardkit-writer", daemon=True)
-                helper.start()
-            self._work(buffer)
+            if self.blocks:
+                largest = max(output.size for output in self.outputs)
+                buffer = block_buffer(min(BLOCK, _round_up(largest)))
+                self._first_block(buffer)
+                if self.blocks > 1:
+                    helper = threading.Thread(target=self._helper, name="shardkit-writer", daemon=True)
+                    helper.start()
+                self._work(buffer)
         except _Stopped:
             pass  # the helper failed; its failure is raised below
         except BaseException as exc:  # Ctrl-C included: stop the helper before unwinding
@@ -146,17 +167,24 @@ class _BlockWriter:
                 _uninterruptible(self.hash_pool.shutdown, self)
         if self.failure is not None:
             raise self.failure
-        os.ftruncate(self.fd, self.size)  # the last block was written padded to ALIGN
+        for output in self.outputs:
+            os.ftruncate(output.fd, output.size)  # each last block was written padded to ALIGN
+
+    def _locate(self, block: int) -> tuple[int, int]:
+        """(output number, byte offset in that output) of global block `block`."""
+        which = bisect.bisect_right(self.first_blocks, block) - 1  # the last of equals: empty outputs own no block
+        return which, (block - self.first_blocks[which]) * BLOCK
 
     # ------------------------------------------------------------------ workers
 
     def _first_block(self, buffer: memoryview) -> None:
         """Block 0 alone, so a refusal of O_DIRECT surfaces before any progress."""
         self.next_block = 1
-        length = self._fill(buffer, 0)
-        hashed = self._take_turn(0, buffer[:length])
+        which, start = self._locate(0)
+        length = self._fill(buffer, which, start)
+        hashed = self._take_turn(0, which, buffer[:length])
         try:
-            self._write(buffer[: _round_up(length)], 0)
+            self._write(which, buffer[: _round_up(length)], start)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 self._wait(hashed)
@@ -185,9 +213,10 @@ class _BlockWriter:
                 self.next_block += 1
             self._prefetch(index + WORKERS)
             self._wait(hashed)  # the hash of this buffer's last block must finish first
-            length = self._fill(buffer, index * BLOCK)
-            hashed = self._take_turn(index, buffer[:length])
-            self._write(buffer[: _round_up(length)], index * BLOCK)
+            which, start = self._locate(index)
+            length = self._fill(buffer, which, start)
+            hashed = self._take_turn(index, which, buffer[:length])
+            self._write(which, buffer[: _round_up(length)], start)
             self._progress(length)
         self._wait(hashed)
 
@@ -200,13 +229,14 @@ class _BlockWriter:
 
     # ------------------------------------------------------------------ pieces
 
-    def _fill(self, buffer: memoryview, start: int) -> int:
-        """Copy output bytes [start, start + BLOCK) into `buffer`; returns how many."""
-        length = min(BLOCK, self.size - start)
-        index = bisect.bisect_right(self.starts, start) - 1
+    def _fill(self, buffer: memoryview, which: int, start: int) -> int:
+        """Copy bytes [start, start + BLOCK) of output `which` into `buffer`; returns how many."""
+        pieces = self.outputs[which].pieces
+        length = min(BLOCK, self.outputs[which].size - start)
+        index = bisect.bisect_right(self.starts[which], start) - 1
         filled = 0
         while filled < length:
-            piece = self.pieces[index]
+            piece = pieces[index]
             into = start + filled - piece.dest_offset
             take = min(piece.length - into, length - filled)
             target = buffer[filled : filled + take]
@@ -222,11 +252,12 @@ class _BlockWriter:
         """Ask the kernel to start reading block `index`'s sources now."""
         if index >= self.blocks or not hasattr(os, "posix_fadvise"):
             return
-        start = index * BLOCK
-        end = min(start + BLOCK, self.size)
-        position = bisect.bisect_right(self.starts, start) - 1
-        while position < len(self.pieces) and self.pieces[position].dest_offset < end:
-            piece = self.pieces[position]
+        which, start = self._locate(index)
+        pieces = self.outputs[which].pieces
+        end = min(start + BLOCK, self.outputs[which].size)
+        position = bisect.bisect_right(self.starts[which], start) - 1
+        while position < len(pieces) and pieces[position].dest_offset < end:
+            piece = pieces[position]
             if piece.data is None and piece.length:
                 into = max(start - piece.dest_offset, 0)
                 take = min(piece.length, end - piece.dest_offset) - into
@@ -235,19 +266,19 @@ class _BlockWriter:
 
     # ------------------------------------------------------------------ output
 
-    def _write(self, view: memoryview, offset: int) -> None:
+    def _write(self, which: int, view: memoryview, offset: int) -> None:
         """Write all of `view`; a short write usually means the disk filled up (tmpfs does that).
 
         An aligned remainder is retried, so the kernel reports the real error; an
         unaligned one cannot be written with O_DIRECT, so it is reported as ENOSPC.
         """
         while view:
-            written = os.pwrite(self.fd, view, offset)
+            written = os.pwrite(self.outputs[which].fd, view, offset)
             if written != len(view) and (written == 0 or written % ALIGN):
                 raise OSError(errno.ENOSPC, f"short write at offset {offset + written} (device full?)")
             view, offset = view[written:], offset + written
 
-    def _take_turn(self, index: int, view: memoryview) -> Future[None] | None:
+    def _take_turn(self, index: int, which: int, view: memoryview) -> Future[None] | None:
         """Wait until every earlier block's write has started; hand this block to the hasher.
 
         Writes therefore start in file order (two still run at once). Unordered, the
@@ -260,8 +291,9 @@ class _BlockWriter:
             if self.stop:
                 raise _Stopped
             future = None
-            if self.hash_pool is not None and self.hasher is not None:
-                future = self.hash_pool.submit(self.hasher.update, view)
+            hasher = self.outputs[which].hasher
+            if self.hash_pool is not None and hasher is not None:
+                future = self.hash_pool.submit(hasher.update, view)
             self.next_turn += 1
             self.lock.notify_all()
         return future

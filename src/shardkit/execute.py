@@ -100,11 +100,11 @@ def execute(
     try:
         if as_folder:
             staged.mkdir()
-            written = [_write_file(f, staged / f.name, sha256, progress) for f in plan.files]
+            written = _write_files(plan.files, staged, sha256, progress)
             _write_extras(plan, staged, written)
             atomic.fsync_path(staged)
         else:
-            written = [_write_file(plan.files[0], staged, sha256, progress)]
+            written = _write_group(plan.files, [staged], sha256, progress)
         check_sources_unchanged(sources)
         atomic.commit(staged, dest, replace=force)
     except OSError as exc:
@@ -132,31 +132,45 @@ def _write_error(exc: OSError, dest: Path) -> WriteError:
     return WriteError(f"{dest}: {exc.strerror or exc}")
 
 
-def _write_file(
-    planned: PlannedFile, path: Path, sha256: bool, progress: Callable[[int], None] | None
-) -> WrittenFile:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+#: Output files written by one block stream; bounds the open descriptors of a split
+#: into thousands of small shards.
+FILES_PER_STREAM = 64
+
+
+def _write_files(
+    planned: Sequence[PlannedFile], folder: Path, sha256: bool, progress: Callable[[int], None] | None
+) -> list[WrittenFile]:
+    """Write the planned files into `folder`, a group of files per block stream."""
+    written: list[WrittenFile] = []
+    for first in range(0, len(planned), FILES_PER_STREAM):
+        group = planned[first : first + FILES_PER_STREAM]
+        written += _write_group(group, [folder / f.name for f in group], sha256, progress)
+    return written
+
+
+def _write_group(
+    planned: Sequence[PlannedFile], paths: Sequence[Path], sha256: bool, progress: Callable[[int], None] | None
+) -> list[WrittenFile]:
+    fds: list[int] = []
     sources: dict[str, int] = {}
     try:
-        if any(storage.is_remote(r.source) for r in planned.ranges):
-            digest = _copy_with_kernel(fd, planned, sources, sha256, progress)
-        else:
-            for byte_range in planned.ranges:
-                if byte_range.source not in sources:
-                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                    sources[byte_range.source] = os.open(byte_range.source, flags)
-            try:
-                digest = _write_direct(fd, planned, sources, sha256, progress)
-            except block_writer.DirectIOUnavailable:
-                block_writer.disable(fd)
-                os.ftruncate(fd, 0)
-                digest = _copy_with_kernel(fd, planned, sources, sha256, progress)
-        os.fsync(fd)
+        for path in paths:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        remote = False
+        for byte_range in (r for f in planned for r in f.ranges):
+            if storage.is_remote(byte_range.source):
+                remote = True
+            elif byte_range.source not in sources:
+                sources[byte_range.source] = os.open(byte_range.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        digests = None if remote else _write_direct(fds, planned, sources, sha256, progress)
+        if digests is None:  # remote sources, or a destination that refuses O_DIRECT
+            digests = [_copy_with_kernel(fd, f, sources, sha256, progress) for fd, f in zip(fds, planned)]
+        for fd in fds:
+            os.fsync(fd)
     finally:
-        os.close(fd)
-        for src in sources.values():
-            os.close(src)
-    return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
+        for fd in [*fds, *sources.values()]:
+            os.close(fd)
+    return [WrittenFile(f.name, f.size, len(f.tensors), digest) for f, digest in zip(planned, digests)]
 
 
 def copy_method() -> str:
@@ -172,25 +186,41 @@ def copy_method() -> str:
 
 
 def _write_direct(
-    fd: int, planned: PlannedFile, sources: dict[str, int], sha256: bool, progress: Callable[[int], None] | None
-) -> str | None:
+    fds: Sequence[int],
+    planned: Sequence[PlannedFile],
+    sources: dict[str, int],
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+) -> list[str | None] | None:
+    """The O_DIRECT block stream; None (outputs emptied again) where the destination refuses it."""
     method = copy_method()
     try:
-        if method == "kernel" or not block_writer.enable(fd):
+        if method == "kernel" or not all(block_writer.enable(fd) for fd in fds):
             raise block_writer.DirectIOUnavailable("O_DIRECT not enabled on the output")
-        hasher = hashlib.sha256() if sha256 else None
-        pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
-        pieces += (
-            block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
-            for r in planned.ranges
-            if r.length
-        )
-        block_writer.write_file(fd, planned.size, pieces, hasher=hasher, on_progress=progress)
+        hashers = [hashlib.sha256() if sha256 else None for _ in planned]
+        outputs = [_direct_output(*each, sources) for each in zip(fds, planned, hashers)]
+        block_writer.write_files(outputs, on_progress=progress)
     except block_writer.DirectIOUnavailable as exc:
         if method == "direct":
-            raise OutputError(f"{planned.name}: the destination filesystem refuses O_DIRECT writes ({exc})") from None
-        raise
-    return hasher.hexdigest() if hasher else None
+            refused = f"the destination filesystem refuses O_DIRECT writes ({exc})"
+            raise OutputError(f"{planned[0].name}: {refused}") from None
+        for fd in fds:
+            block_writer.disable(fd)
+            os.ftruncate(fd, 0)
+        return None
+    return [hasher.hexdigest() if hasher else None for hasher in hashers]
+
+
+def _direct_output(
+    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: dict[str, int]
+) -> block_writer.Output:
+    pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
+    pieces += (
+        block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
+        for r in planned.ranges
+        if r.length
+    )
+    return block_writer.Output(fd, planned.size, pieces, hasher)
 
 
 def _copy_with_kernel(
