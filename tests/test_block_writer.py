@@ -348,3 +348,53 @@ def huge_kib_at(address: int) -> int:
         elif inside and first == "AnonHugePages:":
             return int(line.split()[1])
     return 0
+
+
+# --------------------------------------------------------------------------- resources on failure
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_a_failing_close_still_closes_every_other_descriptor(small_blocks, checkpoint, tmp_path, monkeypatch) -> None:
+    """close() can fail (EIO on NFS or FUSE); the other 7 outputs and 4 sources must still be closed."""
+    real_close, failed = os.close, []
+
+    def close(fd: int) -> None:
+        link = f"/proc/self/fd/{fd}"
+        target = os.readlink(link) if os.path.exists(link) else ""
+        if ".shardkit-tmp" in target and target.endswith(".safetensors") and not failed:
+            failed.append(fd)
+            real_close(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    before = open_fds()
+    with pytest.raises(shardkit.errors.WriteError, match="Input/output error"):
+        shardkit.split(checkpoint.folder, tmp_path / "out", max_shard_size="500KB")
+    monkeypatch.undo()
+    leaked = open_fds() - before
+    for fd in leaked:
+        os.close(fd)
+    assert failed and leaked == set()
+    assert not (tmp_path / "out").exists() and temporaries(tmp_path) == []
+
+
+def test_a_helper_thread_that_cannot_start_raises_its_own_error_and_stops_the_hasher(
+    small_blocks, tmp_path: Path, monkeypatch
+) -> None:
+    ranges, header, _ = random_layout(tmp_path, 31)
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "shardkit-writer":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="^can't start new thread$"):
+        write_layout(tmp_path / "out.bin", ranges, header, hasher=hashlib.sha256())
+    monkeypatch.undo()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("shardkit")] == []

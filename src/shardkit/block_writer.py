@@ -151,7 +151,11 @@ class _BlockWriter:
                 self._first_block(buffer)
                 if self.blocks > 1:
                     helper = threading.Thread(target=self._helper, name="shardkit-writer", daemon=True)
-                    helper.start()
+                    try:
+                        helper.start()
+                    except RuntimeError:  # "can't start new thread": nothing to join
+                        helper = None
+                        raise
                 self._work(buffer)
         except _Stopped:
             pass  # the helper failed; its failure is raised below

@@ -16,6 +16,7 @@ by :mod:`shardkit.execute_s3` as multipart uploads instead of staged files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -153,23 +154,22 @@ def _write_group(
 ) -> list[WrittenFile]:
     fds: list[int] = []
     sources: dict[str, int] = {}
-    try:
+    with contextlib.ExitStack() as closing:  # every fd is closed even if one close() fails
         for path in paths:
             fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            closing.callback(os.close, fds[-1])
         remote = False
         for byte_range in (r for f in planned for r in f.ranges):
             if storage.is_remote(byte_range.source):
                 remote = True
             elif byte_range.source not in sources:
                 sources[byte_range.source] = os.open(byte_range.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                closing.callback(os.close, sources[byte_range.source])
         digests = None if remote else _write_direct(fds, planned, sources, sha256, progress)
         if digests is None:  # remote sources, or a destination that refuses O_DIRECT
             digests = [_copy_with_kernel(fd, f, sources, sha256, progress) for fd, f in zip(fds, planned)]
         for fd in fds:
             os.fsync(fd)
-    finally:
-        for fd in [*fds, *sources.values()]:
-            os.close(fd)
     return [WrittenFile(f.name, f.size, len(f.tensors), digest) for f, digest in zip(planned, digests)]
 
 
