@@ -305,3 +305,17 @@ def test_other_commands_refuse_cleanly(case: Broken, command: str, tmp_path: Pat
     assert result.stdout == ""
     assert not out.exists() and temporaries(tmp_path) == []
     assert snapshot(source) == before
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """The depth limit is read from the text: brackets in keys and values, escaped quotes
+    and backslashes included, are not nesting (the reference reader agrees)."""
+    from shardkit import header_json
+
+    text = '{"a[[[": "' + "[" * 300 + '", "q\\"[[": ["\\\\", [[]]], "e": "\\\\"}'
+    assert header_json.depth(text) == 4  # object, list, [[]], []
+    assert header_json.loads(text)[1] == ('q"[[', ["\\", [[]]])
+    nested = "[" * 127 + '"]]]]"' + "]" * 127
+    assert header_json.depth(nested) == 127
+    with pytest.raises(header_json.JsonSyntaxError, match="nested deeper than 127 levels"):
+        header_json.loads("[" + nested + "]")

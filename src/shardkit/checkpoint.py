@@ -256,8 +256,11 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
     if not isinstance(raw_map, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index has no weight_map object")
     weight_map = _unique(raw_map, index_path, "weight_map")
+    checked: set[str] = set()  # a MoE index names the same 16 shards 20,000 times over
     for tensor, shard_name in weight_map.items():
-        check_shard_name(shard_name, index_path, tensor)
+        if not (isinstance(shard_name, str) and shard_name in checked):
+            check_shard_name(shard_name, index_path, tensor)
+            checked.add(shard_name)  # type: ignore[arg-type]
     raw_metadata = top.get("metadata", header_json.Pairs())
     if not isinstance(raw_metadata, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index metadata is not an object")

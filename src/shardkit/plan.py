@@ -128,9 +128,12 @@ def plan_merge(
     return Plan((planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings))
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(name: str) -> list[object]:
     """`model.layers.2.x` before `model.layers.10.x`: digits compare as numbers."""
-    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
 
 
 def group_into_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
