@@ -35,6 +35,18 @@ def run_cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None =
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
 
+def sigint_as_in_a_terminal() -> None:
+    """Popen preexec_fn: the child starts with SIGINT at its default, as under a terminal.
+
+    A test runner started in the background (a CI job, `nohup … &`) may ignore SIGINT,
+    and children inherit that; Python then installs no KeyboardInterrupt handler and a
+    Ctrl-C test would see its run finish instead of being interrupted.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (names relative), to prove sources are untouched."""
     return {

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import shardkit
-from conftest import assert_clean_failure, run_cli, snapshot, temporaries
+from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
 from shardkit.atomic import TEMP_MARK
 from shardkit.byte_copy import RangeCopier
 from shardkit.synthetic import (
@@ -93,7 +93,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
 def start_cli(*args: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "shardkit", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal,
     )
 
 

@@ -24,7 +24,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from conftest import assert_clean_failure, run_cli, snapshot, temporaries
+from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
 from s3_server import SeaweedS3, find_weed
 from shardkit.synthetic import Qwen2Shape, SyntheticCheckpoint, write_checkpoint
 
@@ -371,7 +371,10 @@ def test_a_killed_client_leaves_no_object_and_the_next_run_cleans_up(store: Seaw
 def test_ctrl_c_aborts_the_upload_itself(store: SeaweedS3, bucket: str, mid) -> None:
     key = "interrupted/model.safetensors"
     command = [sys.executable, "-m", "shardkit", "merge", mid.folder, "-o", f"s3://{bucket}/{key}"]
-    process = subprocess.Popen(command, env={**os.environ, **s3_env(store)}, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env={**os.environ, **s3_env(store)}, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_as_in_a_terminal,
+    )
     client = store.client()
     deadline = time.monotonic() + 60
     while True:  # wait until a part of the upload has arrived
