@@ -319,3 +319,41 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert header_json.depth(nested) == 127
     with pytest.raises(header_json.JsonSyntaxError, match="nested deeper than 127 levels"):
         header_json.loads("[" + nested + "]")
+
+
+def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(tmp_path: Path, monkeypatch) -> None:
+    """Collection is off while a header is parsed, back on afterwards, also after a
+    refused header; a caller that had it off keeps it off."""
+    import gc
+
+    from shardkit import header_json
+    from shardkit.errors import FormatError
+    from shardkit.format import read_header
+    from shardkit.gc_pause import gc_paused
+
+    seen: list[bool] = []
+    real_loads = header_json.loads
+
+    def recording_loads(text: str) -> object:
+        seen.append(gc.isenabled())
+        return real_loads(text)
+
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(file_bytes(one(entry()), ABCD))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(file_bytes(one(entry(x=Raw("[" * 200 + "]" * 200))), ABCD))
+    monkeypatch.setattr(header_json, "loads", recording_loads)
+    assert gc.isenabled()
+    read_header(good)
+    assert gc.isenabled()
+    with pytest.raises(FormatError, match="nested deeper"):
+        read_header(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False, False]

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import header_json, storage
 from .errors import BadInputError, CheckpointError, ShardkitError
 from .format import Header, TensorInfo
+from .gc_pause import gc_paused
 from .storage import Location
 
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
@@ -75,6 +76,7 @@ class Checkpoint:
         return tuple(storage.lookup(h.path) for h in self.shards)
 
 
+@gc_paused()
 def open_checkpoint(
     path: str | os.PathLike[str] | Location, *, strict: bool = False, allow_unindexed: bool = False
 ) -> Checkpoint:

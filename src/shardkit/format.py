@@ -18,6 +18,7 @@ from functools import cached_property
 
 from . import header_json
 from .errors import FormatError
+from .gc_pause import gc_paused
 from .header_json import JsonFloat, Pairs
 
 #: Bytes of the little-endian u64 that opens every file.
@@ -199,6 +200,7 @@ def _read_exactly(read_at: Callable[[int, int], bytes], offset: int, length: int
     return data
 
 
+@gc_paused()
 def parse_header(
     raw: bytes, path: str, *, strict: bool = False
 ) -> tuple[dict[str, str] | None, tuple[TensorInfo, ...]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import storage
 from ..checkpoint import open_checkpoint
 from ..format import Header
+from ..gc_pause import gc_paused
 from ..layers import group_layers
 from ..plan import natural_key
 from ..reports import JsonReport
@@ -76,6 +77,7 @@ class InspectReport(JsonReport):
     warnings: list[str] = field(default_factory=list)
 
 
+@gc_paused()
 def inspect(
     path: str | os.PathLike[str],
     *,
