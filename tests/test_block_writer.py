@@ -51,20 +51,28 @@ def random_layout(folder: Path, seed: int) -> tuple[list[tuple[Path, int, int]],
     return ranges, header, expected
 
 
-def write_layout(dest: Path, ranges: list[tuple[Path, int, int]], header: bytes, **kwargs) -> None:
-    fds = {p: os.open(p, os.O_RDONLY) for p, _, _ in ranges}
+def layout_pieces(layout, fds: list[int]) -> tuple[list[Piece], int]:
+    """Pieces and size of one output of `random_layout`; opened sources go into `fds`."""
+    ranges, header, _ = layout
+    pieces, position = [Piece(0, len(header), data=header)], len(header)
+    for path, offset, length in ranges:
+        if length:
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            pieces.append(Piece(position, length, fd, offset))
+        position += length
+    return pieces, position
+
+
+def write_layout(dest: Path, ranges: list[tuple[Path, int, int]], header: bytes, hasher=None, on_progress=None) -> None:
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    fds = [out]
     try:
         assert block_writer.enable(out)
-        pieces, position = [Piece(0, len(header), data=header)], len(header)
-        for path, offset, length in ranges:
-            if length:
-                pieces.append(Piece(position, length, fds[path], offset))
-            position += length
-        block_writer.write_file(out, position, pieces, **kwargs)
+        pieces, size = layout_pieces((ranges, header, b""), fds)
+        block_writer.write_files([block_writer.Output(out, size, pieces, hasher)], on_progress=on_progress)
     finally:
-        os.close(out)
-        for fd in fds.values():
+        for fd in fds:
             os.close(fd)
 
 
@@ -240,21 +248,7 @@ def test_platform_without_o_direct_uses_the_kernel_copy(tmp_path: Path, monkeypa
     assert out.read_bytes() == reference_serialize(made, {"format": "pt"})
 
 
-
 # --------------------------------------------------------------------------- several outputs
-
-
-def layout_pieces(layout, fds: list[int]) -> tuple[list[Piece], int]:
-    """Pieces and size of one output of `random_layout`; opened sources go into `fds`."""
-    ranges, header, _ = layout
-    pieces, position = [Piece(0, len(header), data=header)], len(header)
-    for path, offset, length in ranges:
-        if length:
-            fd = os.open(path, os.O_RDONLY)
-            fds.append(fd)
-            pieces.append(Piece(position, length, fd, offset))
-        position += length
-    return pieces, position
 
 
 def test_several_outputs_are_one_stream_byte_exact_and_each_hashed(small_blocks, tmp_path: Path, monkeypatch) -> None:
@@ -370,6 +364,7 @@ def test_a_failing_close_still_closes_every_other_descriptor(small_blocks, check
             raise OSError(errno.EIO, "Input/output error")
         real_close(fd)
 
+    sources = snapshot(checkpoint.folder)
     monkeypatch.setattr(os, "close", close)
     before = open_fds()
     with pytest.raises(shardkit.errors.WriteError, match="Input/output error"):
@@ -380,6 +375,7 @@ def test_a_failing_close_still_closes_every_other_descriptor(small_blocks, check
         os.close(fd)
     assert failed and leaked == set()
     assert not (tmp_path / "out").exists() and temporaries(tmp_path) == []
+    assert snapshot(checkpoint.folder) == sources
 
 
 def test_a_helper_thread_that_cannot_start_raises_its_own_error_and_stops_the_hasher(

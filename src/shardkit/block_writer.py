@@ -13,11 +13,11 @@ Writes start in file order (a worker waits for the previous block's turn), so th
 file grows front to back; the files of a split are one stream of blocks, so the next
 file's first blocks are read while the previous file's last ones are written. Block
 buffers sit on huge pages where the kernel allows (:func:`block_buffer`), so the disk
-gets requests of `max_sectors_kb` rather than ~1 MB. Because the bytes pass through this process anyway,
-`--sha256` hashes the same buffers on a third thread, in file order, at no extra
-read. Memory stays constant: two blocks of :data:`BLOCK` bytes, whatever the model
-size; the output never fills the page cache with dirty data, so the rest of the
-machine keeps its cache.
+gets requests of `max_sectors_kb` rather than ~1 MB. Because the bytes pass through
+this process anyway, `--sha256` hashes the same buffers on a third thread, in file
+order, at no extra read. Memory stays constant: two blocks of :data:`BLOCK` bytes,
+whatever the model size; the output never fills the page cache with dirty data, so
+the rest of the machine keeps its cache.
 
 Where the destination refuses O_DIRECT (tmpfs on older kernels, some FUSE and network
 filesystems), :class:`DirectIOUnavailable` is raised before anything is reported
@@ -91,24 +91,11 @@ class Output:
     hasher: Hasher | None = None
 
 
-def write_file(
-    fd: int,
-    size: int,
-    pieces: Sequence[Piece],
-    *,
-    hasher: Hasher | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> None:
-    """Write `pieces` (contiguous from offset 0, in order, `size` bytes in all) to `fd`.
-
-    `fd` must be open for writing with O_DIRECT (:func:`enable`) on an empty file.
-    `on_progress` is called from either worker thread, one call at a time.
-    """
-    write_files([Output(fd, size, pieces, hasher)], on_progress=on_progress)
-
-
 def write_files(outputs: Sequence[Output], *, on_progress: Callable[[int], None] | None = None) -> None:
-    """Write several outputs (the shards of a split) as one stream of blocks.
+    """Write each output's pieces (contiguous from offset 0, in order) as one stream of blocks.
+
+    Every `fd` must be open with O_DIRECT (:func:`enable`) on an empty file.
+    `on_progress` is called from either worker thread, one call at a time.
 
     Why one stream: started one after the other, every file paid for a pipeline that
     fills (its first block written alone) and drains (its last block with one worker
