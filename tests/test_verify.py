@@ -374,7 +374,7 @@ def test_without_transformers_the_check_is_skipped_with_a_note(tmp_path: Path) -
     explicit = run_without_transformers("verify", folder / "model.safetensors", "--config", folder / "config.json")
     assert explicit.returncode == 2
     assert explicit.stderr == (
-        "shardkit: error: the architecture check (--config) needs the optional extra: pip install 'shardkit[hf]'\n"
+        "shardkit: error: the architecture check (--config PATH) needs the optional extra: pip install 'shardkit[hf]'\n"
     )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import header_json, storage
-from .errors import BadInputError, CheckpointError, ShardkitError
+from .errors import BadInputError, CheckpointError, PathNotFoundError, ShardkitError, option
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
 from .storage import Location
@@ -84,7 +84,7 @@ def open_checkpoint(
     local, `s3://…`, `http(s)://…` or `hf://org/name`)."""
     path = storage.as_path(path)
     if not path.exists():
-        raise BadInputError(f"{path}: no such file or folder")
+        raise PathNotFoundError(path)
     if path.is_file():
         if path.name.endswith(".safetensors"):
             return _single_file(path, strict)
@@ -328,7 +328,7 @@ def _with_folder_checks(
     for path in stray:
         message = f"{path}: this weight file is not part of the checkpoint ({_describe(path)})"
         if not allow_unindexed:
-            raise CheckpointError(message + "; merging would drop it (pass --allow-unindexed to ignore it)")
+            raise CheckpointError(message + f"; merging would drop it (pass {option('allow_unindexed')} to ignore it)")
         warnings.append(message + "; ignored")
     return Checkpoint(
         root=checkpoint.root,

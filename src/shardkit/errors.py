@@ -12,11 +12,41 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
+#: How messages spell an option: as a keyword argument (`force=True`) for Python callers,
+#: as a flag (`--force`) once the command line has said it is the caller.
+_spelling = "python"
+
+
+def use_cli_spelling() -> None:
+    """Called by the CLI before it runs a command: messages then name flags, not keywords."""
+    global _spelling
+    _spelling = "cli"
+
+
+def option(keyword: str, value: bool = True, *, metavar: str | None = None) -> str:
+    """The option a message tells the user to pass, spelled for whoever called.
+
+    `option("allow_unindexed")` is `--allow-unindexed` or `allow_unindexed=True`;
+    `option("data", False)` is `--no-data` or `data=False`; `option("config", metavar="PATH")`
+    is `--config PATH` or `config=…`.
+    """
+    flag = keyword.replace("_", "-")
+    if _spelling == "cli":
+        if metavar is not None:
+            return f"--{flag} {metavar}"
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"{keyword}=…" if metavar is not None else f"{keyword}={value!r}"
+
 
 class ShardkitError(Exception):
     """Base class: a failure the CLI prints as one line, never as a traceback."""
 
     exit_code = EXIT_FAILURE
+
+    def __str__(self) -> str:
+        # The message alone, also for the subclasses that are OSErrors too (whose own
+        # __str__ would print "[Errno None] None: …").
+        return BaseException.__str__(self)
 
 
 class BadInputError(ShardkitError):
@@ -42,6 +72,22 @@ class CheckpointError(BadInputError):
 
 class OutputError(BadInputError):
     """The requested output cannot be written as asked (exists, is a source, ...)."""
+
+
+class PathNotFoundError(BadInputError, FileNotFoundError):
+    """A path the user named does not exist; also a FileNotFoundError for Python callers."""
+
+    def __init__(self, path: object, what: str = "no such file or folder") -> None:
+        BadInputError.__init__(self, f"{path}: {what}")
+        self.filename = str(path)
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and replacing it was not asked for; also a FileExistsError."""
+
+    def __init__(self, path: object) -> None:
+        OutputError.__init__(self, f"{path}: already exists; pass {option('force')} to replace it")
+        self.filename = str(path)
 
 
 class WriteError(ShardkitError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import atomic, block_writer, storage
 from .byte_copy import RangeCopier
-from .errors import OutputError, SourceChangedError, WriteError
+from .errors import OutputError, OutputExistsError, SourceChangedError, WriteError
 from .format import Header
 from .plan import Plan, PlannedFile
 from .storage import stream
@@ -56,7 +56,7 @@ def check_destination(dest: Path, sources: Iterable[Path], *, force: bool, as_fo
         if as_folder and dest.is_dir() and not any(dest.iterdir()):
             return
         if not force:
-            raise OutputError(f"{dest}: already exists; pass --force to replace it")
+            raise OutputExistsError(dest)
         if as_folder != (dest.is_dir() and not dest.is_symlink()):
             kind = "a folder" if dest.is_dir() else "a file"
             raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")

@@ -34,7 +34,7 @@ from itertools import chain
 
 from . import storage
 from .atomic import TEMP_MARK
-from .errors import OutputError
+from .errors import OutputError, OutputExistsError
 from .execute import WrittenFile, check_sources_unchanged, checksum_file_name
 from .format import Header
 from .multipart_plan import CopyPart, ObjectPlan, Part, UploadPart, plan_object
@@ -120,7 +120,7 @@ def check_s3_destination(dest: S3Path, sources: Iterable[Header], *, force: bool
     if not (is_file or is_dir):
         return
     if not force:
-        raise OutputError(f"{dest}: already exists; pass --force to replace it")
+        raise OutputExistsError(dest)
     if as_folder != is_dir or (is_file and is_dir):
         kind = "a folder" if is_dir else "a file"
         raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")

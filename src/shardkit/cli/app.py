@@ -35,7 +35,8 @@ app = typer.Typer(
     name="shardkit",
     help="Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch.",
     no_args_is_help=True,
-    add_completion=False,
+    # click suggests a close command name itself; typer's own suggestion would repeat it.
+    suggest_commands=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -44,7 +45,7 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", "-V", help="Print the version and exit.", is_eager=True),
 ) -> None:
     """Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch."""
     if version:

@@ -7,11 +7,11 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, ShardkitError
+from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, ShardkitError, use_cli_spelling
 
 T = TypeVar("T")
 
@@ -23,6 +23,11 @@ SourceArg = Annotated[
         "http(s)://… or hf://org/name[@revision].",
         show_default=False,
     ),
+]
+# `shardkit merge SRC OUT`, as with `cp`: the same as `-o OUT`.
+OutputArg = Annotated[
+    str | None,
+    typer.Argument(help="The output, as with cp; the same as -o OUTPUT.", show_default=False),
 ]
 EndpointOpt = Annotated[
     str | None,
@@ -70,6 +75,7 @@ def _interrupt_on_sigterm() -> None:
 
 def run(action: Callable[[], T], *, debug: bool = False) -> T:
     """Run an API call; turn every failure into one line on stderr and an exit code."""
+    use_cli_spelling()
     _interrupt_on_sigterm()
     try:
         return action()
@@ -85,13 +91,23 @@ def run(action: Callable[[], T], *, debug: bool = False) -> T:
     raise AssertionError("unreachable")
 
 
-def _fail(message: str, code: int, debug: bool) -> None:
+def _fail(message: str, code: int, debug: bool) -> NoReturn:
     if debug:
         import traceback
 
         traceback.print_exc()
     print(f"shardkit: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def chosen_output(positional: str | None, option: str | None, command: str) -> str:
+    """The output given either as the second argument or with -o; a one-line error otherwise."""
+    if positional is not None and option is not None and positional != option:
+        _fail(f"two outputs given ({positional!r} and -o {option!r}); give one", EXIT_BAD_INPUT, False)
+    output = positional if positional is not None else option
+    if output is None:
+        _fail(f"no output given: shardkit {command} SOURCE -o OUTPUT (or SOURCE OUTPUT)", EXIT_BAD_INPUT, False)
+    return output
 
 
 def stderr_is_tty() -> bool:

@@ -13,19 +13,21 @@ from .common import (
     EndpointOpt,
     ForceOpt,
     JsonOpt,
+    OutputArg,
     QuietOpt,
     Sha256Opt,
     SourceArg,
     StrictOpt,
     VerifyOpt,
     byte_progress,
+    chosen_output,
     run,
     warn,
 )
 from .render import print_write_report
 
 OutputOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--output", "-o",
         help="A path ending in .safetensors for one file; anything else is a model folder. "
@@ -37,7 +39,8 @@ OutputOpt = Annotated[
 
 def merge_command(
     source: SourceArg,
-    output: OutputOpt,
+    output_arg: OutputArg = None,
+    output: OutputOpt = None,
     force: ForceOpt = False,
     sha256: Sha256Opt = False,
     dry_run: DryRunOpt = False,
@@ -61,6 +64,8 @@ def merge_command(
     Example: shardkit merge Qwen2.5-7B-Instruct/ -o qwen-merged/
     """
     from ..commands.merge import merge
+
+    output = chosen_output(output_arg, output, "merge")
 
     with byte_progress("merging", enabled=not (quiet or json_output)) as progress:
         report = run(

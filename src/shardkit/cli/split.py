@@ -14,19 +14,21 @@ from .common import (
     EndpointOpt,
     ForceOpt,
     JsonOpt,
+    OutputArg,
     QuietOpt,
     Sha256Opt,
     SourceArg,
     StrictOpt,
     VerifyOpt,
     byte_progress,
+    chosen_output,
     run,
     warn,
 )
 from .render import print_split_report
 
 OutputDirOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--output", "-o",
         help="The output folder: shards, index and the source's config/tokenizer files.",
@@ -52,7 +54,8 @@ PrefixOpt = Annotated[
 
 def split_command(
     source: SourceArg,
-    output: OutputDirOpt,
+    output_arg: OutputArg = None,
+    output: OutputDirOpt = None,
     max_shard_size: MaxShardSizeOpt = DEFAULT_MAX_SHARD_SIZE,
     prefix: PrefixOpt = "model",
     force: ForceOpt = False,
@@ -80,6 +83,8 @@ def split_command(
     Example: shardkit split qwen.safetensors -o qwen-sharded/ --max-shard-size 2GB
     """
     from ..commands.split import split
+
+    output = chosen_output(output_arg, output, "split")
 
     with byte_progress("splitting", enabled=not (quiet or json_output)) as progress:
         report = run(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import atomic, storage
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import OutputError
+from ..errors import OutputError, OutputExistsError
 from ..hashing import Streamer
 from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
 from ..reports import JsonReport
@@ -70,8 +70,16 @@ def checksum(
 ) -> ChecksumReport:
     """Hash the checkpoint at `path`; with `output`, also write the manifest there.
 
-    `output` is replaced only with `force`, and never if it is one of the checkpoint's
-    weight files.
+    The manifest lists every weight file's SHA-256 in `sha256sum` format, names
+    relative to the checkpoint folder; with `tensors`, one SHA-256 per tensor instead
+    (JSON), which stays valid across merge and split. `output` is replaced only with
+    `force`, and never if it is one of the checkpoint's weight files. `strict` also
+    refuses what the format forbids but the reference reader tolerates;
+    `progress(advance, total)` is called with the bytes just hashed.
+
+    Example::
+
+        shardkit.checksum("model", output="model/SHA256SUMS")
     """
     started = time.perf_counter()
     location = storage.as_path(path)
@@ -146,7 +154,7 @@ def _check_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
     if output.is_dir():
         raise OutputError(f"{output}: is a folder; give the manifest's file name (e.g. {output}/SHA256SUMS)")
     if output.exists() and not force:
-        raise OutputError(f"{output}: already exists; pass --force to replace it")
+        raise OutputExistsError(output)
     if not output.parent.is_dir():
         raise OutputError(f"{output}: parent folder {output.parent} does not exist")
 

@@ -28,7 +28,15 @@ class CleanReport(JsonReport):
 
 
 def clean(folder: str | os.PathLike[str], *, dry_run: bool = False) -> CleanReport:
-    """Remove stale shardkit temporaries directly inside `folder` and report them."""
+    """Remove stale shardkit temporaries directly inside `folder` and report them.
+
+    A temporary is stale when the process that wrote it is gone; those of a run still
+    going are kept. With `dry_run`, list them and remove nothing.
+
+    Example::
+
+        print(shardkit.clean("models").removed)
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInputError(f"{folder}: not a folder")

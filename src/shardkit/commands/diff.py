@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .. import storage
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..compare import compare_checkpoints
-from ..errors import BadInputError
+from ..errors import BadInputError, option
 from ..reports import JsonReport
 from .inspect import metadata_union
 
@@ -74,6 +74,10 @@ class DiffReport(JsonReport):
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
+    def __bool__(self) -> bool:
+        """A report is true when the two sides are identical, as `diff`'s exit code 0 is."""
+        return self.identical
+
     def to_dict(self) -> dict[str, object]:
         data = super().to_dict()
         if self.max_abs_diff is not None:
@@ -104,14 +108,24 @@ def diff(
     With `data=False` only headers are read. With `max_abs_diff`, every float tensor
     whose bytes differ is decoded in chunks to find the largest absolute difference
     (needs the `numeric` extra: numpy and ml_dtypes). Metadata counts as a
-    difference: `identical` means a loader could not tell the two apart.
+    difference: `identical` means a loader could not tell the two apart, and the
+    report is true exactly then. `strict`, `allow_unindexed` and `endpoint_url` apply
+    to both sides as for :func:`~shardkit.commands.merge.merge`;
+    `progress(advance, total)` is called with the bytes just compared.
+
+    Example::
+
+        report = shardkit.diff("base", "finetuned", max_abs_diff=True)
+        print(report.identical, report.data_different, report.max_abs_diff)
     """
     if max_abs_diff and not data:
-        raise BadInputError("--max-abs-diff reads the tensors' values; it cannot be combined with --no-data")
+        raise BadInputError(
+            f"{option('max_abs_diff')} reads the tensors' values; it cannot be combined with {option('data', False)}"
+        )
     if max_abs_diff:
         from ..numeric import require_numeric
 
-        require_numeric("--max-abs-diff")
+        require_numeric(option("max_abs_diff"))
     started = time.perf_counter()
     left, right = (
         open_checkpoint(storage.as_path(p, endpoint_url=endpoint_url), strict=strict, allow_unindexed=allow_unindexed)

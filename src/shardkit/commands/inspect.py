@@ -94,6 +94,13 @@ def inspect(
     `tensors=True` adds. Stray weight files no index covers are reported as warnings,
     not refused: inspecting is how one finds out about them. A remote checkpoint
     (`s3://`, `http(s)://`) costs one or two ranged GETs per shard, never a download.
+    `strict` also refuses what the format forbids but the reference reader tolerates;
+    `endpoint_url` names an S3-compatible store.
+
+    Example::
+
+        report = shardkit.inspect("Qwen2.5-7B-Instruct", filter="model.layers.0.*")
+        print(report.parameters, report.parameters_by_dtype)
     """
     checkpoint = open_checkpoint(storage.as_path(path, endpoint_url=endpoint_url), strict=strict, allow_unindexed=True)
     root = checkpoint.root
@@ -106,6 +113,8 @@ def inspect(
         (t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)),
         key=lambda t: natural_key(t.name),
     )
+    if filter is not None and not selected:
+        warnings.append(_no_match_hint(filter))
     groups = group_layers((t.name, t.info.dtype, t.info.shape) for t in selected)
     infos = {t.name: t.info for t in selected}
     layers = [
@@ -178,3 +187,12 @@ def metadata_union(shards: Iterable[Header]) -> tuple[dict[str, str], list[str]]
                     f"{value!r} in {Path(header.path).name}"
                 )
     return union, warnings
+
+
+def _no_match_hint(pattern: str) -> str:
+    """Why a filter matched nothing: it is a glob over whole names, not a substring search."""
+    hint = f"no tensor matches the filter {pattern!r}"
+    if not any(c in pattern for c in "*?["):
+        hint += f": it is a glob matched against whole tensor names; for names containing it use '*{pattern}*'"
+    return hint
+

@@ -37,6 +37,18 @@ def merge(
     Either side may be remote (`s3://bucket/prefix/`, `http(s)://` for the source,
     `hf://org/name`); `endpoint_url` names an S3-compatible store. S3 to S3 in one store
     is assembled server-side: the client moves about 10 MiB whatever the model size.
+
+    `force` replaces an existing output (never a source); `sha256` hashes the output in
+    the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
+    and writes nothing; `strict` also refuses what the format forbids but the reference
+    reader tolerates; `allow_unindexed` ignores weight files no index covers;
+    `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
+    with the bytes just written.
+
+    Example::
+
+        report = shardkit.merge("Qwen2.5-7B-Instruct", "qwen.safetensors", sha256=True)
+        print(report.bytes, report.seconds, report.sha256)
     """
     source = storage.as_path(source, endpoint_url=endpoint_url)
     output = storage.as_path(output, endpoint_url=endpoint_url, output=True)

@@ -44,6 +44,21 @@ def split(
     shard can exceed the limit. The folder is staged and swapped in whole: an old
     index or shard of a replaced `output_dir` can never survive next to the new ones.
     Source and output may be remote, as for :func:`~shardkit.commands.merge.merge`.
+    `prefix` names the shards (`diffusion_pytorch_model` for diffusers). With `verify`,
+    the written folder is compared tensor by tensor with the source and removed if
+    anything differs.
+
+    `force` replaces an existing output (never a source); `sha256` hashes the output in
+    the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
+    and writes nothing; `strict` also refuses what the format forbids but the reference
+    reader tolerates; `allow_unindexed` ignores weight files no index covers;
+    `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
+    with the bytes just written.
+
+    Example::
+
+        report = shardkit.split("qwen.safetensors", "qwen-sharded", max_shard_size="2GB")
+        print(report.index, report.layout)
     """
     source = storage.as_path(source, endpoint_url=endpoint_url)
     output_dir = storage.as_path(output_dir, endpoint_url=endpoint_url, output=True)

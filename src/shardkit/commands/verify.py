@@ -34,7 +34,7 @@ from pathlib import Path
 from .. import storage
 from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
 from ..compare import compare_checkpoints
-from ..errors import BadInputError, CheckpointError, FormatError, MissingExtraError
+from ..errors import BadInputError, CheckpointError, FormatError, MissingExtraError, PathNotFoundError, option
 from ..format import Header
 from ..hashing import Streamer
 from ..hub_cache import HubBlob, hub_blob
@@ -80,6 +80,10 @@ class VerifyReport(JsonReport):
     against: str | None = None
     config: str | None = None
 
+    def __bool__(self) -> bool:
+        """A report is true when the checkpoint verified: `if shardkit.verify(path): …`."""
+        return self.ok
+
 
 def verify(
     path: str | os.PathLike[str],
@@ -92,17 +96,41 @@ def verify(
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
-    """Verify the checkpoint at `path` (file, folder or index); see the module docstring.
+    """Prove the checkpoint at `path` (a file, folder or index) is whole and holds the right bytes.
 
-    `architecture`: None checks against `config` or, when `path` is a folder or an index,
-    its `config.json` if transformers is installed (else a note says how to install it);
-    True requires the check; False skips it. `strict` applies the format's strict rules
-    and turns index warnings (e.g. a wrong `total_size`) into problems.
+    Every weight file is checked against every rule of the format, each on its own so
+    one broken shard does not hide another, then the index cross-checks; that part
+    reads headers only. The bytes are read only when there is something to compare
+    them with:
+
+    - `checksums`: a `sha256sum` manifest (from `shardkit checksum`) or a per-tensor
+      manifest (`shardkit checksum --tensors`, valid across merge and split);
+    - `against`: another checkpoint, same names, dtypes, shapes and bytes whatever the
+      sharding;
+    - a Hugging Face cache snapshot, found by itself (its blobs are named by SHA-256).
+
+    `config` / `architecture`: with a `config.json` (given, or the folder's own),
+    names, shapes and dtypes are checked against the model transformers builds on the
+    meta device. None checks when transformers is installed (else a note says how to
+    install it); True requires the check; False skips it. `strict` applies the
+    format's strict rules and turns index warnings (a wrong `total_size`) into problems.
+    `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
+    as data bytes are read.
+
+    Problems are collected, not raised: the report lists every one with its check,
+    file and tensor, and `bool(report)` (or `report.ok`) says whether there were none.
+    Unusable input (a missing path, an unreadable manifest, a broken `against`) raises
+    a :class:`~shardkit.errors.ShardkitError`.
+
+    Example::
+
+        report = shardkit.verify("model", checksums="model/SHA256SUMS")
+        assert report, [str(p) for p in report.problems]
     """
     started = time.perf_counter()
     path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
-        raise BadInputError(f"{path}: no such file or folder")
+        raise PathNotFoundError(path)
     manifest = read_manifest(checksums) if checksums is not None else None
     reference = (
         open_checkpoint(storage.as_path(against, endpoint_url=endpoint_url), strict=strict)
@@ -197,23 +225,24 @@ def _architecture_config(
     """Which config.json to check against (or None), and a note if the check is skipped."""
     if architecture is False:
         return None, None
+    config_option = option("config", metavar="PATH")
     if config is not None:
         config = Path(config)
         if not config.is_file():
             raise BadInputError(f"{config}: config file not found")
         if not hf_installed():
-            raise MissingExtraError("the architecture check (--config)", "hf")
+            raise MissingExtraError(f"the architecture check ({config_option})", "hf")
         return config, None
     # Only a folder or an index is a model: a lone .safetensors file may sit beside an
     # unrelated config.json.
     found = (path if path.is_dir() else path.parent) / "config.json"
     if storage.is_remote(path) and not path.name.endswith(".safetensors") and found.is_file():
         if architecture:
-            raise BadInputError(f"{path}: the architecture check reads a local config.json; pass --config")
-        return None, f"architecture check skipped: {found} is remote; pass --config with a local copy to check it"
+            raise BadInputError(f"{path}: the architecture check reads a local config.json; pass {config_option}")
+        return None, f"architecture check skipped: {found} is remote; pass {config_option} with a local copy"
     if path.name.endswith(".safetensors") or not found.is_file():
         if architecture:
-            raise BadInputError(f"{path}: no config.json to check the architecture against; pass --config")
+            raise BadInputError(f"{path}: no config.json to check the architecture against; pass {config_option}")
         return None, None
     if not hf_installed():
         if architecture:

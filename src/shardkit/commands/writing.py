@@ -8,7 +8,7 @@ from collections.abc import Callable
 from .. import atomic, storage
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..compare import compare_checkpoints
-from ..errors import OutputError, VerificationError
+from ..errors import OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
 from ..plan import Plan
 from ..reports import OutputFile, Transfer, WriteReport
@@ -41,7 +41,7 @@ def run_plan(
     if sha256 and not as_folder:
         checksum_file = output.with_name(output.name + ".sha256")
         if checksum_file.exists() and not force and not dry_run:
-            raise OutputError(f"{checksum_file}: already exists; pass --force to replace it")
+            raise OutputExistsError(checksum_file)
     if dry_run:
         files = [OutputFile(str(output / f.name if as_folder else output), f.size, len(f.tensors)) for f in plan.files]
         checksum_file = None
