@@ -9,26 +9,39 @@ DEMO   := demo-output
 
 .PHONY: demo test bench fuzz lint clean
 
-$(VENV)/.core-installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install -e .
-	touch $@
+# pip's own chatter goes to .venv/install.log and is shown only when an install fails.
+INSTALL = sh -c '$(PIP) install "$$@" >>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }' install
 
-# torch is pinned to the CPU build that lies on this machine's disk; any other
-# spec pulls a multi-GB CUDA build. It is only for the tests and the benchmark.
+$(VENV)/.core-installed: pyproject.toml
+	@echo "setting up $(VENV) (the project and its two dependencies, typer and rich)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(INSTALL) --upgrade pip
+	@$(INSTALL) -e .
+	@touch $@
+
+# The test and benchmark dependencies. torch is pinned to an exact CPU release: an open
+# range resolves to the newest torch, which pip takes as a multi-GB CUDA build on Linux.
+# torch and transformers are only for the tests' reference runs; shardkit never imports them.
 $(VENV)/.test-installed: $(VENV)/.core-installed
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test,hf,s3,numeric]'
-	touch $@
+	@echo "installing the test dependencies (torch 2.13 CPU, transformers, safetensors, boto3, SeaweedFS...)..."
+	@$(INSTALL) torch==2.13.0
+	@$(INSTALL) -e '.[test,hf,s3,numeric]'
+	@touch $@
 
 demo: $(VENV)/.core-installed
-	rm -rf $(DEMO)
-	$(PY) -m shardkit.synthetic $(DEMO)/qwen2-tiny --shape tiny --max-shard-size 1000000
-	$(VENV)/bin/shardkit inspect $(DEMO)/qwen2-tiny 2>/dev/null || true
-	$(VENV)/bin/shardkit merge $(DEMO)/qwen2-tiny -o $(DEMO)/qwen2-tiny-merged --sha256 --verify
-	cd $(DEMO)/qwen2-tiny-merged && sha256sum -c model.safetensors.sha256
-	ls -l $(DEMO)/qwen2-tiny-merged
+	@rm -rf $(DEMO)
+	@echo "== a small sharded Qwen2-layout checkpoint (4 shards + index, config, tokenizer):"
+	@$(PY) -m shardkit.synthetic $(DEMO)/qwen2-tiny --shape tiny --max-shard-size 1000000
+	@echo "\n== shardkit inspect $(DEMO)/qwen2-tiny   (headers only)"
+	@$(VENV)/bin/shardkit inspect $(DEMO)/qwen2-tiny
+	@echo "\n== shardkit merge $(DEMO)/qwen2-tiny -o $(DEMO)/qwen2-tiny-merged --sha256 --verify"
+	@$(VENV)/bin/shardkit merge $(DEMO)/qwen2-tiny -o $(DEMO)/qwen2-tiny-merged --sha256 --verify
+	@echo "\n== sha256sum -c model.safetensors.sha256   (the manifest is plain sha256sum format)"
+	@cd $(DEMO)/qwen2-tiny-merged && sha256sum -c model.safetensors.sha256
+	@echo "\n== shardkit verify $(DEMO)/qwen2-tiny-merged --against $(DEMO)/qwen2-tiny"
+	@$(VENV)/bin/shardkit verify $(DEMO)/qwen2-tiny-merged --against $(DEMO)/qwen2-tiny
+	@echo "\nThe tool is installed in $(VENV): run $(VENV)/bin/shardkit --help (or source $(VENV)/bin/activate)."
+	@echo "README.md shows every command; 'make test' runs the test suite."
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -n 2  # two workers: most tests wait on disks and subprocesses
