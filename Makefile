@@ -13,7 +13,7 @@ DEMO   := demo-output
 INSTALL = sh -c '$(PIP) install "$$@" >>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }' install
 
 $(VENV)/.core-installed: pyproject.toml
-	@echo "setting up $(VENV) (the project and its two dependencies, typer and rich)..."
+	@echo "setting up $(VENV) (the project and its dependencies: typer, rich, numpy)..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(INSTALL) --upgrade pip
 	@$(INSTALL) -e .
