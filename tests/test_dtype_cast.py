@@ -363,3 +363,32 @@ def test_bytes_and_an_unaligned_view_are_accepted() -> None:
 def test_importing_the_module_does_not_import_numpy() -> None:
     code = "import sys, shardkit.dtype_cast; print('numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_empty_buffers_convert_to_nothing() -> None:
+    assert cast_into(b"", "F32", "BF16", bytearray()) == CastStats()
+    assert cast_parallel(b"", "BF16", "F16", bytearray(), 2) == CastStats()
+
+
+def test_conversion_releases_the_gil() -> None:
+    """With a long switch interval a GIL-holding converter would let this thread run
+    only a few times a second; numpy's loops release it, so it runs freely."""
+    import threading
+    import time
+
+    values = np.zeros(8 << 20, np.float32)
+    out = bytearray(values.size * 2)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(0.25)
+    try:
+        worker = threading.Thread(target=lambda: [cast_into(values, "F32", "BF16", out) for _ in range(20)])
+        started = time.perf_counter()
+        worker.start()
+        turns = 0
+        while worker.is_alive():
+            time.sleep(0)
+            turns += 1
+        seconds = time.perf_counter() - started
+    finally:
+        sys.setswitchinterval(previous)
+    assert turns > 50 * (seconds / 0.25 + 1), (turns, seconds)
