@@ -21,7 +21,8 @@ import pytest
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit import block_writer, execute
-from shardkit.block_writer import Piece
+from shardkit.fill import CastLog
+from shardkit.plan import Copy, Literal, PlannedFile
 from shardkit.synthetic import write_checkpoint
 from test_merge import reference_serialize
 
@@ -51,17 +52,20 @@ def random_layout(folder: Path, seed: int) -> tuple[list[tuple[Path, int, int]],
     return ranges, header, expected
 
 
-def layout_pieces(layout, fds: list[int]) -> tuple[list[Piece], int]:
-    """Pieces and size of one output of `random_layout`; opened sources go into `fds`."""
+def layout_output(layout, out: int, fds: list[int], hasher=None) -> block_writer.Output:
+    """One output of `random_layout` as the executor builds it: a planned file whose
+    blocks `fill` makes from its steps; opened sources go into `fds`."""
     ranges, header, _ = layout
-    pieces, position = [Piece(0, len(header), data=header)], len(header)
+    steps, position, sources = [Literal(0, header)], len(header), {}
     for path, offset, length in ranges:
         if length:
-            fd = os.open(path, os.O_RDONLY)
-            fds.append(fd)
-            pieces.append(Piece(position, length, fd, offset))
+            if str(path) not in sources:
+                sources[str(path)] = os.open(path, os.O_RDONLY)
+                fds.append(sources[str(path)])
+            steps.append(Copy(position, length, str(path), offset))
         position += length
-    return pieces, position
+    planned = PlannedFile("out", tuple(steps), (), position, len(header))
+    return execute.direct_output(out, planned, hasher, sources, CastLog())
 
 
 def write_layout(dest: Path, ranges: list[tuple[Path, int, int]], header: bytes, hasher=None, on_progress=None) -> None:
@@ -69,8 +73,8 @@ def write_layout(dest: Path, ranges: list[tuple[Path, int, int]], header: bytes,
     fds = [out]
     try:
         assert block_writer.enable(out)
-        pieces, size = layout_pieces((ranges, header, b""), fds)
-        block_writer.write_files([block_writer.Output(out, size, pieces, hasher)], on_progress=on_progress)
+        output = layout_output((ranges, header, b""), out, fds, hasher)
+        block_writer.write_files([output], on_progress=on_progress)
     finally:
         for fd in fds:
             os.close(fd)
@@ -279,8 +283,11 @@ def test_several_outputs_are_one_stream_byte_exact_and_each_hashed(small_blocks,
             fd = os.open(tmp_path / f"out{number}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             fds.append(fd)
             assert block_writer.enable(fd)
-            pieces, size = layout_pieces(layout, fds) if layout else ([], 0)
-            outputs.append(block_writer.Output(fd, size, pieces, hashers[number]))
+            if layout:
+                outputs.append(layout_output(layout, fd, fds, hashers[number]))
+            else:
+                empty = PlannedFile("empty", (), (), 0)
+                outputs.append(execute.direct_output(fd, empty, hashers[number], {}, CastLog()))
         block_writer.write_files(outputs, on_progress=reported.append)
     finally:
         for fd in fds:

@@ -141,9 +141,9 @@ def test_plan_coalesces_adjacent_ranges(checkpoint: SyntheticCheckpoint) -> None
     plan = plan_merge(open_checkpoint(checkpoint.folder), "model.safetensors")
     (planned,) = plan.files
     non_empty = sum(1 for name in planned.tensors if open_checkpoint(checkpoint.folder).tensors[name].info.nbytes)
-    assert len(planned.ranges) < non_empty
-    covered = sorted((r.dest_offset, r.dest_offset + r.length) for r in planned.ranges)
-    assert covered[0][0] == len(planned.header)
+    assert len(planned.copies) < non_empty
+    covered = sorted((r.offset, r.offset + r.length) for r in planned.copies)
+    assert covered[0][0] == planned.header_size
     assert covered[-1][1] == planned.size
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 

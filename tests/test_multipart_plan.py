@@ -2,7 +2,8 @@
 
 Each plan is replayed on bytes in memory with S3's rules (part sizes, part count,
 staged objects built before use): the object it assembles must be the planned file,
-byte for byte, and the client must upload no more than the first part.
+byte for byte, and the client must upload no more than the first part. The parts the
+client makes are made as the executor makes them, by `fill` from the planned steps.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardkit.checkpoint import Checkpoint, SourceTensor
+from shardkit.fill import fill
 from shardkit.format import Header, TensorSpec, parse_header, serialize_header
 from shardkit.multipart_plan import (
     CopyPart,
@@ -24,7 +26,7 @@ from shardkit.multipart_plan import (
     check_object_plan,
     plan_object,
 )
-from shardkit.plan import ByteRange, PlannedFile, group_into_shards, plan_merge, plan_split
+from shardkit.plan import Copy, Literal, PlannedFile, group_into_shards, plan_merge, plan_split
 from shardkit.synthetic import SHAPES, qwen2_tensors
 
 MiB = 1024 * 1024
@@ -32,7 +34,7 @@ MiB = 1024 * 1024
 SMALL = PartLimits(min_part=100, max_part=1000, max_parts=10_000, chain_limit=300)
 
 
-def replay(plan: ObjectPlan, sources: dict[str, bytes], limits: PartLimits) -> bytes:
+def replay(plan: ObjectPlan, planned: PlannedFile, sources: dict[str, bytes], limits: PartLimits) -> bytes:
     """Assemble the object as a store would, refusing anything a store refuses."""
     check_object_plan(plan, limits)
     built: dict[str, bytes] = {}
@@ -42,13 +44,14 @@ def replay(plan: ObjectPlan, sources: dict[str, bytes], limits: PartLimits) -> b
         assert span.offset + span.length <= len(data)
         return data[span.offset : span.offset + span.length]
 
+    def made(part: UploadPart) -> bytes:
+        out = bytearray(part.length)
+        fill(planned, part.start, memoryview(out), memory_read(sources))
+        return bytes(out)
+
     result = b""
     for name, parts in plan.uploads():
-        out = b"".join(
-            part.data + b"".join(span_bytes(s) for s in part.spans) if isinstance(part, UploadPart)
-            else span_bytes(part.span)
-            for part in parts
-        )
+        out = b"".join(made(part) if isinstance(part, UploadPart) else span_bytes(part.span) for part in parts)
         if name is None:
             result = out
         else:
@@ -56,23 +59,35 @@ def replay(plan: ObjectPlan, sources: dict[str, bytes], limits: PartLimits) -> b
     return result
 
 
+def memory_read(sources: dict[str, bytes]):
+    def read(source: str, offset: int, into: memoryview) -> None:
+        assert offset + len(into) <= len(sources[source])
+        into[:] = sources[source][offset : offset + len(into)]
+
+    return read
+
+
 def planned_bytes(planned: PlannedFile, sources: dict[str, bytes]) -> bytes:
+    """The planned file, from its steps, without `fill`."""
     out = bytearray(planned.size)
-    out[: len(planned.header)] = planned.header
-    for r in planned.ranges:
-        out[r.dest_offset : r.dest_offset + r.length] = sources[r.source][r.source_offset : r.source_offset + r.length]
+    for step in planned.steps:
+        if isinstance(step, Literal):
+            out[step.offset : step.offset + step.length] = step.data
+        else:
+            data = sources[step.source][step.source_offset : step.source_offset + step.length]
+            out[step.offset : step.offset + step.length] = data
     return bytes(out)
 
 
 def random_planned(rng: random.Random, lengths: list[int], header: int) -> tuple[PlannedFile, dict[str, bytes]]:
     sources = {f"s3://b/src-{i}": rng.randbytes(4000) for i in range(3)}
-    ranges, dest = [], header
+    steps, dest = [Literal(0, rng.randbytes(header))], header
     for length in lengths:
         source = rng.choice(sorted(sources))
         offset = rng.randrange(0, 4000 - length + 1)
-        ranges.append(ByteRange(source, offset, dest, length))
+        steps.append(Copy(dest, length, source, offset))
         dest += length
-    planned = PlannedFile("model.safetensors", rng.randbytes(header), tuple(ranges), (), dest)
+    planned = PlannedFile("model.safetensors", tuple(steps), (), dest, header)
     return planned, sources
 
 
@@ -86,10 +101,10 @@ def test_any_layout_assembles_to_the_planned_bytes(lengths: list[int], header: i
     planned, sources = random_planned(random.Random(seed), lengths, header)
     plan = plan_object(planned, SMALL)
 
-    assert replay(plan, sources, SMALL) == planned_bytes(planned, sources)
+    assert replay(plan, planned, sources, SMALL) == planned_bytes(planned, sources)
     # Only the first part goes through the client: the header and what fills it up.
     assert plan.uploaded_bytes == min(planned.size, max(SMALL.min_part, header))
-    assert plan.fetched_bytes == plan.uploaded_bytes - header
+    assert plan.fetched_bytes(planned) == plan.uploaded_bytes - header
     # Every staged chain step copies a bounded amount, so the store's work stays linear.
     assert all(s.size <= SMALL.chain_limit + SMALL.min_part for s in plan.staged)
 
@@ -103,7 +118,7 @@ def test_small_ranges_between_big_ones_are_chained_inside_the_store() -> None:
     assert [p.size for p in plan.parts] == [100, 350, 220, 500]
     assert [s.size for s in plan.staged] == [130, 170, 220]
     assert plan.uploaded_bytes == 100
-    assert replay(plan, sources, SMALL) == planned_bytes(planned, sources)
+    assert replay(plan, planned, sources, SMALL) == planned_bytes(planned, sources)
 
 
 def test_a_range_beyond_the_largest_part_is_cut_into_equal_copies() -> None:
@@ -111,7 +126,7 @@ def test_a_range_beyond_the_largest_part_is_cut_into_equal_copies() -> None:
     plan = plan_object(planned, SMALL)
     copies = [p.size for p in plan.parts if isinstance(p, CopyPart)]
     assert copies == [875, 875, 875, 875]  # the 120-byte header alone fills the first part
-    assert replay(plan, sources, SMALL) == planned_bytes(planned, sources)
+    assert replay(plan, planned, sources, SMALL) == planned_bytes(planned, sources)
 
 
 def test_too_many_parts_are_grouped_into_staged_objects() -> None:
@@ -119,14 +134,13 @@ def test_too_many_parts_are_grouped_into_staged_objects() -> None:
     planned, sources = random_planned(random.Random(2), [400] * 9, header=50)
     plan = plan_object(planned, limits)
     assert len(plan.parts) <= 5 and plan.staged
-    assert replay(plan, sources, limits) == planned_bytes(planned, sources)
+    assert replay(plan, planned, sources, limits) == planned_bytes(planned, sources)
 
 
 def test_a_file_under_the_minimum_part_is_one_upload() -> None:
     planned, sources = random_planned(random.Random(3), [10, 20, 30], header=16)
     plan = plan_object(planned, SMALL)
-    spans = tuple(Span(r.source, r.source_offset, r.length) for r in planned.ranges)
-    assert plan.parts == (UploadPart(planned.header, spans),)
+    assert plan.parts == (UploadPart(0, planned.size),)
     assert not plan.staged
 
 
@@ -162,7 +176,7 @@ def test_merging_a_real_layout_moves_one_part_through_the_client(shape: str) -> 
     plan = plan_object(planned)
     check_object_plan(plan)
     assert plan.uploaded_bytes == 5 * MiB
-    assert plan.fetched_bytes < 5 * MiB
+    assert plan.fetched_bytes(planned) < 5 * MiB
     assert plan.uploaded_bytes + plan.copied_bytes >= planned.size
     assert len(plan.parts) < 1000
 

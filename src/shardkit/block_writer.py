@@ -4,8 +4,9 @@ Why not the kernel copy (:mod:`shardkit.byte_copy`) everywhere: measured on this
 project's benchmark disk, a copy through the page cache spends its time in write-back
 (a 2 GB buffered write + fsync took 4.5-8.2 s, the same bytes written with O_DIRECT
 4.0-4.4 s), while reads from the sources are cheap and can run at the same time.
-So each output block is assembled in user memory (the header and the byte ranges of
-the shards that fall into it, read with `preadv`), then written straight to the disk
+So each output block is assembled in user memory (by the output's `fill` function:
+the plan's header bytes, byte ranges of the shards read with `preadv`, converted
+tensors), then written straight to the disk
 while the other worker assembles the next block. The read of block N+2 is announced
 ahead (`POSIX_FADV_WILLNEED`) so it is usually in the page cache when its turn comes.
 
@@ -51,17 +52,6 @@ class DirectIOUnavailable(Exception):
     """The destination does not accept O_DIRECT writes; nothing was written."""
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Bytes at `dest_offset` of the output: `data` itself, or `length` bytes of `src_fd`."""
-
-    dest_offset: int
-    length: int
-    src_fd: int = -1
-    src_offset: int = 0
-    data: bytes | None = None
-
-
 def enable(fd: int) -> bool:
     """Switch `fd` to O_DIRECT; False where the filesystem refuses it."""
     if not hasattr(os, "O_DIRECT"):
@@ -81,18 +71,25 @@ def disable(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
 
 
+#: `fill(start, into)`: put bytes [start, start + len(into)) of the output into `into`.
+Fill = Callable[[int, memoryview], None]
+#: `read_ahead(start, end)`: hint the kernel at the source bytes of output bytes [start, end).
+ReadAhead = Callable[[int, int], None]
+
+
 @dataclass(frozen=True)
 class Output:
-    """One output file: an empty file open with O_DIRECT, its size, its pieces in order."""
+    """One output file: an empty file open with O_DIRECT, its size, and what makes its bytes."""
 
     fd: int
     size: int
-    pieces: Sequence[Piece]
+    fill: Fill
     hasher: Hasher | None = None
+    read_ahead: ReadAhead | None = None
 
 
 def write_files(outputs: Sequence[Output], *, on_progress: Callable[[int], None] | None = None) -> None:
-    """Write each output's pieces (contiguous from offset 0, in order) as one stream of blocks.
+    """Write each output's bytes (from its `fill`) as one stream of blocks.
 
     Every `fd` must be open with O_DIRECT (:func:`enable`) on an empty file.
     `on_progress` is called from either worker thread, one call at a time.
@@ -112,7 +109,6 @@ class _Stopped(Exception):
 class _BlockWriter:
     def __init__(self, outputs: Sequence[Output], on_progress: Callable[[int], None] | None) -> None:
         self.outputs = outputs
-        self.starts = [[p.dest_offset for p in output.pieces] for output in outputs]
         #: global block number of each output's first block (blocks are numbered across outputs)
         self.first_blocks: list[int] = []
         self.blocks = 0
@@ -218,42 +214,23 @@ class _BlockWriter:
             self.stop = True
             self.lock.notify_all()
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ block bytes
 
     def _fill(self, buffer: memoryview, which: int, start: int) -> int:
-        """Copy bytes [start, start + BLOCK) of output `which` into `buffer`; returns how many."""
-        pieces = self.outputs[which].pieces
-        length = min(BLOCK, self.outputs[which].size - start)
-        index = bisect.bisect_right(self.starts[which], start) - 1
-        filled = 0
-        while filled < length:
-            piece = pieces[index]
-            into = start + filled - piece.dest_offset
-            take = min(piece.length - into, length - filled)
-            target = buffer[filled : filled + take]
-            if piece.data is not None:
-                target[:] = piece.data[into : into + take]
-            else:
-                _read_exactly(piece.src_fd, target, piece.src_offset + into)
-            filled += take
-            index += 1
+        """Bytes [start, start + BLOCK) of output `which` into `buffer`; returns how many."""
+        output = self.outputs[which]
+        length = min(BLOCK, output.size - start)
+        output.fill(start, buffer[:length])
         return length
 
     def _prefetch(self, index: int) -> None:
         """Ask the kernel to start reading block `index`'s sources now."""
-        if index >= self.blocks or not hasattr(os, "posix_fadvise"):
+        if index >= self.blocks:
             return
         which, start = self._locate(index)
-        pieces = self.outputs[which].pieces
-        end = min(start + BLOCK, self.outputs[which].size)
-        position = bisect.bisect_right(self.starts[which], start) - 1
-        while position < len(pieces) and pieces[position].dest_offset < end:
-            piece = pieces[position]
-            if piece.data is None and piece.length:
-                into = max(start - piece.dest_offset, 0)
-                take = min(piece.length, end - piece.dest_offset) - into
-                os.posix_fadvise(piece.src_fd, piece.src_offset + into, take, os.POSIX_FADV_WILLNEED)
-            position += 1
+        output = self.outputs[which]
+        if output.read_ahead is not None:
+            output.read_ahead(start, min(start + BLOCK, output.size))
 
     # ------------------------------------------------------------------ output
 
@@ -341,7 +318,7 @@ def _address(region: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(region))
 
 
-def _read_exactly(fd: int, target: memoryview, offset: int) -> None:
+def read_exactly(fd: int, target: memoryview, offset: int) -> None:
     filled = 0
     while filled < len(target):
         got = os.preadv(fd, [target[filled:]], offset + filled)

@@ -6,11 +6,13 @@ first byte, and removes everything it staged if anything goes wrong (a disk that
 fills up anyway, Ctrl-C). Files are not preallocated: on ext4, writing into
 preallocated (unwritten) extents measured slower than plain appends.
 
-Local bytes are written as O_DIRECT blocks (:mod:`shardkit.block_writer`), or with
-the kernel copy (:mod:`shardkit.byte_copy`) where the destination refuses O_DIRECT.
+Local bytes are written as O_DIRECT blocks (:mod:`shardkit.block_writer`), each
+block made by :func:`shardkit.fill.fill` from the plan's steps, or, where the
+destination refuses O_DIRECT, with the kernel copy (:mod:`shardkit.byte_copy`) for
+plain-copy steps and `fill` for the others (the header, converted tensors).
 
-Sources may be remote: their ranges are then fetched with parallel ranged reads and
-written in order (:mod:`shardkit.storage.stream`). An `s3://` destination is written
+Sources may be remote: the file is then made by `fill` in chunks, several at once
+(parallel ranged reads), and written in order. An `s3://` destination is written
 by :mod:`shardkit.execute_s3` as multipart uploads instead of staged files.
 """
 
@@ -29,8 +31,8 @@ from pathlib import Path
 from . import atomic, block_writer, storage
 from .byte_copy import RangeCopier
 from .errors import OutputError, OutputExistsError, SourceChangedError, WriteError
-from .format import Header
-from .plan import Plan, PlannedFile
+from .fill import CastLog, Read, fill, ordered_chunks
+from .plan import Copy, Plan, PlannedFile, Source
 from .storage import stream
 
 #: Room kept free beyond the output's size for metadata and the filesystem itself.
@@ -77,22 +79,24 @@ def execute(
     plan: Plan,
     dest: Path,
     *,
-    sources: Sequence[Header],
     as_folder: bool,
     force: bool = False,
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
+    log: CastLog | None = None,
 ) -> list[WrittenFile]:
-    """Write `plan` to `dest` (a file, or a folder holding all planned files)."""
+    """Write `plan` to `dest` (a file, or a folder holding all planned files).
+
+    The cast statistics of converted tensors go into `log`."""
     if not as_folder and len(plan.files) != 1:
         raise ValueError("a single-file destination needs a plan with exactly one file")
+    log = log if log is not None else CastLog()
+    sources = plan.sources
     if storage.is_remote(dest):
         from .execute_s3 import execute_s3
 
-        return execute_s3(
-            plan, dest, sources=sources, as_folder=as_folder, force=force, sha256=sha256, progress=progress
-        )
-    local_sources = (Path(h.path) for h in sources if not storage.is_remote(h.path))
+        return execute_s3(plan, dest, as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log)
+    local_sources = (Path(s.path) for s in sources if not storage.is_remote(s.path))
     check_destination(dest, local_sources, force=force, as_folder=as_folder)
     atomic.clean(dest.parent, dest.name)
     check_free_space(dest.parent, plan.total_bytes + sum(c.source.stat().st_size for c in plan.copies))
@@ -101,11 +105,11 @@ def execute(
     try:
         if as_folder:
             staged.mkdir()
-            written = _write_files(plan.files, staged, sha256, progress)
+            written = _write_files(plan.files, staged, sha256, progress, log)
             _write_extras(plan, staged, written)
             atomic.fsync_path(staged)
         else:
-            written = _write_group(plan.files, [staged], sha256, progress)
+            written = _write_group(plan.files, [staged], sha256, progress, log)
         check_sources_unchanged(sources)
         atomic.commit(staged, dest, replace=force)
     except OSError as exc:
@@ -118,11 +122,11 @@ def execute(
     return written
 
 
-def check_sources_unchanged(sources: Sequence[Header]) -> None:
-    for header in sources:
-        reason = storage.source_changed(header)
+def check_sources_unchanged(sources: Sequence[Source]) -> None:
+    for source in sources:
+        reason = storage.source_changed(source)
         if reason is not None:
-            raise SourceChangedError(f"{header.path}: {reason}")
+            raise SourceChangedError(f"{source.path}: {reason}")
 
 
 def _write_error(exc: OSError, dest: Path) -> WriteError:
@@ -139,18 +143,26 @@ FILES_PER_STREAM = 64
 
 
 def _write_files(
-    planned: Sequence[PlannedFile], folder: Path, sha256: bool, progress: Callable[[int], None] | None
+    planned: Sequence[PlannedFile],
+    folder: Path,
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
 ) -> list[WrittenFile]:
     """Write the planned files into `folder`, a group of files per block stream."""
     written: list[WrittenFile] = []
     for first in range(0, len(planned), FILES_PER_STREAM):
         group = planned[first : first + FILES_PER_STREAM]
-        written += _write_group(group, [folder / f.name for f in group], sha256, progress)
+        written += _write_group(group, [folder / f.name for f in group], sha256, progress, log)
     return written
 
 
 def _write_group(
-    planned: Sequence[PlannedFile], paths: Sequence[Path], sha256: bool, progress: Callable[[int], None] | None
+    planned: Sequence[PlannedFile],
+    paths: Sequence[Path],
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
 ) -> list[WrittenFile]:
     fds: list[int] = []
     sources: dict[str, int] = {}
@@ -159,15 +171,15 @@ def _write_group(
             fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
             closing.callback(os.close, fds[-1])
         remote = False
-        for byte_range in (r for f in planned for r in f.ranges):
-            if storage.is_remote(byte_range.source):
+        for source in {path for f in planned for path, _, _ in f.source_spans(0, f.size)}:
+            if storage.is_remote(source):
                 remote = True
-            elif byte_range.source not in sources:
-                sources[byte_range.source] = os.open(byte_range.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                closing.callback(os.close, sources[byte_range.source])
-        digests = None if remote else _write_direct(fds, planned, sources, sha256, progress)
+            else:
+                sources[source] = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                closing.callback(os.close, sources[source])
+        digests = None if remote else _write_direct(fds, planned, sources, sha256, progress, log)
         if digests is None:  # remote sources, or a destination that refuses O_DIRECT
-            digests = [_copy_with_kernel(fd, f, sources, sha256, progress) for fd, f in zip(fds, planned)]
+            digests = [_copy_with_kernel(fd, f, sources, sha256, progress, log) for fd, f in zip(fds, planned)]
         for fd in fds:
             os.fsync(fd)
     return [WrittenFile(f.name, f.size, len(f.tensors), digest) for f, digest in zip(planned, digests)]
@@ -185,12 +197,17 @@ def copy_method() -> str:
     return method
 
 
+#: Threads converting each block: the block workers share the cores between them.
+CAST_WORKERS = max(1, (os.cpu_count() or 1) // block_writer.WORKERS)
+
+
 def _write_direct(
     fds: Sequence[int],
     planned: Sequence[PlannedFile],
     sources: dict[str, int],
     sha256: bool,
     progress: Callable[[int], None] | None,
+    log: CastLog,
 ) -> list[str | None] | None:
     """The O_DIRECT block stream; None (outputs emptied again) where the destination refuses it."""
     method = copy_method()
@@ -198,7 +215,7 @@ def _write_direct(
         if method == "kernel" or not all(block_writer.enable(fd) for fd in fds):
             raise block_writer.DirectIOUnavailable("O_DIRECT not enabled on the output")
         hashers = [hashlib.sha256() if sha256 else None for _ in planned]
-        outputs = [_direct_output(*each, sources) for each in zip(fds, planned, hashers)]
+        outputs = [direct_output(*each, sources, log) for each in zip(fds, planned, hashers)]
         block_writer.write_files(outputs, on_progress=progress)
     except block_writer.DirectIOUnavailable as exc:
         if method == "direct":
@@ -211,65 +228,139 @@ def _write_direct(
     return [hasher.hexdigest() if hasher else None for hasher in hashers]
 
 
-def _direct_output(
-    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: dict[str, int]
+def local_read(sources: dict[str, int]) -> Read:
+    """The `read` of :func:`shardkit.fill.fill` over open source descriptors."""
+
+    def read(source: str, offset: int, into: memoryview) -> None:
+        block_writer.read_exactly(sources[source], into, offset)
+
+    return read
+
+
+def direct_output(
+    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: dict[str, int], log: CastLog
 ) -> block_writer.Output:
-    pieces = [block_writer.Piece(0, len(planned.header), data=planned.header)]
-    pieces += (
-        block_writer.Piece(r.dest_offset, r.length, sources[r.source], r.source_offset)
-        for r in planned.ranges
-        if r.length
-    )
-    return block_writer.Output(fd, planned.size, pieces, hasher)
+    """A planned file as a block-writer output: every block made by `fill` from its steps."""
+    read = local_read(sources)
+
+    def fill_block(start: int, into: memoryview) -> None:
+        log.add(fill(planned, start, into, read, workers=CAST_WORKERS))
+
+    def read_ahead(start: int, end: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            for source, offset, length in planned.source_spans(start, end):
+                os.posix_fadvise(sources[source], offset, length, os.POSIX_FADV_WILLNEED)
+
+    return block_writer.Output(fd, planned.size, fill_block, hasher, read_ahead)
 
 
 def _copy_with_kernel(
-    fd: int, planned: PlannedFile, sources: dict[str, int], sha256: bool, progress: Callable[[int], None] | None
+    fd: int,
+    planned: PlannedFile,
+    sources: dict[str, int],
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
 ) -> str | None:
-    """The kernel copy (copy_file_range, sendfile, reads) and the path for remote sources."""
+    """The kernel copy (copy_file_range, sendfile, reads) for plain copies, `fill` for the
+    rest; and the path for remote sources, whose bytes are all made by `fill`."""
     hasher = hashlib.sha256() if sha256 else None
     copier = RangeCopier(fd, hasher=hasher, on_progress=progress)
     try:
-        copier.write(planned.header, 0)
-        if any(storage.is_remote(r.source) for r in planned.ranges):
-            _fetch_ranges(planned, copier)
+        if any(storage.is_remote(source) for source, _, _ in planned.source_spans(0, planned.size)):
+            with RangeSources([planned]) as remote:
+                _write_made(copier, planned, remote.read, 0, planned.size, log)
         else:
-            for r in planned.ranges:
-                copier.copy(sources[r.source], r.source_offset, r.dest_offset, r.length)
+            read = local_read(sources)
+            for run_start, run_end, copies in _runs(planned):
+                if copies:
+                    for step in copies:
+                        copier.copy(sources[step.source], step.source_offset, step.offset, step.length)
+                else:
+                    _write_made(copier, planned, read, run_start, run_end, log)
     finally:
         copier.close()
     return hasher.hexdigest() if hasher else None
 
 
-def _fetch_ranges(planned: PlannedFile, copier: RangeCopier) -> None:
-    """Remote sources: parallel ranged reads, written (and hashed) in file order."""
-    readers: dict[str, storage.RangeReader] = {}
-    try:
-        for r in planned.ranges:
-            if r.source not in readers:
-                readers[r.source] = storage.open_reader(r.source)
-        chunks = stream.ordered_reads((readers[r.source], r.source_offset, r.length) for r in planned.ranges)
-        offset = len(planned.header)
-        for chunk in chunks:
-            copier.write(chunk, offset)
-            offset += len(chunk)
-    finally:
-        for reader in readers.values():
+def _runs(planned: PlannedFile) -> list[tuple[int, int, list[Copy]]]:
+    """The file as alternating runs: plain copies (a list), and bytes `fill` makes (none)."""
+    runs: list[tuple[int, int, list[Copy]]] = []
+    for step in planned.steps:
+        is_copy = isinstance(step, Copy)
+        if runs and bool(runs[-1][2]) == is_copy:
+            start, _, copies = runs[-1]
+            runs[-1] = (start, step.offset + step.length, copies)
+        else:
+            runs.append((step.offset, step.offset + step.length, []))
+        if is_copy:
+            runs[-1][2].append(step)  # type: ignore[arg-type]
+    return runs
+
+
+def _write_made(copier: RangeCopier, planned: PlannedFile, read: Read, start: int, end: int, log: CastLog) -> None:
+    """Bytes [start, end) made by `fill`, several chunks at once, written in file order."""
+    remote = any(storage.is_remote(source) for source, _, _ in planned.source_spans(start, end))
+    workers = stream_workers(remote)
+    offset = start
+    for chunk in ordered_chunks(planned, read, start=start, end=end, workers=workers, log=log):
+        copier.write(chunk, offset)
+        offset += len(chunk)
+
+
+def stream_workers(remote: bool) -> int:
+    """Chunks made at once: enough ranged reads in flight for a store, else every core."""
+    return stream.WORKERS if remote else max(2, os.cpu_count() or 1)
+
+
+class RangeSources:
+    """Ranged readers (pread locally, ranged GETs remotely) of the sources of planned
+    files, opened once each; `read` is the `read` of :func:`shardkit.fill.fill`."""
+
+    def __init__(self, planned: Sequence[PlannedFile]) -> None:
+        self._readers: dict[str, storage.RangeReader] = {}
+        try:
+            for each in planned:
+                for source, _, _ in each.source_spans(0, each.size):
+                    if source not in self._readers:
+                        self._readers[source] = storage.open_reader(source)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, source: str, offset: int, into: memoryview) -> None:
+        data = self._readers[source].read(offset, len(into))
+        if len(data) != len(into):
+            raise OSError(errno.EIO, f"{source}: ended early at offset {offset + len(data)} (file shrank?)")
+        into[:] = data
+
+    def close(self) -> None:
+        for reader in self._readers.values():
             reader.close()
+        self._readers.clear()
+
+    def __enter__(self) -> RangeSources:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
-    if plan.index is not None and plan.index_name is not None:
-        text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
-        _write_text(staged / plan.index_name, text)
+    """Companion files, then the index, then the checksum file (the plan's write order)."""
     for copy in plan.copies:
         target = staged / copy.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if storage.is_remote(copy.source):
+        if copy.data is not None:
+            target.write_bytes(copy.data)
+        elif storage.is_remote(copy.source):
             target.write_bytes(storage.read_bytes(copy.source))
         else:
             shutil.copyfile(copy.source, target)
         _fsync_file(target)
+    if plan.index is not None and plan.index_name is not None:
+        text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
+        _write_text(staged / plan.index_name, text)
     sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
     if sums:
         _write_text(staged / checksum_file_name(plan), "".join(sums))

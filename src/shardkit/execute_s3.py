@@ -8,12 +8,13 @@ deletes the staged objects a previous run left for the same destination.
 
 Two ways to fill an upload:
 
-- *server-side*, when every source is an object of the same store: the parts are
-  copied from the sources inside the store (UploadPartCopy, planned by
-  :mod:`shardkit.multipart_plan`); the client only uploads the first 5 MiB (the new
-  header and the data after it) and sends requests;
-- *streamed* otherwise (local files, HTTP, another store): the output's bytes are read
-  in order with parallel ranged reads and uploaded as parts, in bounded memory.
+- *server-side*, when every source is an object of the same store: plain-copy steps
+  are copied from the sources inside the store (UploadPartCopy, planned by
+  :mod:`shardkit.multipart_plan`); the client makes and uploads only the rest: the
+  first 5 MiB (the new header and the data after it) and converted tensors;
+- *streamed* otherwise (local files, HTTP, another store): the output's bytes are made
+  in order by :func:`shardkit.fill.fill`, several chunks at once (parallel ranged
+  reads), and uploaded as parts, in bounded memory.
 
 A folder output is several objects: weight files first, then config and tokenizer
 files, then the index, so an index never names a shard that is not there yet. S3
@@ -30,15 +31,14 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import chain
 
 from . import storage
 from .atomic import TEMP_MARK
 from .errors import OutputError, OutputExistsError
-from .execute import WrittenFile, check_sources_unchanged, checksum_file_name
-from .format import Header
+from .execute import RangeSources, WrittenFile, check_sources_unchanged, checksum_file_name, stream_workers
+from .fill import CastLog, fill, ordered_chunks
 from .multipart_plan import CopyPart, ObjectPlan, Part, UploadPart, plan_object
-from .plan import Plan, PlannedFile
+from .plan import Plan, PlannedFile, Source
 from .storage import stream
 from .storage.remote import RemotePath
 from .storage.s3 import WORKERS, S3Path, S3Store
@@ -55,13 +55,15 @@ def execute_s3(
     plan: Plan,
     dest: RemotePath,
     *,
-    sources: Sequence[Header],
     as_folder: bool,
     force: bool = False,
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
+    log: CastLog | None = None,
 ) -> list[WrittenFile]:
     """Write `plan` to `dest` (an object, or a folder prefix holding all planned files)."""
+    sources = plan.sources
+    log = log if log is not None else CastLog()
     if not isinstance(dest, S3Path):
         raise OutputError(f"{dest}: cannot write there; outputs go to a local path or an s3:// URL")
     check_s3_destination(dest, sources, force=force, as_folder=as_folder)
@@ -77,7 +79,9 @@ def execute_s3(
             # Reads are conditional on each source's ETag anyway; this also catches a source
             # replaced after its last byte was read, as a local run would.
             check = lambda: check_sources_unchanged(sources)  # noqa: E731
-            written.append(write(planned, target, sha256=sha256, progress=progress, before_commit=check))  # type: ignore[arg-type]
+            written.append(
+                write(planned, target, sha256=sha256, progress=progress, before_commit=check, log=log)  # type: ignore[arg-type]
+            )
             completed.append(target)  # type: ignore[arg-type]
         if as_folder:
             completed += _write_extras(plan, dest, written)
@@ -90,9 +94,9 @@ def execute_s3(
     return written
 
 
-def is_server_side(sources: Sequence[Header], dest: object) -> bool:
+def is_server_side(sources: Sequence[Source], dest: object) -> bool:
     """Whether writing to `dest` copies inside the store: every source is in the same one."""
-    return isinstance(dest, S3Path) and all(_same_store(h.path, dest.store) for h in sources)
+    return isinstance(dest, S3Path) and all(_same_store(s.path, dest.store) for s in sources)
 
 
 def _same_store(location: str, store: S3Store) -> bool:
@@ -103,7 +107,7 @@ def _same_store(location: str, store: S3Store) -> bool:
 # --------------------------------------------------------------------------- destination
 
 
-def check_s3_destination(dest: S3Path, sources: Iterable[Header], *, force: bool, as_folder: bool) -> None:
+def check_s3_destination(dest: S3Path, sources: Iterable[Source], *, force: bool, as_folder: bool) -> None:
     """The same refusals as a local destination: existing output without force, a
     kind change, an output that is or contains a source, a bucket that is not there."""
     if not as_folder and not dest.key:
@@ -229,20 +233,18 @@ def upload_streamed(
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    log: CastLog | None = None,
 ) -> WrittenFile:
-    """Upload the planned file's bytes, read in order from wherever the sources are."""
+    """Upload the planned file's bytes, made in order from wherever the sources are."""
     hasher = hashlib.sha256() if sha256 else None
     part_size = max(PART_SIZE, -(-planned.size // 10_000 // MiB) * MiB)
     in_flight = max(1, IN_FLIGHT // part_size)
-    readers = {r.source: storage.open_reader(r.source) for r in planned.ranges}
-    # Local files need no lead to keep the upload busy; remote sources get the full one.
-    local = not any(storage.is_remote(source) for source in readers)
-    pieces = ((readers[r.source], r.source_offset, r.length) for r in planned.ranges)
-    chunks = chain(
-        [planned.header],
-        stream.ordered_reads(pieces, max_buffered=2 * stream.CHUNK if local else stream.MAX_BUFFERED),
-    )
-    try:
+    with RangeSources([planned]) as sources:
+        # Local files need no lead to keep the upload busy; remote sources get the full one.
+        remote = any(storage.is_remote(source) for source, _, _ in planned.source_spans(0, planned.size))
+        workers = stream_workers(remote)
+        lead = stream.MAX_BUFFERED if remote else workers * stream.CHUNK
+        chunks = ordered_chunks(planned, sources.read, workers=workers, max_buffered=lead, log=log)
         if planned.size <= part_size:
             data = b"".join(chunks)
             if hasher is not None:
@@ -254,9 +256,6 @@ def upload_streamed(
                 progress(len(data))
         else:
             _upload_parts(chunks, target, part_size, in_flight, hasher, progress, before_commit)
-    finally:
-        for reader in readers.values():
-            reader.close()
     return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
 
 
@@ -326,36 +325,37 @@ def assemble(
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    log: CastLog | None = None,
 ) -> WrittenFile:
-    """Build the planned file inside the store from ranges of its source objects."""
-    digest = _hash_planned(planned) if sha256 else None
+    """Build the planned file inside the store: plain copies server-side, the rest made here."""
+    log = log if log is not None else CastLog()
     object_plan = plan_object(planned)
-    if not object_plan.staged and len(object_plan.parts) == 1 and isinstance(object_plan.parts[0], UploadPart):
-        data = _part_bytes(object_plan.parts[0])
-        if before_commit is not None:
-            before_commit()
-        put_bytes(target, data)
-        if progress is not None:
-            progress(planned.size)
-    else:
-        _Assembly(object_plan, target, progress, before_commit).run()
+    with RangeSources([planned]) as sources:
+        digest = _hash_planned(planned, sources, log) if sha256 else None
+
+        def make(part: UploadPart) -> bytes:
+            data = bytearray(part.length)
+            stats = fill(planned, part.start, memoryview(data), sources.read)
+            if not sha256:  # with sha256 every element was counted while hashing
+                log.add(stats)
+            return data  # type: ignore[return-value]
+
+        if not object_plan.staged and len(object_plan.parts) == 1 and isinstance(object_plan.parts[0], UploadPart):
+            data = make(object_plan.parts[0])
+            if before_commit is not None:
+                before_commit()
+            put_bytes(target, data)
+            if progress is not None:
+                progress(planned.size)
+        else:
+            _Assembly(object_plan, target, make, progress, before_commit).run()
     return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
 
 
-def _part_bytes(part: UploadPart) -> bytes:
-    readers: dict[str, storage.RangeReader] = {}
-    pieces = [part.data]
-    for span in part.spans:
-        reader = readers.get(span.source) or readers.setdefault(span.source, storage.open_reader(span.source))
-        pieces.append(reader.read(span.offset, span.length))
-    return b"".join(pieces)
-
-
-def _hash_planned(planned: PlannedFile) -> str:
-    """SHA-256 of the output without writing it: the one case that reads every byte."""
-    hasher = hashlib.sha256(planned.header)
-    readers = {r.source: storage.open_reader(r.source) for r in planned.ranges}
-    for chunk in stream.ordered_reads((readers[r.source], r.source_offset, r.length) for r in planned.ranges):
+def _hash_planned(planned: PlannedFile, sources: RangeSources, log: CastLog) -> str:
+    """SHA-256 of the output without writing it: the one case that makes every byte here."""
+    hasher = hashlib.sha256()
+    for chunk in ordered_chunks(planned, sources.read, workers=stream.WORKERS, log=log):
         hasher.update(chunk)
     return hasher.hexdigest()
 
@@ -371,10 +371,12 @@ class _Assembly:
         self,
         plan: ObjectPlan,
         target: S3Path,
+        make: Callable[[UploadPart], bytes],
         progress: Callable[[int], None] | None,
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         self.plan = plan
+        self.make = make
         self.target = target
         self.progress = progress
         self.before_commit = before_commit
@@ -430,7 +432,7 @@ class _Assembly:
                 source = storage.lookup(span.source)  # type: ignore[assignment]
             upload.copy_part(number, source, span.offset, span.length)  # type: ignore[arg-type]
         else:
-            upload.upload_part(number, _part_bytes(part))
+            upload.upload_part(number, self.make(part))
         if final and self.progress is not None:
             self.progress(part.size)
 
@@ -444,7 +446,9 @@ def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile]) -> list[
     for copy in plan.copies:
         target = dest / copy.name
         source = storage.as_path(copy.source) if isinstance(copy.source, str) else copy.source
-        if isinstance(source, S3Path) and source.store is dest.store:
+        if copy.data is not None:
+            put_bytes(target, copy.data)  # type: ignore[arg-type]
+        elif isinstance(source, S3Path) and source.store is dest.store:
             dest.store.call(
                 "copy_object", str(source), Bucket=dest.bucket, Key=target.key,  # type: ignore[attr-defined]
                 CopySource={"Bucket": source.bucket, "Key": source.key},

@@ -7,8 +7,12 @@ costs almost no traffic. The rules that shape the plan:
 - every part but the last is 5 MiB to 5 GiB, and an upload has at most 10,000 parts;
 - a part is either uploaded by the client or copied from one range of one object.
 
-The first part must start with the new header, which only the client has: it is the
-header plus enough leading tensor data (fetched with ranged GETs) to reach 5 MiB.
+Parts the store cannot copy are *made by the client*: the bytes of every planned step
+that is not a plain copy (the header, converted tensors), produced by
+:func:`shardkit.fill.fill` and uploaded in parts of at most `upload_part` bytes. A
+made run shorter than 5 MiB takes in the start of the next copied range (fetched
+with ranged GETs) to reach 5 MiB, as the first part does: the new header plus
+enough leading tensor data.
 A tensor range of 5 MiB or more becomes copy parts (split beyond 5 GiB). The hard
 case is a run of small ranges between big ones (layer norms, biases, small
 projections: several MB per layer, ~90 MB for a 0.5B model), which cannot be parts of
@@ -28,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .plan import PlannedFile
+from .plan import Copy, PlannedFile
 
 MiB = 1024 * 1024
 
@@ -43,6 +47,12 @@ class PartLimits:
     #: A chain is cut once its staged object holds this much (the head goes in as a
     #: part, the last min_part bytes carry on), so a chain step copies < chain_limit + min_part.
     chain_limit: int = 10 * MiB
+    #: Largest part the client makes and uploads: what it holds in memory per part in flight.
+    upload_part: int = 8 * MiB
+
+    @property
+    def made_part(self) -> int:
+        return min(self.upload_part, self.max_part)
 
     def __post_init__(self) -> None:
         # A big range is cut into pieces of at least max_part / 2; a staged object holds
@@ -51,6 +61,8 @@ class PartLimits:
             raise ValueError(f"inconsistent part limits: {self}")
         if not 2 * self.min_part <= self.chain_limit <= self.max_part - self.min_part:
             raise ValueError("chain_limit must lie between 2 × min_part and max_part − min_part")
+        if self.made_part < self.min_part:
+            raise ValueError("upload_part must be at least min_part")
 
 
 @dataclass(frozen=True)
@@ -64,14 +76,15 @@ class Span:
 
 @dataclass(frozen=True)
 class UploadPart:
-    """A part the client uploads: `data` (the header) followed by the spans' bytes, fetched."""
+    """A part the client makes and uploads: bytes [start, start + length) of the planned
+    file, produced from its steps (header, converted tensors, copied bytes fetched)."""
 
-    data: bytes = b""
-    spans: tuple[Span, ...] = ()
+    start: int
+    length: int
 
     @property
     def size(self) -> int:
-        return len(self.data) + sum(s.length for s in self.spans)
+        return self.length
 
 
 @dataclass(frozen=True)
@@ -122,10 +135,10 @@ class ObjectPlan:
         """Bytes the client sends (parts it uploads)."""
         return sum(p.size for _, parts in self.uploads() for p in parts if isinstance(p, UploadPart))
 
-    @property
-    def fetched_bytes(self) -> int:
-        """Bytes the client downloads to build the parts it uploads."""
-        return sum(s.length for _, parts in self.uploads() for p in parts if isinstance(p, UploadPart) for s in p.spans)
+    def fetched_bytes(self, planned: PlannedFile) -> int:
+        """Bytes the client downloads to make the parts it uploads."""
+        made = (p for _, parts in self.uploads() for p in parts if isinstance(p, UploadPart))
+        return sum(span[2] for p in made for span in planned.source_spans(p.start, p.start + p.length))
 
     @property
     def copied_bytes(self) -> int:
@@ -134,35 +147,20 @@ class ObjectPlan:
 
 
 def plan_object(planned: PlannedFile, limits: PartLimits = PartLimits()) -> ObjectPlan:
-    """The parts that assemble `planned` from its sources inside the store."""
-    segments = [Span(r.source, r.source_offset, r.length) for r in planned.ranges]
+    """The parts that assemble `planned` inside the store: copies of its plain-copy
+    steps where S3's part rules allow, parts the client makes for everything else."""
     # Each cut of a chain adds a part: a huge file gets longer chains to stay within max_parts.
     wanted = -(-planned.size // (limits.max_parts // 2))
     limits = replace(limits, chain_limit=min(max(limits.chain_limit, wanted), limits.max_part - limits.min_part))
     if planned.size <= limits.min_part:
-        return ObjectPlan((UploadPart(planned.header, tuple(segments)),))
-    lead, rest = _take(segments, limits.min_part - len(planned.header))
+        return ObjectPlan((UploadPart(0, planned.size),))
     builder = _Builder(limits)
-    builder.tail = _Tail(UploadPart(planned.header, tuple(lead)))
-    for segment in rest:
-        builder.add(segment)
-    return builder.finish()
-
-
-def _take(segments: Sequence[Span], count: int) -> tuple[list[Span], list[Span]]:
-    """The first `count` bytes of the segments, and the rest (a segment may be cut)."""
-    taken: list[Span] = []
-    rest = list(segments)
-    while count > 0 and rest:
-        first = rest.pop(0)
-        if first.length <= count:
-            taken.append(first)
-            count -= first.length
+    for step in planned.steps:
+        if isinstance(step, Copy):
+            builder.add(Span(step.source, step.source_offset, step.length))
         else:
-            taken.append(Span(first.source, first.offset, count))
-            rest.insert(0, Span(first.source, first.offset + count, first.length - count))
-            count = 0
-    return taken, rest
+            builder.make(step.length)
+    return builder.finish()
 
 
 @dataclass
@@ -171,6 +169,9 @@ class _Tail:
 
     base: Part
     appends: list[Span] = field(default_factory=list)
+    #: The base is being made by the client and holds more than the header: small copied
+    #: ranges join it (fetched) instead of costing a staged chain step each.
+    absorbs: bool = False
 
     @property
     def size(self) -> int:
@@ -183,8 +184,51 @@ class _Builder:
         self.parts: list[Part] = []
         self.staged: list[StagedObject] = []
         self.tail: _Tail | None = None
+        self.position = 0  # offset in the planned file of the next byte added
+
+    def _open_upload(self) -> UploadPart | None:
+        """The part being made by the client, if it is the tail and nothing is chained onto it."""
+        tail = self.tail
+        if tail is not None and isinstance(tail.base, UploadPart) and not tail.appends:
+            return tail.base
+        return None
+
+    def make(self, length: int) -> None:
+        """`length` bytes only the client can produce (a header, a converted tensor)."""
+        if self._open_upload() is None:
+            self._flush()
+            self.tail = _Tail(UploadPart(self.position, 0))
+        assert self.tail is not None
+        self.tail.absorbs = self.tail.absorbs or self.position > 0
+        self._grow(length)
+
+    def _grow(self, length: int) -> None:
+        """Extend the part being made; full parts of `made_part` bytes are emitted."""
+        assert self.tail is not None and isinstance(self.tail.base, UploadPart)
+        cap = self.limits.made_part
+        start, size = self.tail.base.start, self.tail.base.length
+        self.position += length
+        while length:
+            take = min(length, cap - size)
+            size, length = size + take, length - take
+            if size == cap and length:
+                self.parts.append(UploadPart(start, size))
+                start, size = start + size, 0
+        self.tail.base = UploadPart(start, size)
 
     def add(self, segment: Span) -> None:
+        made = self._open_upload()
+        if made is not None and self.tail is not None and self.tail.absorbs and segment.length < self.limits.min_part:
+            self._grow(segment.length)
+            return
+        if made is not None and made.size < self.limits.min_part:
+            # A part that is not last needs min_part bytes: the client fetches the lead of this range.
+            lead = min(segment.length, self.limits.min_part - made.size)
+            self._grow(lead)
+            segment = Span(segment.source, segment.offset + lead, segment.length - lead)
+            if not segment.length:
+                return
+        self.position += segment.length
         if segment.length >= self.limits.min_part:
             self._flush()
             pieces = _split(segment, self.limits.max_part)
@@ -192,7 +236,10 @@ class _Builder:
             self.tail = _Tail(CopyPart(pieces[-1]))
             return
         tail = self.tail
-        assert tail is not None, "a plan starts with its uploaded first part"
+        if tail is None:  # a file that opens with a small copied range: the client makes it
+            self.position -= segment.length
+            self.make(segment.length)
+            return
         if not tail.appends:
             self._carve(tail)
         elif tail.size >= self.limits.chain_limit:
@@ -206,10 +253,15 @@ class _Builder:
         """Copy a long base in directly and keep only its last min_part bytes to chain onto,
         so every chain step copies little."""
         base, keep = tail.base, self.limits.min_part
-        if isinstance(base, CopyPart) and base.size >= 2 * keep:
+        if base.size < 2 * keep:
+            return
+        if isinstance(base, CopyPart):
             span = base.span
             self.parts.append(CopyPart(Span(span.source, span.offset, span.length - keep)))
             tail.base = CopyPart(Span(span.source, span.offset + span.length - keep, keep))
+        else:
+            self.parts.append(UploadPart(base.start, base.length - keep))
+            tail.base = UploadPart(base.start + base.length - keep, keep)
 
     def _chain(self, base: Part, appends: Sequence[Span]) -> StagedObject:
         """staged₁ = base + a₁, staged₂ = staged₁ + a₂, ...: each small range is the last,
@@ -298,7 +350,7 @@ def check_object_plan(plan: ObjectPlan, limits: PartLimits = PartLimits()) -> No
         for number, part in enumerate(parts, 1):
             if part.size > limits.max_part or (number < len(parts) and part.size < limits.min_part):
                 raise ValueError(f"{where}: part {number} holds {part.size} bytes")
-            spans = part.spans if isinstance(part, UploadPart) else (part.span,)
+            spans = (part.span,) if isinstance(part, CopyPart) else ()
             for span in spans:
                 if span.source.startswith("staged-"):
                     if span.source not in built:

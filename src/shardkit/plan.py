@@ -10,55 +10,171 @@ lays it out (see `format.serialize_header`), so it is byte-for-byte what
 
 from __future__ import annotations
 
+import base64
+import bisect
+import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .checkpoint import Checkpoint, SourceTensor
-from .format import TensorSpec, serialize_header
+from .format import DTYPES, TensorSpec, serialize_header, tensor_nbytes
+
+#: A tensor's dtype in the output: its source dtype unless the run converts it.
+DtypeFor = Callable[[SourceTensor], str]
 
 
 @dataclass(frozen=True)
-class ByteRange:
-    """Copy `length` bytes from `source` at `source_offset` to `dest_offset`."""
+class Source:
+    """A file the plan reads, and who it was when its header was read.
 
+    `stat` is what :func:`shardkit.storage.source_changed` compares after the copy:
+    (device, inode, size, mtime_ns) for a local file, ("remote", ETag, size) for an
+    object; a plan run against a file that has changed since is discarded.
+    """
+
+    path: str
+    size: int
+    stat: tuple[object, ...] | None = None
+
+    def identity(self) -> dict[str, object]:
+        if self.stat is None:
+            return {"size": self.size}
+        if self.stat[0] == "remote":
+            return {"size": self.size, "etag": self.stat[1]}
+        device, inode, size, mtime_ns = self.stat
+        return {"size": size, "device": device, "inode": inode, "mtime_ns": mtime_ns}
+
+
+@dataclass(frozen=True)
+class Literal:
+    """Bytes the plan itself holds (a header, padding), at `offset` of the output."""
+
+    offset: int
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """`length` bytes of `source` from `source_offset`, unchanged, at `offset` of the output."""
+
+    offset: int
+    length: int
     source: str
     source_offset: int
-    dest_offset: int
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A tensor's elements re-encoded: `source_length` bytes of `src_dtype` elements at
+    `source_offset` of `source` become `length` bytes of `dst_dtype` at `offset`.
+
+    What it produces (dtype, size, place) is fixed here; the bytes are made while
+    writing, a chunk at a time, by :func:`shardkit.fill.fill`. The range covers whole
+    elements on both sides, so any part of it can be produced on its own.
+    """
+
+    offset: int
     length: int
+    source: str
+    source_offset: int
+    source_length: int
+    src_dtype: str
+    dst_dtype: str
+    tensor: str
+
+
+Step = Literal | Copy | Transform
 
 
 @dataclass(frozen=True)
 class PlannedFile:
-    """One output file: its header bytes, then its data as ranges of source files."""
+    """One output file as the steps that fill it, contiguous from offset 0 to `size`."""
 
     name: str  # relative to the output folder
-    header: bytes
-    ranges: tuple[ByteRange, ...]
+    steps: tuple[Step, ...]
     tensors: tuple[str, ...]  # in data order
     size: int
+    header_size: int = 0  # bytes before the first tensor (length prefix + JSON)
 
     @property
     def data_bytes(self) -> int:
-        return self.size - len(self.header)
+        return self.size - self.header_size
+
+    @property
+    def copies(self) -> tuple[Copy, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Copy))
+
+    @property
+    def transforms(self) -> tuple[Transform, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Transform))
+
+    @property
+    def literal_bytes(self) -> int:
+        return sum(s.length for s in self.steps if isinstance(s, Literal))
+
+    @cached_property
+    def starts(self) -> list[int]:
+        """Each step's output offset, for bisecting to the step that holds a byte."""
+        return [s.offset for s in self.steps]
+
+    def steps_in(self, start: int, end: int) -> Iterator[Step]:
+        """The steps that overlap bytes [start, end) of this file, in order."""
+        index = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while index < len(self.steps) and self.steps[index].offset < end:
+            step = self.steps[index]
+            if step.offset + step.length > start:
+                yield step
+            index += 1
+
+    def source_spans(self, start: int, end: int) -> Iterator[tuple[str, int, int]]:
+        """(source, offset, length) of the source bytes that bytes [start, end) are made
+        from: what to read ahead, or what a client fetches to make them."""
+        for step in self.steps_in(start, end):
+            lo, hi = max(start, step.offset) - step.offset, min(end, step.offset + step.length) - step.offset
+            if isinstance(step, Copy):
+                yield step.source, step.source_offset + lo, hi - lo
+            elif isinstance(step, Transform):
+                src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+                first, last = lo // dst, -(-hi // dst)
+                yield step.source, step.source_offset + first * src, (last - first) * src
+
+    def only_copies(self, start: int, end: int) -> bool:
+        """Whether bytes [start, end) are plain copies, which a fast path may move by itself."""
+        return all(isinstance(s, Copy) for s in self.steps_in(start, end))
 
 
 @dataclass(frozen=True)
 class FileCopy:
-    """A non-weight file (config, tokenizer, README, ...) copied as is."""
+    """A non-weight file (config, tokenizer, README, ...) copied as is, or, when `data`
+    is set, written with that content (a config.json whose dtype was changed)."""
 
     source: Path
     name: str
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
+    """Everything a run writes: weight files, then companion files, then the index.
+
+    Self-contained: `sources` names every file read with the identity it had when its
+    header was read, so a plan can be printed, compared, dumped and executed without
+    the checkpoint it came from.
+    """
+
     files: tuple[PlannedFile, ...]
     index_name: str | None = None
     index: Mapping[str, object] | None = None
     copies: tuple[FileCopy, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    sources: tuple[Source, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -67,6 +183,61 @@ class Plan:
     @property
     def tensor_count(self) -> int:
         return sum(len(f.tensors) for f in self.files)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """Every file written, in the order it is written (an index never names a shard
+        that is not there yet)."""
+        names = [f.name for f in self.files] + [c.name for c in self.copies]
+        return tuple(names + ([self.index_name] if self.index_name else []))
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as JSON-ready data: literal bytes in base64, nothing left out."""
+        return {
+            "sources": [{"path": s.path, **s.identity()} for s in self.sources],
+            "writes": list(self.writes),
+            "files": [
+                {
+                    "name": f.name, "size": f.size, "header_size": f.header_size, "tensors": list(f.tensors),
+                    "steps": [_step_dict(s) for s in f.steps],
+                }
+                for f in self.files
+            ],
+            "index_name": self.index_name,
+            "index": self.index,
+            "copies": [
+                {"name": c.name, "source": str(c.source), **({"rewritten": True} if c.data is not None else {})}
+                for c in self.copies
+            ],
+        }
+
+
+def _step_dict(step: Step) -> dict[str, object]:
+    if isinstance(step, Literal):
+        return {"kind": "literal", "offset": step.offset, "length": step.length,
+                "data_base64": base64.b64encode(step.data).decode("ascii")}
+    kind = "copy" if isinstance(step, Copy) else "transform"
+    return {"kind": kind, **dataclasses.asdict(step)}
+
+
+def check_planned_file(planned: PlannedFile) -> None:
+    """Raise ValueError unless the steps tile the file exactly and each is well formed:
+    contiguous from 0 to `size`, none empty, transforms whole elements on both sides."""
+    position = 0
+    for number, step in enumerate(planned.steps):
+        where = f"{planned.name}: step {number}"
+        if step.offset != position:
+            raise ValueError(f"{where} starts at {step.offset}, expected {position}")
+        if step.length <= 0:
+            raise ValueError(f"{where} is empty")
+        if isinstance(step, Transform):
+            src, dst = DTYPES[step.src_dtype].bits, DTYPES[step.dst_dtype].bits
+            elements = step.source_length * 8 // src
+            if step.source_length * 8 % src or step.length * 8 % dst or elements != step.length * 8 // dst:
+                raise ValueError(f"{where} does not map whole {step.src_dtype} elements to {step.dst_dtype}")
+        position += step.length
+    if position != planned.size:
+        raise ValueError(f"{planned.name}: steps end at {position}, the file is {planned.size} bytes")
 
 
 def merged_metadata(checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
@@ -94,38 +265,66 @@ def merged_metadata(checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
     return metadata, warnings
 
 
-def plan_file(name: str, tensors: Iterable[SourceTensor], metadata: Mapping[str, str] | None) -> PlannedFile:
-    """Lay out one file and the (coalesced) source ranges that fill it."""
+def plan_file(
+    name: str,
+    tensors: Iterable[SourceTensor],
+    metadata: Mapping[str, str] | None,
+    dtype_for: DtypeFor | None = None,
+) -> PlannedFile:
+    """Lay out one file: its header as a literal, then each tensor as a copy (adjacent
+    copies coalesced) or, where `dtype_for` changes its dtype, as a transform."""
     by_name = {t.name: t for t in tensors}
-    specs = (TensorSpec(t.name, t.info.dtype, t.info.shape, t.info.nbytes) for t in by_name.values())
+    dtypes = {n: (dtype_for(t) if dtype_for is not None else t.info.dtype) for n, t in by_name.items()}
+    specs = (
+        TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items()
+    )
     header, placed = serialize_header(specs, metadata)
-    ranges: list[ByteRange] = []
+    steps: list[Step] = [Literal(0, header)]
     for spec, offset in placed:
         source = by_name[spec.name]
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
-        last = ranges[-1] if ranges else None
+        if spec.dtype != source.info.dtype:
+            steps.append(Transform(
+                dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes,
+                source.info.dtype, spec.dtype, spec.name,
+            ))
+            continue
+        last = steps[-1]
         if (
-            last is not None
+            isinstance(last, Copy)
             and last.source == source.shard.path
             and last.source_offset + last.length == source.offset
-            and last.dest_offset + last.length == dest
+            and last.offset + last.length == dest
         ):
-            ranges[-1] = ByteRange(last.source, last.source_offset, last.dest_offset, last.length + spec.nbytes)
+            steps[-1] = Copy(last.offset, last.length + spec.nbytes, last.source, last.source_offset)
         else:
-            ranges.append(ByteRange(source.shard.path, source.offset, dest, spec.nbytes))
+            steps.append(Copy(dest, spec.nbytes, source.shard.path, source.offset))
     data = sum(spec.nbytes for spec, _ in placed)
-    return PlannedFile(name, header, tuple(ranges), tuple(s.name for s, _ in placed), len(header) + data)
+    if not header:
+        steps.pop(0)
+    return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
+
+
+def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:
+    return tensor.info.nbytes if dtype == tensor.info.dtype else tensor_nbytes(dtype, tensor.info.shape)
+
+
+def plan_sources(checkpoint: Checkpoint) -> tuple[Source, ...]:
+    return tuple(Source(h.path, h.file_size, h.stat) for h in checkpoint.shards)
 
 
 def plan_merge(
-    checkpoint: Checkpoint, file_name: str, copies: Sequence[FileCopy] = ()
+    checkpoint: Checkpoint, file_name: str, copies: Sequence[FileCopy] = (), dtype_for: DtypeFor | None = None
 ) -> Plan:
     """Every tensor into one file called `file_name`."""
     metadata, warnings = merged_metadata(checkpoint)
-    planned = plan_file(file_name, checkpoint.tensors.values(), metadata)
-    return Plan((planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings))
+    planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for)
+    return Plan(
+        (planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings),
+        sources=plan_sources(checkpoint),
+    )
 
 
 _DIGITS = re.compile(r"(\d+)")
@@ -167,22 +366,30 @@ def shard_file_names(prefix: str, count: int) -> list[str]:
 
 
 def plan_split(
-    checkpoint: Checkpoint, max_shard_size: int, prefix: str = "model", copies: Sequence[FileCopy] = ()
+    checkpoint: Checkpoint,
+    max_shard_size: int,
+    prefix: str = "model",
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
 ) -> Plan:
     """Shards of at most `max_shard_size` data bytes plus a Hugging Face index.
 
     Tensors are packed in natural name order, so the grouping depends only on the
     tensors, never on how the source happened to be sharded: splitting a merge of a
     split reproduces that split. One shard means `{prefix}.safetensors` and no index.
+    Shards are packed by the tensors' output sizes, so a conversion packs as
+    `save_pretrained` of the converted model would.
     """
     metadata, warnings = merged_metadata(checkpoint)
     order = sorted(checkpoint.tensors.values(), key=lambda t: natural_key(t.name))
-    groups = group_into_shards([(t.name, t.info.nbytes) for t in order], max_shard_size)
+    sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
+    groups = group_into_shards(sizes, max_shard_size)
     if not groups:
         groups = [[]]
     names = shard_file_names(prefix, len(groups))
     files = tuple(
-        plan_file(name, (checkpoint.tensors[t] for t in group), metadata) for name, group in zip(names, groups)
+        plan_file(name, (checkpoint.tensors[t] for t in group), metadata, dtype_for)
+        for name, group in zip(names, groups)
     )
     index_name = index = None
     if len(files) > 1:
@@ -191,4 +398,6 @@ def plan_split(
         index_metadata["total_size"] = sum(f.data_bytes for f in files)
         weight_map = {t: f.name for f in files for t in f.tensors}
         index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
-    return Plan(files, index_name, index, tuple(copies), tuple(checkpoint.warnings) + tuple(warnings))
+    return Plan(
+        files, index_name, index, tuple(copies), tuple(checkpoint.warnings) + tuple(warnings), plan_sources(checkpoint)
+    )

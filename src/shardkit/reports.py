@@ -72,6 +72,7 @@ class WriteReport(JsonReport):
     warnings: list[str] = field(default_factory=list)
     verified: bool | None = None
     transfer: Transfer | None = None  # with an s3:// source or output
+    plan: dict[str, object] | None = None  # with dry_run: the plan itself (Plan.to_dict)
 
     @property
     def throughput(self) -> float:

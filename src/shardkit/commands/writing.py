@@ -48,9 +48,7 @@ def run_plan(
     else:
         total = plan.total_bytes
         on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
-        written = execute(
-            plan, output, sources=checkpoint.shards, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes
-        )
+        written = execute(plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes)
         files = [
             OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
         ]
@@ -76,15 +74,16 @@ def run_plan(
         checksum_file=str(checksum_file) if checksum_file else None,
         copied_files=[c.name for c in plan.copies],
         source_files=[h.path for h in checkpoint.shards],
-        copy_ranges=sum(len(f.ranges) for f in plan.files),
-        header_bytes=sum(len(f.header) for f in plan.files),
+        copy_ranges=sum(len(f.copies) for f in plan.files),
+        header_bytes=sum(f.header_size for f in plan.files),
         warnings=list(plan.warnings),
         verified=True if verify and not dry_run else None,
-        transfer=_transfer(traffic_before, checkpoint, output) if not dry_run else None,
+        transfer=_transfer(traffic_before, plan, output) if not dry_run else None,
+        plan=plan.to_dict() if dry_run else None,
     )
 
 
-def _transfer(before: object, checkpoint: Checkpoint, output: Location) -> Transfer | None:
+def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
     """The store traffic of this run, when an s3:// location took part."""
     spent = storage.traffic() - before  # type: ignore[operator]
     if spent.requests == 0:
@@ -93,7 +92,7 @@ def _transfer(before: object, checkpoint: Checkpoint, output: Location) -> Trans
 
     return Transfer(
         spent.requests, spent.bytes_sent, spent.bytes_received, spent.bytes_copied,
-        server_side=is_server_side(checkpoint.shards, output),
+        server_side=is_server_side(plan.sources, output),
     )
 
 

@@ -66,6 +66,16 @@ class TransportError(ShardkitError):
     """The store could not be reached or broke off (exit 1: the input may be fine)."""
 
 
+class SeenFile(Protocol):
+    """A file as seen when its header was read: a `Header`, or a plan's `Source`."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def stat(self) -> tuple[object, ...] | None: ...
+
+
 class RangeReader(Protocol):
     """Random access to one file's bytes. `read` returns exactly `length` bytes or raises;
     remote readers are safe to share between threads."""
@@ -239,8 +249,8 @@ def traffic() -> Traffic:
     return total
 
 
-def source_changed(header: Header) -> str | None:
-    """Why a source no longer matches the header read before the copy, or None."""
+def source_changed(header: Header | SeenFile) -> str | None:
+    """Why a source no longer matches what was seen when its header was read, or None."""
     location = lookup(header.path)
     if isinstance(location, Path):
         try:

@@ -12,8 +12,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..format import Header, parse_file
+
+if TYPE_CHECKING:
+    from . import SeenFile
 
 #: The first read of a header fetches this much: one request covers almost every header.
 HEADER_PREFETCH = 64 * 1024
@@ -157,7 +161,7 @@ class RemotePath:
             ("remote", stat.version, stat.st_size),  # type: ignore[arg-type]
         )
 
-    def changed_since(self, header: Header) -> str | None:
+    def changed_since(self, header: Header | SeenFile) -> str | None:
         """Why the file no longer is the one whose header was read, or None."""
         self.forget()
         stat = self.file_stat()

@@ -1,0 +1,161 @@
+"""The one function that produces any byte range of a planned file from its steps.
+
+Every executor calls :func:`fill` for whatever it cannot move by itself: the local
+block writer for every block, the kernel copy and the S3 executors for every range
+that is not a plain copy (headers, converted tensors). So what a literal, a copy and a
+transform mean is written once, here, and replaying a plan on bytes in memory (the
+tests do) exercises the same code that writes to disk.
+
+Sources are read through a `read(source, offset, into)` callback that fills `into`
+exactly, so the same function serves file descriptors and ranged GETs. A transform
+reads its source a bounded chunk at a time (:data:`SCRATCH` bytes per thread), so
+converting a multi-GB tensor needs no more memory than copying it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .format import DTYPES
+from .plan import Copy, Literal, PlannedFile, Transform
+
+#: `read(source, offset, into)`: fill `into` with the bytes of `source` from `offset`.
+Read = Callable[[str, int, memoryview], None]
+
+#: Source bytes converted per cast call; one such buffer per thread that fills.
+SCRATCH = 4 * 1024 * 1024
+#: Chunk of the output produced per job by :func:`ordered_chunks`.
+CHUNK = 8 * 1024 * 1024
+
+_scratch = threading.local()
+
+
+def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, workers: int = 1) -> dict[str, object]:
+    """Write bytes [start, start + len(out)) of `planned` into `out`.
+
+    Returns the cast statistics (:class:`shardkit.dtype_cast.CastStats`) of the
+    transformed elements this range produced, by tensor. An element cut by the range's
+    edges is converted whole and counted only by the range holding its first byte, so
+    ranges that tile a file count every element once. `workers` threads convert each
+    chunk (the conversion releases the GIL).
+    """
+    end = start + len(out)
+    stats: dict[str, object] = {}
+    for step in planned.steps_in(start, end):
+        lo, hi = max(start, step.offset), min(end, step.offset + step.length)
+        target = out[lo - start : hi - start]
+        into = lo - step.offset
+        if isinstance(step, Copy):
+            read(step.source, step.source_offset + into, target)
+        elif isinstance(step, Literal):
+            target[:] = step.data[into : into + len(target)]
+        else:
+            counted = _transform(step, into, target, read, workers)
+            if counted is not None:
+                stats[step.tensor] = stats[step.tensor] + counted if step.tensor in stats else counted
+    return stats
+
+
+def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> object | None:
+    """Bytes [into, into + len(target)) of a transform's output."""
+    from . import dtype_cast
+
+    src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+    scratch = _scratch_buffer()
+    total = None
+    position, end = into, into + len(target)
+    while position < end:
+        element, cut = divmod(position, dst_size)
+        if cut or end - position < dst_size:  # an edge element: convert it whole, keep the part in range
+            take = min(dst_size - cut, end - position)
+            whole = bytearray(dst_size)
+            source = scratch[:src_size]
+            read(step.source, step.source_offset + element * src_size, source)
+            counted = dtype_cast.cast_into(source, step.src_dtype, step.dst_dtype, memoryview(whole))
+            target[position - into : position - into + take] = whole[cut : cut + take]
+            if cut:
+                counted = None
+        else:
+            count = min((end - position) // dst_size, len(scratch) // src_size)
+            take = count * dst_size
+            source = scratch[: count * src_size]
+            read(step.source, step.source_offset + element * src_size, source)
+            into_view = target[position - into : position - into + take]
+            if workers > 1:
+                counted = dtype_cast.cast_parallel(source, step.src_dtype, step.dst_dtype, into_view, workers)
+            else:
+                counted = dtype_cast.cast_into(source, step.src_dtype, step.dst_dtype, into_view)
+        if counted is not None:
+            total = counted if total is None else total + counted
+        position += take
+    return total
+
+
+def _scratch_buffer() -> memoryview:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = memoryview(bytearray(SCRATCH))
+    return buffer
+
+
+class CastLog:
+    """Cast statistics by tensor, summed over the ranges (and threads) that produced them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_tensor: dict[str, object] = {}
+
+    def add(self, stats: Mapping[str, object]) -> None:
+        if not stats:
+            return
+        with self._lock:
+            for name, counted in stats.items():
+                known = self.by_tensor.get(name)
+                self.by_tensor[name] = counted if known is None else known + counted  # type: ignore[operator]
+
+
+def ordered_chunks(
+    planned: PlannedFile,
+    read: Read,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    chunk: int = CHUNK,
+    workers: int = 8,
+    max_buffered: int = 8 * CHUNK,
+    log: CastLog | None = None,
+) -> Iterator[bytes]:
+    """Bytes [start, end) of `planned` in order, `chunk` at a time, filled `workers` at once.
+
+    Remote sources are fast only with several reads in flight and conversions want
+    every core, while writers (a hashed file, a multipart upload) consume in order:
+    at most `max_buffered` bytes are filled ahead of the consumer.
+    """
+    end = planned.size if end is None else end
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardkit-fill")
+    pending: deque[Future[bytes]] = deque()
+
+    def job(offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        stats = fill(planned, offset, memoryview(buffer), read)
+        if log is not None:
+            log.add(stats)
+        return buffer  # type: ignore[return-value]
+
+    try:
+        in_flight = 0
+        for offset in range(start, end, chunk):
+            length = min(chunk, end - offset)
+            while pending and in_flight + length > max_buffered:
+                ready = pending.popleft().result()
+                in_flight -= len(ready)
+                yield ready
+            pending.append(pool.submit(job, offset, length))
+            in_flight += length
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
