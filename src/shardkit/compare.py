@@ -9,11 +9,12 @@ through :func:`shardkit.storage.open_reader` (pread locally, ranged GETs remotel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import storage
 from .checkpoint import Checkpoint, SourceTensor
+from .format import DTYPES
 
 CHUNK = 8 * 1024 * 1024
 
@@ -41,6 +42,15 @@ class Comparison:
     @property
     def identical(self) -> bool:
         return not (self.only_a or self.only_b or self.dtype_changed or self.shape_changed or self.data_different)
+
+    def swapped(self) -> Comparison:
+        """The same comparison with the sides exchanged."""
+        return Comparison(
+            self.only_b, self.only_a,
+            [TensorChange(c.name, c.b, c.a) for c in self.dtype_changed],
+            [TensorChange(c.name, c.b, c.a) for c in self.shape_changed],
+            self.data_different, self.data_equal, self.data_compared, self.compared_bytes,
+        )
 
     def problems(self) -> list[str]:
         """One line per difference, naming the tensor."""
@@ -91,6 +101,32 @@ def same_bytes(
     return True
 
 
+def same_converted(
+    a: SourceTensor, b: SourceTensor, readers: _Readers, on_bytes: Callable[[int], None] | None = None
+) -> bool:
+    """Whether `b` holds exactly the conversion of `a`'s elements to `b`'s dtype,
+    recomputed chunk by chunk (the cast is deterministic, so bytes compare exactly)."""
+    from . import dtype_cast
+
+    src, dst = DTYPES[a.info.dtype].bits // 8, DTYPES[b.info.dtype].bits // 8
+    count = a.info.nelements
+    if a.info.nbytes != count * src or b.info.nbytes != count * dst:
+        return False
+    per_chunk = max(1, CHUNK // max(src, dst))
+    done = 0
+    while done < count:
+        step = min(per_chunk, count - done)
+        expected = bytearray(step * dst)
+        source = readers.read(a, done * src, step * src)
+        dtype_cast.cast_into(memoryview(source), a.info.dtype, b.info.dtype, memoryview(expected))
+        if readers.read(b, done * dst, step * dst) != expected:
+            return False
+        done += step
+        if on_bytes is not None:
+            on_bytes(step * (src + dst))
+    return True
+
+
 def compare_checkpoints(
     a: Checkpoint,
     b: Checkpoint,
@@ -98,19 +134,23 @@ def compare_checkpoints(
     data: bool = True,
     on_bytes: Callable[[int], None] | None = None,
     on_difference: Callable[[SourceTensor, SourceTensor, _Readers], None] | None = None,
+    converted: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Compare names, dtypes, shapes and (unless `data=False`) every byte.
 
     `on_difference` is called for each pair whose bytes differ, with readers still
     open, so callers can measure how they differ (e.g. max absolute difference).
+    With `converted` (tensor name -> dtype), `b` is expected to hold those tensors of
+    `a` converted to that dtype: their dtype must be it and their bytes the cast's.
     """
     names_a, names_b = set(a.tensors), set(b.tensors)
     result = Comparison(only_a=sorted(names_a - names_b), only_b=sorted(names_b - names_a), data_compared=data)
     comparable = []
     for name in sorted(names_a & names_b):
         ta, tb = a.tensors[name], b.tensors[name]
-        if ta.info.dtype != tb.info.dtype:
-            result.dtype_changed.append(TensorChange(name, ta.info.dtype, tb.info.dtype))
+        expected = converted.get(name, ta.info.dtype) if converted is not None else ta.info.dtype
+        if expected != tb.info.dtype:
+            result.dtype_changed.append(TensorChange(name, expected, tb.info.dtype))
         elif ta.info.shape != tb.info.shape:
             result.shape_changed.append(TensorChange(name, str(list(ta.info.shape)), str(list(tb.info.shape))))
         else:
@@ -122,7 +162,8 @@ def compare_checkpoints(
     equal = compared = 0
     try:
         for ta, tb in comparable:
-            if same_bytes(ta, tb, readers, on_bytes):
+            same = same_bytes if ta.info.dtype == tb.info.dtype else same_converted
+            if same(ta, tb, readers, on_bytes):
                 equal += 1
             else:
                 result.data_different.append(ta.name)

@@ -50,6 +50,61 @@ class Transfer(JsonReport):
     server_side: bool = False
 
 
+#: Loss warnings shown one per tensor; the rest are summed up in one line.
+SHOWN_LOSSES = 5
+
+
+@dataclass(frozen=True)
+class TensorLoss(JsonReport):
+    tensor: str
+    source_dtype: str
+    overflow: int  # finite values that became ±inf
+    underflow: int  # non-zero values that became zero
+
+
+@dataclass(frozen=True)
+class DtypeReport(JsonReport):
+    """What a `--dtype` run converted and what it lost."""
+
+    target: str
+    converted: int  # tensors converted
+    already: int  # float tensors already in the target dtype: plain copies
+    kept: list[str] = field(default_factory=list)
+    not_float: dict[str, int] = field(default_factory=dict)  # dtype -> tensors copied unchanged
+    losses: list[TensorLoss] = field(default_factory=list)  # tensors that lost values, by name
+    lossless: bool | None = None  # None before the bytes were made (a dry run)
+
+    def notes(self) -> list[str]:
+        """What the human report prints about the conversion."""
+        lines = [f"dtype: {self.converted} tensor(s) converted to {self.target}"]
+        if self.already:
+            lines[0] += f", {self.already} already {self.target} (copied)"
+        if self.kept:
+            lines.append(f"kept in their dtype (--keep): {len(self.kept)} tensor(s)")
+        if self.not_float:
+            counts = ", ".join(f"{n} {d}" for d, n in sorted(self.not_float.items()))
+            lines.append(f"copied unchanged (not F64/F32/F16/BF16): {counts}")
+        if self.lossless:
+            lines.append(f"lossless range: no value overflowed to ±inf or underflowed to zero in {self.target}")
+        return lines
+
+    def warnings(self) -> list[str]:
+        """One line per tensor that lost values, summed up past a few."""
+        lines = [
+            f"{loss.tensor}: {loss.source_dtype} → {self.target}: "
+            f"{loss.overflow} value(s) overflowed to ±inf, {loss.underflow} underflowed to zero"
+            for loss in self.losses[:SHOWN_LOSSES]
+        ]
+        rest = self.losses[SHOWN_LOSSES:]
+        if rest:
+            overflow, underflow = sum(r.overflow for r in rest), sum(r.underflow for r in rest)
+            lines.append(
+                f"… and {len(rest)} more tensor(s) converted to {self.target} lost values: "
+                f"{overflow} overflowed, {underflow} underflowed (--json lists them all)"
+            )
+        return lines
+
+
 @dataclass(frozen=True)
 class WriteReport(JsonReport):
     """What merge, split and reshard wrote (or, with dry_run, would write)."""
@@ -73,6 +128,7 @@ class WriteReport(JsonReport):
     verified: bool | None = None
     transfer: Transfer | None = None  # with an s3:// source or output
     plan: dict[str, object] | None = None  # with dry_run: the plan itself (Plan.to_dict)
+    dtype: DtypeReport | None = None  # with a dtype conversion
 
     @property
     def throughput(self) -> float:

@@ -63,6 +63,26 @@ VerifyOpt = Annotated[
         "--verify", help="After writing, compare every tensor with the source; remove the output if any differs."
     ),
 ]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Convert every floating-point tensor (F64, F32, F16, BF16) to bf16, fp16 or fp32 "
+        "(or bfloat16, float16, float32) while writing, bit-identical to torch .to(). Integer, bool and "
+        "FP8/FP6/FP4 tensors are copied unchanged. Values that overflow to ±inf or underflow to zero are "
+        "reported per tensor. Keep norms or buffers in their dtype with --keep.",
+        show_default=False,
+    ),
+]
+KeepOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--keep",
+        help="With --dtype: leave tensors whose name matches this glob in their source dtype "
+        "(repeatable), e.g. --keep '*norm*' --keep '*inv_freq'.",
+        show_default=False,
+    ),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 

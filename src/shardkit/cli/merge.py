@@ -10,9 +10,11 @@ from .common import (
     AllowUnindexedOpt,
     DebugOpt,
     DryRunOpt,
+    DtypeOpt,
     EndpointOpt,
     ForceOpt,
     JsonOpt,
+    KeepOpt,
     OutputArg,
     QuietOpt,
     Sha256Opt,
@@ -49,6 +51,8 @@ def merge_command(
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
     verify: VerifyOpt = False,
+    dtype: DtypeOpt = None,
+    keep: KeepOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -71,7 +75,8 @@ def merge_command(
         report = run(
             lambda: merge(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-                allow_unindexed=allow_unindexed, verify=verify, endpoint_url=endpoint_url, progress=progress,
+                allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
+                endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,
         )

@@ -57,8 +57,12 @@ def print_write_report(report: WriteReport) -> None:
         out.print("copied: " + ", ".join(report.copied_files))
     if report.checksum_file:
         out.print(f"checksums: {report.checksum_file}")
+    if report.dtype is not None:
+        for line in report.dtype.notes():
+            out.print(line)
     if report.verified:
-        out.print("verified: every tensor equals the source, byte for byte")
+        same = "its conversion of the source, recomputed" if report.dtype is not None else "the source, byte for byte"
+        out.print(f"verified: every tensor equals {same}")
     if report.transfer:
         t = report.transfer
         copied = f"; the store copied {format_size(t.bytes_copied)} itself" if t.bytes_copied else ""

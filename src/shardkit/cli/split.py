@@ -11,9 +11,11 @@ from .common import (
     AllowUnindexedOpt,
     DebugOpt,
     DryRunOpt,
+    DtypeOpt,
     EndpointOpt,
     ForceOpt,
     JsonOpt,
+    KeepOpt,
     OutputArg,
     QuietOpt,
     Sha256Opt,
@@ -66,6 +68,8 @@ def split_command(
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
     verify: VerifyOpt = False,
+    dtype: DtypeOpt = None,
+    keep: KeepOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -91,7 +95,7 @@ def split_command(
             lambda: split(
                 source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
                 dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
-                endpoint_url=endpoint_url, progress=progress,
+                dtype=dtype, keep=keep or (), endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,
         )

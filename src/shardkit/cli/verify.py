@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
-from .common import DebugOpt, EndpointOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
+from .common import (
+    DebugOpt,
+    EndpointOpt,
+    JsonOpt,
+    KeepOpt,
+    QuietOpt,
+    SourceArg,
+    StrictOpt,
+    byte_progress,
+    run,
+    warn,
+)
 from .render import print_verify_report
 
 ChecksumsOpt = Annotated[
@@ -38,6 +49,15 @@ ConfigOpt = Annotated[
         show_default=False,
     ),
 ]
+VerifyDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="With --against: PATH is SOURCE converted with --dtype (bf16, fp16, fp32); each converted tensor "
+        "must equal the conversion of the source's, recomputed while reading. Pass the same --keep globs.",
+        show_default=False,
+    ),
+]
 NoArchitectureOpt = Annotated[
     bool, typer.Option("--no-architecture", help="Skip the architecture check even if a config.json is found.")
 ]
@@ -50,6 +70,8 @@ def verify_command(
     config: ConfigOpt = None,
     no_architecture: NoArchitectureOpt = False,
     strict: StrictOpt = False,
+    dtype: VerifyDtypeOpt = None,
+    keep: KeepOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     endpoint_url: EndpointOpt = None,
@@ -77,7 +99,8 @@ def verify_command(
             report = run(
                 lambda: verify(
                     path, checksums=checksums, against=against, config=config,
-                    architecture=False if no_architecture else None, strict=strict, endpoint_url=endpoint_url,
+                    architecture=False if no_architecture else None, strict=strict, dtype=dtype, keep=keep or (),
+                    endpoint_url=endpoint_url,
                     progress=progress,
                 ),
                 debug=debug,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import storage
-from ..checkpoint import SHARD_NAME, companion_files, open_checkpoint, single_file_name_for
-from ..plan import FileCopy, plan_merge
+from ..checkpoint import SHARD_NAME, open_checkpoint, single_file_name_for
+from ..plan import plan_merge
 from ..reports import MergeReport
-from .writing import ProgressCallback, run_plan
+from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
 
 
 def merge(
@@ -22,6 +23,8 @@ def merge(
     strict: bool = False,
     allow_unindexed: bool = False,
     verify: bool = False,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> MergeReport:
@@ -38,6 +41,10 @@ def merge(
     `hf://org/name`); `endpoint_url` names an S3-compatible store. S3 to S3 in one store
     is assembled server-side: the client moves about 10 MiB whatever the model size.
 
+    `dtype` ("bf16", "fp16", "fp32" or "bfloat16", "float16", "float32") converts every
+    floating-point tensor while writing, bit-identical to torch's `.to()`, except those
+    whose name matches a `keep` glob; values that overflow or underflow are reported.
+
     `force` replaces an existing output (never a source); `sha256` hashes the output in
     the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
     and writes nothing; `strict` also refuses what the format forbids but the reference
@@ -53,16 +60,18 @@ def merge(
     source = storage.as_path(source, endpoint_url=endpoint_url)
     output = storage.as_path(output, endpoint_url=endpoint_url, output=True)
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
+    dtypes = dtype_choice(checkpoint, dtype, keep)
     as_folder = not output.name.endswith(".safetensors")
     if as_folder:
         weight_name = _weight_file_name(checkpoint.index_path, checkpoint.shards[0].path)
-        copies = [FileCopy(path, name) for path, name in companion_files(checkpoint, exclude=output)]
+        copies = companion_copies(checkpoint, output, dtypes)
     else:
         weight_name, copies = output.name, []
-    plan = plan_merge(checkpoint, weight_name, copies)
+    plan = plan_merge(checkpoint, weight_name, copies, dtypes)
     report = run_plan(
         MergeReport, "merge", checkpoint, source, plan, output,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
+        dtypes=dtypes,
     )
     return report  # type: ignore[return-value]
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 from .. import storage
-from ..checkpoint import companion_files, open_checkpoint
+from ..checkpoint import open_checkpoint
 from ..errors import BadInputError
-from ..plan import FileCopy, natural_key, plan_split
+from ..plan import natural_key, plan_split
 from ..reports import SplitReport
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .writing import ProgressCallback, run_plan
+from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
 
 
 def split(
@@ -31,6 +32,8 @@ def split(
     strict: bool = False,
     allow_unindexed: bool = False,
     verify: bool = False,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> SplitReport:
@@ -43,7 +46,8 @@ def split(
     tensor larger than the limit gets a shard of its own, as in huggingface_hub, so a
     shard can exceed the limit. The folder is staged and swapped in whole: an old
     index or shard of a replaced `output_dir` can never survive next to the new ones.
-    Source and output may be remote, as for :func:`~shardkit.commands.merge.merge`.
+    Source and output may be remote, and `dtype` and `keep` convert, as for
+    :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
     `prefix` names the shards (`diffusion_pytorch_model` for diffusers). With `verify`,
     the written folder is compared tensor by tensor with the source and removed if
     anything differs.
@@ -70,11 +74,13 @@ def split(
             "(use merge for a single file)"
         )
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
-    copies = [FileCopy(path, name) for path, name in companion_files(checkpoint, exclude=output_dir)]
-    plan = plan_split(checkpoint, limit, prefix, copies)
+    dtypes = dtype_choice(checkpoint, dtype, keep)
+    copies = companion_copies(checkpoint, output_dir, dtypes)
+    plan = plan_split(checkpoint, limit, prefix, copies, dtypes)
     report = run_plan(
         SplitReport, "split", checkpoint, source, plan, output_dir,
         as_folder=True, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
+        dtypes=dtypes,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
     return dataclasses.replace(report, max_shard_size=limit, layout=layout)  # type: ignore[type-var]

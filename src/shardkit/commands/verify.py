@@ -27,7 +27,7 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from ..manifest import Manifest, read_manifest
 from ..reports import JsonReport
 from ..storage import stream
 from .checksum import manifest_name
-from .writing import ProgressCallback
+from .writing import ProgressCallback, dtype_choice
 
 INSTALL_HINT = "pip install 'shardkit[hf]'"
 
@@ -93,6 +93,8 @@ def verify(
     config: str | os.PathLike[str] | None = None,
     architecture: bool | None = None,
     strict: bool = False,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
@@ -106,7 +108,9 @@ def verify(
     - `checksums`: a `sha256sum` manifest (from `shardkit checksum`) or a per-tensor
       manifest (`shardkit checksum --tensors`, valid across merge and split);
     - `against`: another checkpoint, same names, dtypes, shapes and bytes whatever the
-      sharding;
+      sharding; with `dtype` (and `keep`), `path` is `against` converted with
+      `merge`/`split --dtype`, and each converted tensor must hold exactly the cast of
+      the source's, recomputed while reading;
     - a Hugging Face cache snapshot, found by itself (its blobs are named by SHA-256).
 
     `config` / `architecture`: with a `config.json` (given, or the folder's own),
@@ -137,9 +141,13 @@ def verify(
         if against is not None
         else None
     )
+    if (dtype is not None or keep) and reference is None:
+        raise BadInputError("--dtype checks a conversion against its source; pass --against SOURCE too")
+    conversion = dtype_choice(reference, dtype, keep) if reference is not None else None
     config_path, note = _architecture_config(path, config, architecture)
 
     run = _Run(path, strict)
+    run.converted = conversion.dtypes if conversion is not None else None
     if note:
         run.notes.append(note)
     files, indexes = weight_files(path)
@@ -266,6 +274,8 @@ class _Run:
         self.warnings: list[str] = []
         self.bytes_read = 0
         self._broken: set[str] = set()
+        #: with --dtype: tensor -> dtype the reference's tensor must have been converted to
+        self.converted: Mapping[str, str] | None = None
 
     def problem(self, check: str, message: str, file: object = None, tensor: str | None = None) -> None:
         self.problems.append(Problem(check, message, str(file) if file is not None else None, tensor))
@@ -435,7 +445,10 @@ class _Run:
     def _compare(self, checkpoint: Checkpoint, reference: Checkpoint, on_bytes: Callable[[int], None] | None) -> None:
         # compare_checkpoints reports the bytes of one side; both sides are read.
         both = (lambda step: on_bytes(2 * step)) if on_bytes is not None else None
-        comparison = compare_checkpoints(checkpoint, reference, on_bytes=both)
+        if self.converted is None:
+            comparison = compare_checkpoints(checkpoint, reference, on_bytes=both)
+        else:
+            comparison = compare_checkpoints(reference, checkpoint, on_bytes=both, converted=self.converted).swapped()
         self.bytes_read += 2 * comparison.compared_bytes
         source = reference.index_path or reference.shards[0].path
 
@@ -446,8 +459,9 @@ class _Run:
             self.problem("against", f"not in {source}", where(name), name)
         for name in comparison.only_b:
             self.problem("against", f"missing: {reference.tensors[name].shard.path} has it", self.path, name)
+        has = f"{source} converted with --dtype has" if self.converted is not None else f"{source} has"
         for change in comparison.dtype_changed:
-            self.problem("against", f"dtype {change.a}, {source} has {change.b}", where(change.name), change.name)
+            self.problem("against", f"dtype {change.a}, {has} {change.b}", where(change.name), change.name)
         for change in comparison.shape_changed:
             self.problem("against", f"shape {change.a}, {source} has {change.b}", where(change.name), change.name)
         for name in comparison.data_different:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from .. import atomic, storage
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, companion_files, open_checkpoint
 from ..compare import compare_checkpoints
-from ..errors import OutputExistsError, VerificationError
+from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, dtype_report
+from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
-from ..plan import Plan
+from ..fill import CastLog
+from ..plan import FileCopy, Plan
 from ..reports import OutputFile, Transfer, WriteReport
 from ..storage import Location
 
@@ -32,9 +34,12 @@ def run_plan(
     dry_run: bool,
     progress: ProgressCallback | None,
     verify: bool = False,
+    dtypes: DtypeChoice | None = None,
 ) -> WriteReport:
     """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the written
-    output with the source tensor by tensor and remove it if they differ."""
+    output with the source tensor by tensor and remove it if they differ. `dtypes` is
+    the conversion the plan was made with: its losses are reported, and `verify`
+    recomputes it."""
     started = time.perf_counter()
     traffic_before = storage.traffic()
     checksum_file: Location | None = None
@@ -42,24 +47,28 @@ def run_plan(
         checksum_file = output.with_name(output.name + ".sha256")
         if checksum_file.exists() and not force and not dry_run:
             raise OutputExistsError(checksum_file)
+    log = CastLog()
     if dry_run:
         files = [OutputFile(str(output / f.name if as_folder else output), f.size, len(f.tensors)) for f in plan.files]
         checksum_file = None
     else:
         total = plan.total_bytes
         on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
-        written = execute(plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes)
+        written = execute(plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes, log=log)
         files = [
             OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
         ]
         if verify:
-            verify_written(checkpoint, output)
+            verify_written(checkpoint, output, dtypes.dtypes if dtypes is not None else None)
         if checksum_file is not None:
             write_checksum_beside(output, written[0])
         elif sha256:
             from ..execute import checksum_file_name
 
             checksum_file = output / checksum_file_name(plan)
+    converted = None
+    if dtypes is not None:
+        converted = dtype_report(checkpoint, dtypes, None if dry_run else log.by_tensor)
     return report_type(
         command=command,
         source=str(source),
@@ -76,10 +85,11 @@ def run_plan(
         source_files=[h.path for h in checkpoint.shards],
         copy_ranges=sum(len(f.copies) for f in plan.files),
         header_bytes=sum(f.header_size for f in plan.files),
-        warnings=list(plan.warnings),
+        warnings=list(plan.warnings) + (converted.warnings() if converted is not None else []),
         verified=True if verify and not dry_run else None,
         transfer=_transfer(traffic_before, plan, output) if not dry_run else None,
         plan=plan.to_dict() if dry_run else None,
+        dtype=converted,
     )
 
 
@@ -96,9 +106,31 @@ def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
     )
 
 
-def verify_written(source: Checkpoint, output: Location) -> None:
-    """Prove the output holds the source's tensors, byte for byte; else remove it."""
-    comparison = compare_checkpoints(source, open_checkpoint(output))
+def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str]) -> DtypeChoice | None:
+    """The conversion of a `dtype=` run, or None for a plain copy."""
+    if dtype is None:
+        if keep:
+            raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
+        return None
+    return choose_dtypes(checkpoint, dtype, keep)
+
+
+def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoice | None) -> list[FileCopy]:
+    """The source folder's non-weight files for a folder output; with a conversion,
+    config.json names the new dtype (every other file is copied unchanged)."""
+    copies = []
+    for path, name in companion_files(checkpoint, exclude=output):
+        data = None
+        if dtypes is not None and name == "config.json":
+            data = config_with_dtype(storage.read_bytes(path), dtypes.target, path)
+        copies.append(FileCopy(path, name, data))  # type: ignore[arg-type]
+    return copies
+
+
+def verify_written(source: Checkpoint, output: Location, converted: Mapping[str, str] | None = None) -> None:
+    """Prove the output holds the source's tensors, byte for byte (or, for `converted`
+    tensors, their conversion, recomputed); else remove it."""
+    comparison = compare_checkpoints(source, open_checkpoint(output), converted=converted)
     if not comparison.identical:
         if storage.is_remote(output):
             from ..execute_s3 import remove

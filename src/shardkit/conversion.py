@@ -1,0 +1,102 @@
+"""Which tensors a `--dtype` run converts, and what its report says about them.
+
+Planning only: which source dtype becomes which (a float tensor to the target unless
+`--keep` names it; integers, bools and FP8/FP6/FP4 never, since a cast would not be
+what the model expects), the config.json that names the new dtype, and after the
+run the loss report (values that overflowed to ±inf or underflowed to zero). The
+element-wise casts themselves are in :mod:`shardkit.dtype_cast`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, SourceTensor
+from .errors import BadInputError
+from .reports import DtypeReport, TensorLoss
+
+#: config.json spells dtypes as torch does.
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The output dtype of every tensor of a checkpoint for one `--dtype` run."""
+
+    target: str  # a safetensors dtype code: BF16, F16, F32
+    dtypes: Mapping[str, str]  # tensor name -> output dtype
+    kept: tuple[str, ...]  # float tensors left as they are by --keep
+    not_float: tuple[str, ...]  # integer, bool and FP8/FP6/FP4 tensors, copied unchanged
+
+    def __call__(self, tensor: SourceTensor) -> str:
+        return self.dtypes[tensor.name]
+
+    def converted(self, checkpoint: Checkpoint) -> list[str]:
+        return [n for n, t in checkpoint.tensors.items() if self.dtypes[n] != t.info.dtype]
+
+
+def choose_dtypes(checkpoint: Checkpoint, target_name: str, keep: Sequence[str] = ()) -> DtypeChoice:
+    """Every F64/F32/F16/BF16 tensor to `target_name` (bf16, fp16, fp32 or their long
+    spellings) unless a `keep` glob matches its name; everything else unchanged."""
+    from . import dtype_cast
+
+    target = dtype_cast.parse_target(target_name)
+    for pattern in keep:
+        if not pattern:
+            raise BadInputError("--keep '': give a glob of tensor names, e.g. --keep '*norm*'")
+    dtypes: dict[str, str] = {}
+    kept: list[str] = []
+    not_float: list[str] = []
+    for name, tensor in checkpoint.tensors.items():
+        source = tensor.info.dtype
+        dtypes[name] = source
+        if not dtype_cast.is_convertible(source):
+            not_float.append(name)
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
+            kept.append(name)
+        else:
+            dtypes[name] = target
+    return DtypeChoice(target, dtypes, tuple(kept), tuple(not_float))
+
+
+def config_with_dtype(text: bytes, target: str, where: object) -> bytes:
+    """config.json with `torch_dtype` and/or `dtype` (whichever it has, both if both)
+    naming `target`; a config with neither is returned unchanged."""
+    try:
+        config = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{where}: not valid JSON ({exc}); cannot record the new dtype in it") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"{where}: not a JSON object; cannot record the new dtype in it")
+    keys = [key for key in ("torch_dtype", "dtype") if key in config]
+    if not keys:
+        return text
+    for key in keys:
+        config[key] = TORCH_NAMES[target]
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def dtype_report(
+    checkpoint: Checkpoint, choice: DtypeChoice, stats: Mapping[str, object] | None
+) -> DtypeReport:
+    """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
+    converted = choice.converted(checkpoint)
+    already = sum(
+        1 for n, t in checkpoint.tensors.items()
+        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float
+    )
+    not_float = Counter(checkpoint.tensors[n].info.dtype for n in choice.not_float)
+    losses = []
+    for name in sorted(stats or {}):
+        counted = stats[name]  # type: ignore[index]
+        if counted.overflow or counted.underflow:  # type: ignore[attr-defined]
+            source = checkpoint.tensors[name].info.dtype
+            losses.append(TensorLoss(name, source, counted.overflow, counted.underflow))  # type: ignore[attr-defined]
+    return DtypeReport(
+        choice.target, len(converted), already, list(choice.kept), dict(sorted(not_float.items())), losses,
+        None if stats is None else not losses,
+    )
