@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .errors import BadInputError
@@ -61,27 +62,28 @@ class _Float:
     exponent_bits: int
     mantissa_bits: int
 
-    @property
+    # cached: these are read once per sub-chunk, in the hot loop
+    @cached_property
     def size(self) -> int:
         return DTYPES[self.code].bits // 8
 
-    @property
+    @cached_property
     def uint(self) -> str:
         return f"<u{self.size}"
 
-    @property
+    @cached_property
     def sign_bit(self) -> int:
         return 1 << (8 * self.size - 1)
 
-    @property
+    @cached_property
     def abs_mask(self) -> int:
         return self.sign_bit - 1
 
-    @property
+    @cached_property
     def inf_bits(self) -> int:
         return ((1 << self.exponent_bits) - 1) << self.mantissa_bits
 
-    @property
+    @cached_property
     def quiet_bit(self) -> int:
         return 1 << (self.mantissa_bits - 1)
 
@@ -113,6 +115,9 @@ class CastStats:
 
     def __add__(self, other: CastStats) -> CastStats:
         return CastStats(self.overflow + other.overflow, self.underflow + other.underflow, self.nan + other.nan)
+
+
+_NOTHING = CastStats()
 
 
 #: Elements per sub-chunk: source, scratch and output of one sub-chunk (≈ 1 MiB for
@@ -202,12 +207,14 @@ def _run(source: memoryview, sfmt: _Float, dfmt: _Float, target: memoryview) -> 
     src = np.frombuffer(source, sfmt.uint)
     out = np.frombuffer(target, dfmt.uint)
     kernel = _kernel(sfmt, dfmt)
-    total = CastStats()
+    total = _NOTHING
     with np.errstate(all="ignore"):  # overflow to inf and NaN are data here, counted below
         for begin in range(0, src.size, SUB_CHUNK):
             s, o = src[begin : begin + SUB_CHUNK], out[begin : begin + SUB_CHUNK]
             kernel(s, o)
-            total = total + _settle(s, sfmt, o, dfmt)
+            lost = _settle(s, sfmt, o, dfmt)
+            if lost is not _NOTHING:
+                total = total + lost
     return total
 
 
@@ -367,16 +374,17 @@ def _settle(src: Any, sfmt: _Float, out: Any, dfmt: _Float) -> CastStats:
     import numpy as np
 
     if not src.size:
-        return CastStats()
+        return _NOTHING
     magnitude = _scratch("src-abs", src.size, src.dtype)
     if dfmt.covers(sfmt):
         np.bitwise_and(src, sfmt.abs_mask, out=magnitude)
-        return CastStats(nan=_fix_nans(src, sfmt, out, dfmt, magnitude))
+        nan = _fix_nans(src, sfmt, out, dfmt, magnitude)
+        return CastStats(nan=nan) if nan else _NOTHING
     result = _scratch("dst-abs", src.size, out.dtype)
     np.bitwise_and(out, dfmt.abs_mask, out=result)
     special, zeros = result.max() >= dfmt.inf_bits, result.min() == 0
     if not (special or zeros):
-        return CastStats()
+        return _NOTHING
     np.bitwise_and(src, sfmt.abs_mask, out=magnitude)
     nan = _fix_nans(src, sfmt, out, dfmt, magnitude, result)
     overflow = underflow = 0
@@ -437,9 +445,11 @@ def _scratch(name: str, size: int, dtype: Any) -> Any:
     hot loop never allocates (and never page-faults fresh memory)."""
     import numpy as np
 
-    buffers = _local.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype).str)
-    buffer = buffers.get(key)
+    try:
+        buffers = _local.buffers
+    except AttributeError:
+        buffers = _local.buffers = {}
+    buffer = buffers.get((name, dtype))
     if buffer is None or buffer.size < size:
-        buffer = buffers[key] = np.empty(max(size, SUB_CHUNK), dtype)
+        buffer = buffers[name, dtype] = np.empty(max(size, SUB_CHUNK), dtype)
     return buffer[:size]
