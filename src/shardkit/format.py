@@ -374,3 +374,10 @@ def serialize_header(
     body = header_json.dumps_compact(document).encode("utf-8")
     body += b" " * (-len(body) % HEADER_ALIGNMENT)
     return struct.pack("<Q", len(body)) + body, placed
+
+
+def header_excess(header: bytes) -> int:
+    """How far the JSON of a serialized header (from :func:`serialize_header`) is over
+    the format's limit, in bytes; 0 when it fits. A file over it opens in no reader,
+    shardkit's own included."""
+    return max(0, len(header) - LENGTH_PREFIX - MAX_HEADER_SIZE)

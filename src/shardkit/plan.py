@@ -19,8 +19,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from . import header_json
 from .checkpoint import Checkpoint, SourceTensor
-from .format import DTYPES, TensorSpec, serialize_header, tensor_nbytes
+from .errors import BadInputError
+from .format import (
+    DTYPES,
+    LENGTH_PREFIX,
+    MAX_HEADER_SIZE,
+    TensorSpec,
+    header_excess,
+    serialize_header,
+    tensor_nbytes,
+)
 
 #: A tensor's dtype in the output: its source dtype unless the run converts it.
 DtypeFor = Callable[[SourceTensor], str]
@@ -279,6 +289,7 @@ def plan_file(
         TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items()
     )
     header, placed = serialize_header(specs, metadata)
+    refuse_oversized_header(name, header, metadata or {}, len(placed))
     steps: list[Step] = [Literal(0, header)]
     for spec, offset in placed:
         source = by_name[spec.name]
@@ -325,6 +336,46 @@ def plan_merge(
         (planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings),
         sources=plan_sources(checkpoint),
     )
+
+
+def refuse_oversized_header(name: str, header: bytes, metadata: Mapping[str, str], tensors: int) -> None:
+    """Refuse, before anything is written, a header over the format's limit, naming the
+    metadata keys that make it so: the fewest largest keys whose removal brings it
+    under, and every other key of 1 MB or more. Shards that are each valid can carry
+    metadata whose union (which merge and split copy into every output file) is not."""
+    excess = header_excess(header)
+    if not excess:
+        return
+    sizes = sorted(
+        ((len(header_json.dumps_compact({key: value}).encode()) - 1, key) for key, value in metadata.items()),
+        reverse=True,
+    )
+    culprits: list[str] = []
+    freed = 0
+    for size, key in sizes:
+        if freed >= excess and size < _LARGE_METADATA:
+            break
+        culprits.append(f"{key!r} ({size:,} bytes)")
+        freed += size
+    over = (
+        f"{name}: its header would be {len(header) - LENGTH_PREFIX:,} bytes, "
+        f"over the format's {MAX_HEADER_SIZE:,}-byte limit"
+    )
+    if freed < excess:
+        raise BadInputError(
+            f"{over}: {tensors:,} tensors are too many for one header; spread them over more files "
+            "(a smaller --max-shard-size)"
+        )
+    shown = ", ".join(culprits[:10]) + (f" and {len(culprits) - 10} more" if len(culprits) > 10 else "")
+    raise BadInputError(
+        f"{over}, so no reader could open it; the metadata that makes it too large: {shown}; "
+        "remove or shorten these keys in the sources' __metadata__"
+    )
+
+
+#: A metadata value this large is named when a header is over the limit, even if
+#: removing the larger ones alone would do.
+_LARGE_METADATA = 1_000_000
 
 
 _DIGITS = re.compile(r"(\d+)")
