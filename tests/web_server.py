@@ -13,7 +13,8 @@ headers read fine and the tensor data is what goes wrong):
 - `changed-ignoring-conditions`: the same, and If-Match / If-Range are ignored.
 
 `FakeHub` answers what huggingface_hub asks of the Hub (read from its source):
-`GET /api/models/{repo}/revision/{rev}` (model_info with `blobs=true`), and
+`GET /api/models/{repo}[/revision/{rev}]` (model_info with `blobs=true`),
+`GET /api/models/{repo}/tree/{rev}` (list_repo_tree, which snapshot_download uses), and
 `HEAD`/`GET /{repo}/resolve/{rev}/{file}` with `X-Repo-Commit`, `ETag`; LFS files
 (`*.safetensors`, `*.bin`) answer 302 to a separate CDN server (another origin, as
 on the real Hub) with `X-Linked-Size` and `X-Linked-Etag`.
@@ -28,6 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,7 +75,8 @@ class WebServer:
     def __init__(self) -> None:
         self.files: dict[str, Served] = {}
         self.bytes_served: Counter[str] = Counter()
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        #: (method, path, headers): the headers answer `.get` and `in` case-insensitively.
+        self.requests: list[tuple[str, str, Message]] = []
         self.fault: str | None = None
         self.routes: list[Callable[[_Handler, bool], bool]] = []
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class WebServer:
 
     def answer(self, handler: _Handler, *, head: bool) -> None:
         with self._lock:
-            self.requests.append((handler.command, unquote(handler.path), dict(handler.headers.items())))
+            self.requests.append((handler.command, unquote(handler.path), handler.headers))
         for route in self.routes:
             if route(handler, head):
                 return
@@ -188,12 +191,28 @@ class FakeHub:
             entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
         return entry
 
+    def tree(self, folder: str) -> list[dict[str, object]]:
+        """`list_repo_tree(recursive=True)`: every folder and file under `folder`."""
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        entries: list[dict[str, object]] = []
+        folders = sorted({n.rsplit("/", 1)[0] for n in self.files if "/" in n and n.startswith(prefix)})
+        entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in folders]
+        for name, data in self.files.items():
+            if name.startswith(prefix):
+                entry: dict[str, object] = {"type": "file", "oid": self.git_blob_id(data), "size": len(data)}
+                entry["path"] = name
+                if name.endswith(self.LFS):
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entries.append(entry)
+        return entries
+
     def route(self, handler: _Handler, head: bool) -> bool:
         path = unquote(urlsplit(handler.path).path)
         info = f"/api/models/{self.repo_id}/revision/"
+        tree = f"/api/models/{self.repo_id}/tree/"
         resolve = f"/{self.repo_id}/resolve/"
-        if path.startswith(info):
-            revision = path[len(info) :]
+        if path.startswith(info) or path == info.rpartition("/revision/")[0]:
+            revision = path[len(info) :] or "main"
             if revision not in ("main", self.commit):
                 handler.send(404, {"X-Error-Code": "RevisionNotFound"}, b'{"error": "revision not found"}', head=head)
                 return True
@@ -201,7 +220,18 @@ class FakeHub:
             body = json.dumps({"id": self.repo_id, "sha": self.commit, "siblings": siblings}).encode()
             handler.send(200, {"Content-Type": "application/json"}, body, head=head)
             return True
-        if not path.startswith(resolve):
+        if path.startswith(tree):
+            revision, _, folder = path[len(tree) :].partition("/")
+            if revision not in ("main", self.commit):
+                handler.send(404, {"X-Error-Code": "RevisionNotFound"}, b'{"error": "revision not found"}', head=head)
+                return True
+            body = json.dumps(self.tree(folder)).encode()
+            handler.send(200, {"Content-Type": "application/json"}, body, head=head)
+            return True
+        if path.startswith("/api/models/") or not path.startswith(resolve):
+            if path.startswith("/api/models/"):  # another repository: the Hub's answer for a missing one
+                handler.send(401, {"X-Error-Code": "RepoNotFound"}, b'{"error": "Repository not found"}', head=head)
+                return True
             return False
         revision, _, name = path[len(resolve) :].partition("/")
         data = self.files.get(name)

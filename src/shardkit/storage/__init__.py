@@ -2,10 +2,10 @@
 
 Every other module sees a location as a path-like object (:class:`pathlib.Path` for
 local files, a :class:`~shardkit.storage.remote.RemotePath` for `s3://` and
-`http(s)://`) and reads bytes through a :class:`RangeReader`, so checkpoint discovery,
-the cross-checks, comparison and the executor are the same code for every kind.
-`hf://org/name[@revision]` is not a kind of its own: it resolves to the local cache
-snapshot, a plain folder.
+`http(s)://`, an :class:`~shardkit.storage.hf.HfPath` for `hf://org/name` on the Hub)
+and reads bytes through a :class:`RangeReader`, so checkpoint discovery, the
+cross-checks, comparison and the executor are the same code for every kind. Offline,
+`hf://` resolves to the local cache snapshot, a plain folder.
 
 Headers and byte ranges keep locations as strings (`Header.path`, `ByteRange.source`);
 a remote location is registered under its display string when its header is read, so
@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 #: A local path or a remote one; both offer the small path API checkpoint.py uses.
 Location = Union[Path, "RemotePath"]
 
-REMOTE_PREFIXES = ("s3://", "http://", "https://")
 HF_PREFIX = "hf://"
+#: Location strings that name remote files (a `Header.path` of a Hub file is `hf://…`).
+REMOTE_PREFIXES = ("s3://", "http://", "https://", HF_PREFIX)
 
 
 @dataclass(frozen=True)
