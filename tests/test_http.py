@@ -132,3 +132,23 @@ def test_a_wrong_total_in_the_first_answer_is_refused(tiny, tmp_path: Path) -> N
 
     answered = "model-00001-of-00004.safetensors: asked for bytes=0-0, the server answered Content-Range: bytes 0-"
     assert_clean_failure(result, 1, answered)
+
+
+def test_shard_names_that_are_not_url_safe_are_quoted(tiny: SyntheticCheckpoint, local_merge: bytes, tmp_path: Path):
+    """The index names files; a space, `#`, `?` or `%` in a name must not become URL syntax."""
+    folder = tmp_path / "odd names"
+    folder.mkdir()
+    renames = {name: f"part #{i} ?%20 {name}" for i, name in enumerate(tiny.shard_files)}
+    for old, new in renames.items():
+        (folder / new).write_bytes((tiny.folder / old).read_bytes())
+    index = json.loads((tiny.folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {tensor: renames[shard] for tensor, shard in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "merged.safetensors"
+    with WebServer() as web:
+        web.put_folder("/models/odd", folder)
+
+        result = run_cli("merge", web.url("/models/odd/model.safetensors.index.json"), "-o", out)
+
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes() == local_merge

@@ -24,7 +24,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import BadInputError, SourceChangedError
 from . import TransportError
@@ -105,7 +105,8 @@ class HttpPath(RemotePath):
         return HttpPath(urlunsplit((parts.scheme, parts.netloc, path, "", "")), derived=True, headers=self.headers)
 
     def _child(self, name: str) -> HttpPath:
-        return self._sibling(urlsplit(self._url).path.rstrip("/") + "/" + name)
+        # An index names files, not URL paths: a space, `#` or `?` in a shard name is quoted.
+        return self._sibling(urlsplit(self._url).path.rstrip("/") + "/" + quote(name, safe=""))
 
     def _parent(self) -> HttpPath:
         return self._sibling(urlsplit(self._url).path.rstrip("/").rpartition("/")[0])
@@ -295,7 +296,8 @@ class HttpReader:
         # The path's own headers (an access token) go to its own host only, never to the
         # CDN a redirect leads to (as huggingface_hub and requests do).
         own = self.path.headers if (parts.scheme, parts.netloc) == (origin.scheme, origin.netloc) else {}
-        headers = {**own, **headers}
+        # identity: a compressed answer has no byte ranges of the file.
+        headers = {**own, "Accept-Encoding": "identity", **headers}
         if parts.username is not None:
             token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
