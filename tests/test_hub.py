@@ -135,7 +135,7 @@ def test_a_cached_shard_is_read_from_the_cache(hub: Hub, tiny: SyntheticCheckpoi
     assert all(hub.served(other) > HEADER_READ for other in tiny.shard_files[1:])
 
 
-def test_split_of_a_subfolder_free_repository_equals_the_local_split(
+def test_split_from_the_hub_equals_the_local_split(
     hub: Hub, tiny: SyntheticCheckpoint, tmp_path: Path
 ) -> None:
     remote = run_cli("split", "hf://acme/tiny", "-o", tmp_path / "remote", "-s", "200kB", env=hub.env)
