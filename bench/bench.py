@@ -7,6 +7,14 @@ fsyncs; the baseline runs `sync`), page cache dropped before each run when we ma
 (root), alternating which side goes first, median of N pairs. Peak RSS comes from
 wait4() of each process. Results go to stdout and bench/RESULTS.md.
 
+Beside `cat`+`sync`, merge and reshard are compared with the device floor: the larger
+of a sequential O_DIRECT read of the source files and a sequential O_DIRECT write of
+the output's size (fio, 4 MiB blocks, caches dropped, measured in the same run).
+The conversion rows (`--only convert`) merge an F32 copy of the checkpoint with
+`--dtype bf16` (against the plain merge of the same F32 files, safetensors
+load_file + .to(bf16) + save_file, and transformers from_pretrained(dtype=bf16) +
+save_pretrained) and the BF16 checkpoint with `--dtype fp16` (against its plain merge).
+
     python bench/bench.py [--shapes 0.5B,1.5B,3B,7B] [--pairs 5] [--other-pairs 3] [--only merge,sha256,...]
 """
 
@@ -35,6 +43,24 @@ for shard in sys.argv[2:]:
     state.update(load_file(shard))
 save_file(state, sys.argv[1], metadata={"format": "pt"})
 import os; os.sync()  # durable, like the other two sides
+"""
+
+
+NAIVE_CAST = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+state = {}
+for shard in sys.argv[2:]:
+    state.update({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(shard).items()})
+save_file(state, sys.argv[1], metadata={"format": "pt"})
+import os; os.sync()
+"""
+
+TRANSFORMERS_CAST = """
+import sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[1], max_shard_size="100GB")
+import os; os.sync()
 """
 
 
@@ -73,21 +99,64 @@ def remove(path: Path) -> None:
             leftover.unlink()
 
 
-def make_checkpoint(shape: str) -> tuple[Path, list[Path], int]:
+def make_checkpoint(shape: str, dtype: str = "BF16") -> tuple[Path, list[Path], int]:
+    import dataclasses
+
     from shardkit.synthetic import SHAPES, qwen2_tensors, write_checkpoint
 
-    folder = DATA / f"qwen2.5-{shape}"
+    folder = DATA / (f"qwen2.5-{shape}" if dtype == "BF16" else f"qwen2.5-{shape}-{dtype}")
     done = folder / ".complete"
-    total = sum(t.nbytes for t in qwen2_tensors(SHAPES[shape]))
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    total = sum(t.nbytes for t in qwen2_tensors(spec))
     if not done.exists():
         remove(folder)
         print(f"generating {folder.name} ({total / 1e9:.1f} GB) ...", flush=True)
         # four shards, like the Qwen2.5-7B release
-        write_checkpoint(folder, shape, max_shard_size=total // 4 + 64 * 2**20, seed=1)
+        write_checkpoint(folder, spec, max_shard_size=total // 4 + 64 * 2**20, seed=1)
+        if dtype == "F32":
+            weights_like(folder)
         subprocess.run(["sync"], check=True)
         done.write_text("ok\n")
     shards = sorted(folder.glob("model-*.safetensors"))
     return folder, shards, total
+
+
+def weights_like(folder: Path) -> None:
+    """Overwrite an F32 checkpoint's tensors with N(0, 0.02) values, as trained weights
+    look: a conversion meets pseudo-random bits' NaNs and infinities (its slow paths)
+    far more often than it ever would in a real checkpoint."""
+    import numpy as np
+
+    from shardkit.format import read_header
+
+    rng = np.random.default_rng(1)
+    chunk = 16 * 2**20  # elements
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for tensor in header.tensors:
+                done, count = 0, tensor.nbytes // 4
+                while done < count:
+                    step = min(chunk, count - done)
+                    values = (rng.standard_normal(step, dtype=np.float32) * 0.02).astype("<f4")
+                    os.pwrite(fd, values.tobytes(), header.data_start + tensor.begin + 4 * done)
+                    done += step
+        finally:
+            os.close(fd)
+
+
+def realistic_bf16(shape: str, f32: Path) -> Path:
+    """The BF16 checkpoint the fp16 row converts: the bf16 conversion of the F32 one
+    (trained-weight values, not pseudo-random bits), written once by shardkit itself."""
+    folder = DATA / f"qwen2.5-{shape}-BF16-from-F32"
+    if not (folder / ".complete").exists():
+        remove(folder)
+        total = sum(p.stat().st_size for p in f32.glob("*.safetensors"))
+        subprocess.run([*SHARDKIT, "split", str(f32), "-o", str(folder), "--dtype", "bf16", "--quiet",
+                        "--max-shard-size", str(total // 8 + 32 * 2**20)], check=True)
+        (folder / ".complete").write_text("ok\n")
+    return folder
 
 
 def pairs(
@@ -117,7 +186,72 @@ def pairs(
     return result
 
 
-MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive")
+MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive", "convert")
+
+
+def device_floor(shape: str, sources: list[Path], output_size: int, scratch: Path, count: int) -> dict[str, object]:
+    """What the device allows for these bytes: the larger of a sequential O_DIRECT read of
+    the sources and a sequential O_DIRECT write of the output's size, medians of `count`."""
+    if shutil.which("fio") is None:
+        raise SystemExit("the device floor needs fio: apt-get install -y fio")
+    common = ["--bs=4M", "--direct=1", "--ioengine=psync", "--output=/dev/null"]
+    read = ["fio", *common, "--rw=read"]
+    for number, source in enumerate(sources):  # one file after the other, as a merge reads them
+        read += [f"--name=read{number}", f"--filename={source}", "--stonewall"]
+    target = scratch / "fio-write"
+    write = ["fio", *common, "--rw=write", "--name=write", f"--filename={target}", f"--size={output_size}",
+             "--end_fsync=1"]
+    reads, writes = [], []
+    for _ in range(count):
+        reads.append(timed(read).seconds)
+        writes.append(timed(write).seconds)
+        target.unlink()
+    result = {
+        "what": f"{shape} device floor: fio O_DIRECT read of the sources / write of the output",
+        "read_s": round(statistics.median(reads), 2), "write_s": round(statistics.median(writes), 2),
+    }
+    result["floor_s"] = max(result["read_s"], result["write_s"])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def against_floor(row: dict[str, object], floor: dict[str, object]) -> dict[str, object]:
+    """A merge or reshard row again, as a ratio to the device floor."""
+    result = {
+        "what": str(row["what"]).replace("vs cat+sync", "vs device floor (fio)"),
+        "ours_s": row["ours_s"], "baseline_s": floor["floor_s"],
+        "ratio": round(float(row["ours_s"]) / float(floor["floor_s"]), 3),  # type: ignore[arg-type]
+        "pair_ratios": [], "ours_peak_rss_mb": row["ours_peak_rss_mb"],
+        "floor_read_s": floor["read_s"], "floor_write_s": floor["write_s"],
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bench_conversion(shape: str, count: int, others: int) -> list[dict[str, object]]:
+    """--dtype rows: F32 → bf16 and BF16 → fp16, against the plain merge and the torch ways."""
+    f32, f32_shards, f32_total = make_checkpoint(shape, "F32")
+    bf16 = realistic_bf16(shape, f32)
+    scratch = DATA / "out"
+    scratch.mkdir(exist_ok=True)
+    out_file, out_dir = scratch / "converted.safetensors", scratch / "converted"
+    quiet = ["--quiet"]
+    to_bf16 = [*SHARDKIT, "merge", str(f32), "-o", str(out_file), "--dtype", "bf16", *quiet]
+    results = [
+        pairs(f"{shape} F32 merge --dtype bf16 vs plain merge of the F32 files", to_bf16,
+              [*SHARDKIT, "merge", str(f32), "-o", str(out_file), *quiet], out_file, count),
+        pairs(f"{shape} F32 merge --dtype bf16 vs safetensors load_file+.to(bf16)+save_file", to_bf16,
+              [sys.executable, "-c", NAIVE_CAST, str(out_file), *map(str, f32_shards)], out_file, others),
+        pairs(f"{shape} F32 merge --dtype bf16 (folder) vs transformers from_pretrained(dtype=bf16)+save_pretrained",
+              [*SHARDKIT, "merge", str(f32), "-o", str(out_dir), "--dtype", "bf16", *quiet],
+              [sys.executable, "-c", TRANSFORMERS_CAST, str(out_dir), str(f32)], out_dir, others),
+        pairs(f"{shape} BF16 merge --dtype fp16 vs plain merge",
+              [*SHARDKIT, "merge", str(bf16), "-o", str(out_file), "--dtype", "fp16", *quiet],
+              [*SHARDKIT, "merge", str(bf16), "-o", str(out_file), *quiet], out_file, count),
+    ]
+    for row in results[:3]:
+        row["gigabytes"] = round(f32_total / 1e9, 2)  # the F32 source
+    return results
 
 
 def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> list[dict[str, object]]:
@@ -138,12 +272,18 @@ def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> 
         python = [sys.executable, "-c", "pass"]  # the floor for any Python command
         name = f"{shape} inspect (warm cache) vs bare python start-up"
         results.append(pairs(name, inspect, python, out_file, 5, cold=False))
+    floor = None
+    if measurements & {"merge", "reshard"}:
+        floor = device_floor(shape, shards, sum(p.stat().st_size for p in shards), scratch, 3)
+        results.append(floor)
     if "merge" in measurements:
         results.append(pairs(f"{shape} merge vs cat+sync", merge, cat_sync, out_file, count))
+        results.append(against_floor(results[-1], floor))  # type: ignore[arg-type]
     if "sha256" in measurements:
         results.append(pairs(f"{shape} merge --sha256 vs cat+sync", [*merge, "--sha256"], cat_sync, out_file, count))
     if "reshard" in measurements:
         results.append(pairs(f"{shape} reshard to 2GB vs cat+sync", split, cat_sync_dir, out_dir, count))
+        results.append(against_floor(results[-1], floor))  # type: ignore[arg-type]
     if "checksum" in measurements:
         checksum = [*SHARDKIT, "checksum", str(folder), "-o", str(sums)]
         sha256sum = ["sh", "-c", 'sha256sum "$@" > "$0"', str(sums), *map(str, shards)]
@@ -169,8 +309,11 @@ def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> 
         }
         print(json.dumps(result), flush=True)
         results.append(result)
+    if "convert" in measurements:
+        results += bench_conversion(shape, count, others)
     for r in results:
-        r["shape"], r["gigabytes"] = shape, round(total / 1e9, 2)
+        r["shape"] = shape
+        r.setdefault("gigabytes", round(total / 1e9, 2))
     return results
 
 
@@ -181,6 +324,12 @@ def write_table(results: list[dict[str, object]]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
+        if "floor_s" in r:
+            lines.append(
+                f"| {r['what']} | {r['gigabytes']} | 3 | | read {r['read_s']}, write {r['write_s']} "
+                f"| floor {r['floor_s']} s | | |"
+            )
+            continue
         per_pair = ", ".join(f"{x:.2f}" for x in r.get("pair_ratios", []))  # type: ignore[union-attr]
         lines.append(
             f"| {r['what']} | {r['gigabytes']} | {len(r.get('pair_ratios', []))} | {r['ours_s']} | "  # type: ignore[arg-type]
@@ -205,7 +354,8 @@ def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, obje
 
 
 def _kind(what: str) -> str:
-    for word, kind in (("inspect", "inspect"), ("--sha256", "sha256"), ("reshard", "reshard"),
+    for word, kind in (("--dtype", "convert"), ("inspect", "inspect"), ("--sha256", "sha256"),
+                       ("reshard", "reshard"), ("device floor", "merge"),
                        ("checksum", "checksum"), ("verify", "verify"), ("naive", "naive"), ("merge", "merge")):
         if word in what:
             return kind

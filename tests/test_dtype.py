@@ -145,7 +145,9 @@ def test_a_transformers_fp32_model_converted_to_bf16_loads_with_the_logits_of_bf
 
 def test_split_packs_by_converted_sizes_and_the_index_follows(checkpoint, tmp_path: Path) -> None:
     out = tmp_path / "split"
-    report = shardkit.split(checkpoint.folder, out, max_shard_size="600KB", dtype="fp32", keep=["*norm*"])
+    report = shardkit.split(checkpoint.folder, out, max_shard_size="600KB", dtype="fp32", keep=["*norm*"], sha256=True)
+    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert sums.returncode == 0 and sums.stdout.count(": OK") == len(report.files), sums.stdout  # what was written
     index = json.loads((out / "model.safetensors.index.json").read_text())
     written = open_checkpoint(out)
     assert index["metadata"]["total_size"] == written.total_bytes == sum(f.size for f in report.files) - sum(
