@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "shardkit"
 
-#: Lowest first. `base` holds what every layer may use (the exception family, sizes).
+#: Lowest first. `base` holds what every layer may use: the exception family, sizes, the
+#: report dataclasses, the version.
 LAYERS = ("base", "format", "storage", "checkpoint", "plan", "engine", "checks", "commands", "cli", "api")
 
 #: Layer of each module that is not inside a layer subpackage (module name without `shardkit.`).
@@ -35,6 +36,8 @@ PLACED = {
     "__main__": "api",
     "errors": "base",
     "sizes": "base",
+    "reports": "base",
+    "version": "base",
     "format": "format",
     "header_json": "format",
     "gc_pause": "format",
@@ -52,7 +55,6 @@ PLACED = {
     "byte_copy": "engine",
     "atomic": "engine",
     "hashing": "engine",
-    "reports": "engine",
     "compare": "checks",
     "manifest": "checks",
     "architecture": "checks",
