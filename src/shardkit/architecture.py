@@ -14,9 +14,11 @@ If those internals are not available (another transformers version), a simpler
 re-implementation of the same rules is used.
 
 ``torch`` and ``transformers`` are optional: they are imported lazily, and their absence
-raises :class:`ImportError` with an installation hint.
+raises :class:`~shardkit.errors.MissingExtraError` (also an :class:`ImportError`) with an
+installation hint.
 
-This module is self-contained on purpose (it imports nothing else from ``shardkit``).
+This module is self-contained on purpose: of ``shardkit`` it imports only the exception
+family, so what it raises is a ``ShardkitError`` like everything else.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import BadInputError, MissingExtraError
+
 __all__ = [
     "ArchitectureCheckError",
     "ArchitectureProblem",
@@ -41,8 +45,6 @@ __all__ = [
     "check_architecture",
     "expected_tensors",
 ]
-
-_EXTRA_HINT = "the architecture check needs the optional extra: pip install 'shardkit[hf]'"
 
 # safetensors dtype code -> name of the torch dtype attribute (looked up lazily; some only
 # exist in recent torch versions).
@@ -73,8 +75,9 @@ _TORCH_NAME_TO_CODE = {name: code for code, name in _CODE_TO_TORCH_NAME.items()}
 _KIND_ORDER = {"missing": 0, "unexpected": 1, "shape": 2, "dtype": 3}
 
 
-class ArchitectureCheckError(ValueError):
-    """The config cannot be turned into a model skeleton (bad JSON, unknown model type, ...)."""
+class ArchitectureCheckError(BadInputError, ValueError):
+    """The config cannot be turned into a model skeleton (bad JSON, unknown model type, ...);
+    also a ValueError, as it was before it joined the family."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _import_hf() -> tuple[Any, Any]:
         import torch
         import transformers
     except ImportError as exc:
-        raise ImportError(_EXTRA_HINT) from exc
+        raise MissingExtraError("the architecture check", "hf") from exc
     if first_import:
         # torch + transformers create millions of long-lived objects; moving them out of the
         # collector's reach keeps later GC passes cheap (see also `_settle_gc`).
@@ -336,7 +339,7 @@ def _load_config(config_path: Path, transformers: Any) -> tuple[Any, dict]:
     try:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError as exc:  # pragma: no cover
-        raise ImportError(_EXTRA_HINT) from exc
+        raise MissingExtraError("the architecture check", "hf") from exc
     if model_type not in CONFIG_MAPPING:
         raise ArchitectureCheckError(
             f"model_type {model_type!r} is not known to transformers {transformers.__version__} "

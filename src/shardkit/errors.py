@@ -1,5 +1,13 @@
 """One exception family for everything shardkit refuses or fails to do.
 
+The contract of the public API (`shardkit.merge`, `shardkit.split`, … and the modules
+below them): every error that leaves it is a :class:`ShardkitError`. Where the cause is
+an operating-system error, the ShardkitError says what it meant (`no space left on
+device`, `cannot write there`) and carries the OSError as its `__cause__`; a few are
+also the matching built-in exception (`FileNotFoundError`, `FileExistsError`,
+`ImportError`), so `except FileNotFoundError` keeps working. An exception of any other
+kind escaping is a bug.
+
 Every error carries a one-line message that names the file, the tensor and the rule
 that was broken, plus the exit code the CLI maps it to: 2 for input or usage the user
 has to fix, 1 for a failure while doing the work (disk full, a source changed, a
@@ -102,11 +110,15 @@ class VerificationError(ShardkitError):
     """The written output does not hold what the sources held."""
 
 
-class MissingExtraError(BadInputError):
-    """A feature needs an optional dependency that is not installed."""
+class TransportError(ShardkitError):
+    """The store could not be reached or broke off (exit 1: the input may be fine)."""
+
+
+class MissingExtraError(BadInputError, ImportError):
+    """A feature needs an optional dependency that is not installed; also an ImportError."""
 
     def __init__(self, feature: str, extra: str) -> None:
-        super().__init__(f"{feature} needs the optional extra: pip install 'shardkit[{extra}]'")
+        BadInputError.__init__(self, f"{feature} needs the optional extra: pip install 'shardkit[{extra}]'")
 
 
 class Interrupted(ShardkitError):

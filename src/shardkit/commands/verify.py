@@ -479,7 +479,7 @@ class _Run:
         present = {name: (t.info.dtype, t.info.shape) for name, t in checkpoint.tensors.items()}
         try:
             problems = architecture.check_architecture(config, present)
-        except (architecture.ArchitectureCheckError, ImportError) as exc:
+        except (architecture.ArchitectureCheckError, ImportError) as exc:  # MissingExtraError is one
             if explicit:
                 raise BadInputError(f"architecture check: {exc}") from None
             self.notes.append(f"architecture check skipped: {exc}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Union
 
 from ..errors import OutputError, ShardkitError
+from ..errors import TransportError as TransportError  # defined here before errors.py had it
 from ..format import Header
 from ..format import read_header as read_local_header
 
@@ -61,10 +62,6 @@ class Traffic:
             self.requests - other.requests, self.bytes_sent - other.bytes_sent,
             self.bytes_received - other.bytes_received, self.bytes_copied - other.bytes_copied,
         )
-
-
-class TransportError(ShardkitError):
-    """The store could not be reached or broke off (exit 1: the input may be fine)."""
 
 
 class SeenFile(Protocol):

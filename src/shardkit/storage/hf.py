@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import BadInputError, MissingExtraError
-from . import LocalReader, TransportError
+from ..errors import BadInputError, MissingExtraError, TransportError
+from . import LocalReader
 from .http import HttpPath, HttpReader
 from .remote import RemotePath, RemoteStat
 

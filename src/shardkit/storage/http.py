@@ -26,8 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-from ..errors import BadInputError, SourceChangedError
-from . import TransportError
+from ..errors import BadInputError, SourceChangedError, TransportError
 from .remote import RemotePath, RemoteStat
 
 _REDIRECTS = (301, 302, 303, 307, 308)

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import BadInputError, MissingExtraError, ShardkitError, SourceChangedError
-from . import Traffic, TransportError
+from ..errors import BadInputError, MissingExtraError, ShardkitError, SourceChangedError, TransportError
+from . import Traffic
 from .remote import RemotePath, RemoteStat
 
 #: Threads (and pooled connections) for parallel ranged GETs, part uploads and copies.
