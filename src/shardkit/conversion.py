@@ -4,20 +4,19 @@ Planning only: which source dtype becomes which (a float tensor to the target un
 `--keep` names it; integers, bools and FP8/FP6/FP4 never, since a cast would not be
 what the model expects), the config.json that names the new dtype, and after the
 run the loss report (values that overflowed to ±inf or underflowed to zero). The
-element-wise casts themselves are in :mod:`shardkit.dtype_cast`.
+element-wise casts themselves are in :mod:`shardkit.dtype_cast`; the report of a run
+is assembled by :func:`shardkit.commands.writing.dtype_report`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, SourceTensor
 from .errors import BadInputError
-from .reports import DtypeReport, TensorLoss
 
 #: config.json spells dtypes as torch does.
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -78,25 +77,3 @@ def config_with_dtype(text: bytes, target: str, where: object) -> bytes:
     for key in keys:
         config[key] = TORCH_NAMES[target]
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def dtype_report(
-    checkpoint: Checkpoint, choice: DtypeChoice, stats: Mapping[str, object] | None
-) -> DtypeReport:
-    """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
-    converted = choice.converted(checkpoint)
-    already = sum(
-        1 for n, t in checkpoint.tensors.items()
-        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float
-    )
-    not_float = Counter(checkpoint.tensors[n].info.dtype for n in choice.not_float)
-    losses = []
-    for name in sorted(stats or {}):
-        counted = stats[name]  # type: ignore[index]
-        if counted.overflow or counted.underflow:  # type: ignore[attr-defined]
-            source = checkpoint.tensors[name].info.dtype
-            losses.append(TensorLoss(name, source, counted.overflow, counted.underflow))  # type: ignore[attr-defined]
-    return DtypeReport(
-        choice.target, len(converted), already, list(choice.kept), dict(sorted(not_float.items())), losses,
-        None if stats is None else not losses,
-    )

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .dtype_cast import CastStats, cast_into, cast_parallel
 from .format import DTYPES
 from .plan import Copy, Literal, PlannedFile, Transform
 
@@ -33,17 +34,17 @@ CHUNK = 8 * 1024 * 1024
 _scratch = threading.local()
 
 
-def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, workers: int = 1) -> dict[str, object]:
+def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, workers: int = 1) -> dict[str, CastStats]:
     """Write bytes [start, start + len(out)) of `planned` into `out`.
 
-    Returns the cast statistics (:class:`shardkit.dtype_cast.CastStats`) of the
+    Returns the cast statistics (overflow, underflow, NaN counts) of the
     transformed elements this range produced, by tensor. An element cut by the range's
     edges is converted whole and counted only by the range holding its first byte, so
     ranges that tile a file count every element once. `workers` threads convert each
     chunk (the conversion releases the GIL).
     """
     end = start + len(out)
-    stats: dict[str, object] = {}
+    stats: dict[str, CastStats] = {}
     for step in planned.steps_in(start, end):
         lo, hi = max(start, step.offset), min(end, step.offset + step.length)
         target = out[lo - start : hi - start]
@@ -59,13 +60,11 @@ def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, worke
     return stats
 
 
-def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> object | None:
+def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> CastStats | None:
     """Bytes [into, into + len(target)) of a transform's output."""
-    from . import dtype_cast
-
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
     scratch = _scratch_buffer()
-    total = None
+    total: CastStats | None = None
     position, end = into, into + len(target)
     while position < end:
         element, cut = divmod(position, dst_size)
@@ -74,10 +73,9 @@ def _transform(step: Transform, into: int, target: memoryview, read: Read, worke
             whole = bytearray(dst_size)
             source = scratch[:src_size]
             read(step.source, step.source_offset + element * src_size, source)
-            counted = dtype_cast.cast_into(source, step.src_dtype, step.dst_dtype, memoryview(whole))
+            edge = cast_into(source, step.src_dtype, step.dst_dtype, memoryview(whole))
             target[position - into : position - into + take] = whole[cut : cut + take]
-            if cut:
-                counted = None
+            counted = None if cut else edge
         else:
             count = min((end - position) // dst_size, len(scratch) // src_size)
             take = count * dst_size
@@ -85,9 +83,9 @@ def _transform(step: Transform, into: int, target: memoryview, read: Read, worke
             read(step.source, step.source_offset + element * src_size, source)
             into_view = target[position - into : position - into + take]
             if workers > 1:
-                counted = dtype_cast.cast_parallel(source, step.src_dtype, step.dst_dtype, into_view, workers)
+                counted = cast_parallel(source, step.src_dtype, step.dst_dtype, into_view, workers)
             else:
-                counted = dtype_cast.cast_into(source, step.src_dtype, step.dst_dtype, into_view)
+                counted = cast_into(source, step.src_dtype, step.dst_dtype, into_view)
         if counted is not None:
             total = counted if total is None else total + counted
         position += take
@@ -106,15 +104,15 @@ class CastLog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.by_tensor: dict[str, object] = {}
+        self.by_tensor: dict[str, CastStats] = {}
 
-    def add(self, stats: Mapping[str, object]) -> None:
+    def add(self, stats: Mapping[str, CastStats]) -> None:
         if not stats:
             return
         with self._lock:
             for name, counted in stats.items():
                 known = self.by_tensor.get(name)
-                self.by_tensor[name] = counted if known is None else known + counted  # type: ignore[operator]
+                self.by_tensor[name] = counted if known is None else known + counted
 
 
 def ordered_chunks(

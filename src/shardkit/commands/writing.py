@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 from .. import atomic, storage
 from ..checkpoint import Checkpoint, companion_files, open_checkpoint
 from ..compare import compare_checkpoints
-from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, dtype_report
+from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype
+from ..dtype_cast import CastStats
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
 from ..fill import CastLog
 from ..plan import FileCopy, Plan
-from ..reports import OutputFile, Transfer, WriteReport
+from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
 from ..storage import Location
 
 #: Called as `progress(advance, total)` with bytes just written and the bytes to write.
@@ -141,3 +143,24 @@ def verify_written(source: Checkpoint, output: Location, converted: Mapping[str,
         problems = comparison.problems()
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerificationError(f"{output}: verification failed, output removed: {problems[0]}{more}")
+
+
+def dtype_report(
+    checkpoint: Checkpoint, choice: DtypeChoice, stats: Mapping[str, CastStats] | None
+) -> DtypeReport:
+    """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
+    converted = choice.converted(checkpoint)
+    already = sum(
+        1 for n, t in checkpoint.tensors.items()
+        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float
+    )
+    not_float = Counter(checkpoint.tensors[n].info.dtype for n in choice.not_float)
+    losses = []
+    for name, counted in sorted((stats or {}).items()):
+        if counted.overflow or counted.underflow:
+            source = checkpoint.tensors[name].info.dtype
+            losses.append(TensorLoss(name, source, counted.overflow, counted.underflow))
+    return DtypeReport(
+        choice.target, len(converted), already, list(choice.kept), dict(sorted(not_float.items())), losses,
+        None if stats is None else not losses,
+    )
