@@ -67,7 +67,7 @@ class Streamer:
             _advise_sequential(fd)
             size = os.fstat(fd).st_size
             file_hasher = hashlib.sha256() if whole else None
-            range_hashers = _RangeHashers(ranges)
+            range_hashers = RangeHashers(ranges)
             if whole:
                 start, end = 0, size
             elif ranges:
@@ -117,7 +117,7 @@ class Streamer:
                     future.result()
 
 
-class _RangeHashers:
+class RangeHashers:
     """One SHA-256 per range; routes each chunk's bytes to the ranges it overlaps."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]]) -> None:

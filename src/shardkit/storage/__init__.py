@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Union
 
-from ..errors import OutputError, ShardkitError
+from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
 from ..format import Header
 from ..format import read_header as read_local_header
+from .location import LocalReader as LocalReader
+from .location import RangeReader as RangeReader
+from .location import SeenFile as SeenFile
+from .location import Traffic as Traffic
 
 if TYPE_CHECKING:
     from .remote import RemotePath
@@ -41,77 +43,7 @@ HF_PREFIX = "hf://"
 REMOTE_PREFIXES = ("s3://", "http://", "https://", HF_PREFIX)
 
 
-@dataclass(frozen=True)
-class Traffic:
-    """What the client exchanged with the store: requests, body bytes each way, and the
-    bytes the store copied by itself (UploadPartCopy, CopyObject)."""
-
-    requests: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    bytes_copied: int = 0
-
-    def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.requests + other.requests, self.bytes_sent + other.bytes_sent,
-            self.bytes_received + other.bytes_received, self.bytes_copied + other.bytes_copied,
-        )
-
-    def __sub__(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.requests - other.requests, self.bytes_sent - other.bytes_sent,
-            self.bytes_received - other.bytes_received, self.bytes_copied - other.bytes_copied,
-        )
-
-
-class SeenFile(Protocol):
-    """A file as seen when its header was read: a `Header`, or a plan's `Source`."""
-
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def stat(self) -> tuple[object, ...] | None: ...
-
-
-class RangeReader(Protocol):
-    """Random access to one file's bytes. `read` returns exactly `length` bytes or raises;
-    remote readers are safe to share between threads."""
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class LocalReader:
-    """A local file read with pread: positionless, so threads can share it."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise OSError(
-                    f"{self.path}: could read only {len(data)} of {length} bytes at offset {offset} (file shrank?)"
-                )
-            data += more
-        return data
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 # --------------------------------------------------------------------------- locations
-
-_registry: dict[str, RemotePath] = {}
-_registry_lock = threading.Lock()
-
 
 def display(path: object) -> str:
     """How a path argument may be shown: a web URL without user, password or query
@@ -165,18 +97,6 @@ def as_path(
     return Path(path)
 
 
-def register(path: RemotePath) -> str:
-    """Remember `path` under its display string; returns that string (a `Header.path`)."""
-    key = str(path)
-    with _registry_lock:
-        known = _registry.get(key)
-        if known is not None and known.store_key != path.store_key:
-            # Two stores answering to one URL in one process: say so rather than mix them up.
-            raise ShardkitError(f"{key}: names objects in two different stores in one run; use one endpoint")
-        _registry[key] = path
-    return key
-
-
 def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
     """The location behind a `Header.path` / `ByteRange.source` string."""
     from .remote import RemotePath
@@ -184,8 +104,9 @@ def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
     if isinstance(location, RemotePath):
         return location
     if is_url(location):
-        with _registry_lock:
-            known = _registry.get(location)  # type: ignore[arg-type]
+        from .remote import registered
+
+        known = registered(location)  # type: ignore[arg-type]
         return known if known is not None else as_path(location)
     return Path(location)
 

@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import BadInputError, MissingExtraError, TransportError
-from . import LocalReader
 from .http import HttpPath, HttpReader
+from .location import LocalReader
 from .remote import RemotePath, RemoteStat
 
 #: Weight formats a safetensors tool has no use for: never downloaded.

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from ..errors import ShardkitError
 from ..format import Header, parse_file
 
 if TYPE_CHECKING:
-    from . import SeenFile
+    from .location import SeenFile
 
 #: The first read of a header fetches this much: one request covers almost every header.
 HEADER_PREFETCH = 64 * 1024
@@ -141,8 +143,6 @@ class RemotePath:
     def read_header(self, *, strict: bool = False) -> Header:
         """Validate the header with ranged reads only: the first read fetches the
         length prefix and usually the whole header; a longer header costs one more."""
-        from . import register
-
         reader = self.open_reader()
         try:
             head = reader.read_prefix(HEADER_PREFETCH)
@@ -173,3 +173,27 @@ class RemotePath:
 
     def forget(self) -> None:
         """Drop cached metadata, so the next question asks the store again."""
+
+
+# --------------------------------------------------------------------------- the registry of remote paths
+
+_registry: dict[str, RemotePath] = {}
+_registry_lock = threading.Lock()
+
+
+def register(path: RemotePath) -> str:
+    """Remember `path` under its display string; returns that string (a `Header.path`)."""
+    key = str(path)
+    with _registry_lock:
+        known = _registry.get(key)
+        if known is not None and known.store_key != path.store_key:
+            # Two stores answering to one URL in one process: say so rather than mix them up.
+            raise ShardkitError(f"{key}: names objects in two different stores in one run; use one endpoint")
+        _registry[key] = path
+    return key
+
+
+def registered(key: str) -> RemotePath | None:
+    """The remote path registered under `key` (a display string), or None."""
+    with _registry_lock:
+        return _registry.get(key)

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import BadInputError, MissingExtraError, ShardkitError, SourceChangedError, TransportError
-from . import Traffic
+from .location import Traffic
 from .remote import RemotePath, RemoteStat
 
 #: Threads (and pooled connections) for parallel ranged GETs, part uploads and copies.

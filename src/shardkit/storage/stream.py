@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ..hashing import Digests, Streamer, _RangeHashers
-from . import RangeReader
+from ..hashing import Digests, RangeHashers, Streamer
+from .location import RangeReader
 
 if TYPE_CHECKING:
     from .remote import RemotePath
@@ -101,7 +101,7 @@ def digest(
     else:
         start = end = 0
     file_hasher = hashlib.sha256() if whole else None
-    range_hashers = _RangeHashers(ranges)
+    range_hashers = RangeHashers(ranges)
     reader = path.open_reader()
     offset = start
     try:
