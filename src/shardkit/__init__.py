@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import ShardkitError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {
     "merge": "shardkit.commands.merge",

@@ -49,7 +49,7 @@ def _root(
 ) -> None:
     """Merge, split, verify, inspect and diff safetensors checkpoints at disk speed, without torch."""
     if version:
-        from .. import __version__
+        from ..version import __version__
 
         print(f"shardkit {__version__}")
         raise typer.Exit()
