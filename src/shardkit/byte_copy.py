@@ -201,8 +201,9 @@ class RangeCopier:
         slot = 0
         while length > 0:
             step = min(HASH_CHUNK, length)
-            if pending[slot] is not None:
-                pending[slot].result()  # type: ignore[union-attr]
+            previous = pending[slot]
+            if previous is not None:
+                previous.result()
             view = self._read_into(src_fd, self._buffer(slot), src_offset, step)
             pending[slot] = self._pool.submit(self.hasher.update, view)
             self._write_all(view, dest_offset)

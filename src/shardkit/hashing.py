@@ -102,8 +102,9 @@ class Streamer:
         try:
             while offset < end:
                 step = min(self.chunk, end - offset)
-                if pending[slot] is not None:
-                    pending[slot].result()  # type: ignore[union-attr]
+                previous = pending[slot]
+                if previous is not None:
+                    previous.result()
                 view = _read_into(fd, self._buffers[slot], offset, step, path)
                 pending[slot] = self._pool.submit(consume, view, offset)
                 if on_bytes is not None:

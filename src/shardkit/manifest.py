@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 from .errors import BadInputError
 
@@ -157,9 +158,9 @@ def _tensor_entries(path: Path, raw: object) -> dict[str, TensorDigest]:
             raise BadInputError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers")
         if not _is_hex64(digest):
             raise BadInputError(f"{path}: tensor {name!r}: sha256 must be 64 hex digits")
-        tensors[name] = TensorDigest(dtype, tuple(shape), digest.lower())  # type: ignore[union-attr]
+        tensors[name] = TensorDigest(dtype, tuple(shape), digest.lower())
     return tensors
 
 
-def _is_hex64(value: object) -> bool:
+def _is_hex64(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _HEX64.match(value) is not None

@@ -24,7 +24,9 @@ class JsonReport:
     """Mixin: `to_dict()` and `to_json()` for report dataclasses."""
 
     def to_dict(self) -> dict[str, object]:
-        return to_jsonable(self)  # type: ignore[return-value]
+        fields = to_jsonable(self)
+        assert isinstance(fields, dict), "a report is a dataclass"
+        return fields
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)

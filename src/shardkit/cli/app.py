@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import typer
 
 #: command name -> (module in this package, function, extra options of app.command)
-COMMANDS: dict[str, tuple[str, str, dict[str, str]]] = {
+COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "merge": ("merge", "merge_command", {}),
     "split": ("split", "split_command", {}),
     "reshard": (

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeGuard, Union
 
 from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
@@ -55,7 +55,7 @@ def display(path: object) -> str:
     return str(path)
 
 
-def is_url(text: object) -> bool:
+def is_url(text: object) -> TypeGuard[str]:
     return isinstance(text, str) and text.startswith(REMOTE_PREFIXES)
 
 
@@ -106,7 +106,7 @@ def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
     if is_url(location):
         from .remote import registered
 
-        known = registered(location)  # type: ignore[arg-type]
+        known = registered(location)
         return known if known is not None else as_path(location)
     return Path(location)
 
@@ -153,9 +153,9 @@ def walk_files(root: Location, *, exclude: Location | None = None) -> Iterator[t
                     yield path, path.relative_to(root).as_posix()
         return
     inside = str(exclude).rstrip("/") + "/" if exclude is not None else None
-    for path, relative in root.walk_files():
-        if inside is None or not str(path).startswith(inside):
-            yield path, relative
+    for remote, relative in root.walk_files():
+        if inside is None or not str(remote).startswith(inside):
+            yield remote, relative
 
 
 def traffic() -> Traffic:

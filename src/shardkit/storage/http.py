@@ -24,6 +24,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import BadInputError, SourceChangedError, TransportError
@@ -88,7 +89,7 @@ class HttpPath(RemotePath):
         self._url = url  # may carry a signature or a password: never shown
         self.url = label or display_url(url)
         self.headers = dict(headers or {})
-        self._stat: RemoteStat | None | bool = False
+        self._stat: RemoteStat | None | Literal[False] = False
         self._seen: Seen | None = None
         self._seen_lock = threading.Lock()
         # A neighbour of the URL given (an index's shard, a config.json): a presigned
@@ -124,7 +125,7 @@ class HttpPath(RemotePath):
                 if not str(exc).endswith(absent):
                     raise
                 self._stat = None
-        return self._stat  # type: ignore[return-value]
+        return self._stat
 
     def learn(self, seen: Seen) -> Seen:
         """Record the first answer's size and validators; later answers are compared with

@@ -61,6 +61,12 @@ class RemotePath:
                 path = path._child(part)
         return path
 
+    def _child(self, name: str) -> RemotePath:
+        raise NotImplementedError
+
+    def _parent(self) -> RemotePath:
+        raise NotImplementedError
+
     def with_name(self, name: str) -> RemotePath:
         return self.parent / name
 

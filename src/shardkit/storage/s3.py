@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import BadInputError, MissingExtraError, ShardkitError, SourceChangedError, TransportError
@@ -112,6 +112,14 @@ class S3Store:
             self._counts[2] += received
             self._counts[3] += copied
 
+    @overload
+    def call(
+        self, operation: str, what: str, *, missing_ok: Literal[False] = False, **kwargs: Any
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call(self, operation: str, what: str, *, missing_ok: bool, **kwargs: Any) -> dict[str, Any] | None: ...
+
     def call(self, operation: str, what: str, *, missing_ok: bool = False, **kwargs: Any) -> dict[str, Any] | None:
         """Run one API call; count it and its upload body; translate its failure. With
         `missing_ok`, a missing object answers None instead of raising."""
@@ -177,7 +185,7 @@ class S3Path(RemotePath):
         self.bucket = bucket
         self.key = key.strip("/")
         self.url = f"s3://{bucket}/{self.key}" if self.key else f"s3://{bucket}"
-        self._stat: RemoteStat | None | bool = stat if stat is not None else False  # False: not asked yet
+        self._stat: RemoteStat | None | Literal[False] = stat if stat is not None else False  # False: not asked yet
         self._listing: list[RemotePath] | None = None
 
     @classmethod
@@ -202,14 +210,14 @@ class S3Path(RemotePath):
         return self.key.rsplit("/", 1)[-1] if self.key else self.bucket
 
     def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        return self.store.call(operation, self.url, Bucket=self.bucket, **kwargs)  # type: ignore[return-value]
+        return self.store.call(operation, self.url, Bucket=self.bucket, **kwargs)
 
     # ------------------------------------------------------------------ what is there
 
     def file_stat(self) -> RemoteStat | None:
         if self._stat is False:
             self._stat = self._head()
-        return self._stat  # type: ignore[return-value]
+        return self._stat
 
     def _head(self) -> RemoteStat | None:
         if not self.key:
