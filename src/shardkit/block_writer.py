@@ -318,14 +318,5 @@ def _address(region: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(region))
 
 
-def read_exactly(fd: int, target: memoryview, offset: int) -> None:
-    filled = 0
-    while filled < len(target):
-        got = os.preadv(fd, [target[filled:]], offset + filled)
-        if got == 0:
-            raise OSError(errno.EIO, f"source ended early at offset {offset + filled} (file shrank?)")
-        filled += got
-
-
 def _round_up(length: int) -> int:
     return -(-length // ALIGN) * ALIGN

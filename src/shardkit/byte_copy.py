@@ -26,6 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+from .storage.location import read_exactly
+
 CHUNK = 16 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
@@ -170,12 +172,7 @@ class RangeCopier:
 
     def _read_into(self, src_fd: int, buffer: bytearray, src_offset: int, length: int) -> memoryview:
         view = memoryview(buffer)[:length]
-        filled = 0
-        while filled < length:
-            got = os.preadv(src_fd, [view[filled:]], src_offset + filled)
-            if got == 0:
-                raise OSError(errno.EIO, f"source ended early at offset {src_offset + filled} (file shrank?)")
-            filled += got
+        read_exactly(src_fd, view, src_offset)
         return view
 
     def _write_all(self, view: memoryview, dest_offset: int) -> None:

@@ -34,6 +34,7 @@ from .errors import OutputError, OutputExistsError, SourceChangedError, WriteErr
 from .fill import CastLog, Read, fill, ordered_chunks
 from .plan import Copy, Plan, PlannedFile, Source
 from .storage import stream
+from .storage.location import read_exactly
 
 #: Room kept free beyond the output's size for metadata and the filesystem itself.
 SPACE_MARGIN = 16 * 1024 * 1024
@@ -232,7 +233,7 @@ def local_read(sources: dict[str, int]) -> Read:
     """The `read` of :func:`shardkit.fill.fill` over open source descriptors."""
 
     def read(source: str, offset: int, into: memoryview) -> None:
-        block_writer.read_exactly(sources[source], into, offset)
+        read_exactly(sources[source], into, offset)
 
     return read
 

@@ -9,13 +9,14 @@ read once whatever is asked of it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .storage.location import read_exactly
 
 #: Large reads keep a cold disk streaming; two such buffers are all the memory hashing takes.
 CHUNK = 16 * 1024 * 1024
@@ -147,12 +148,7 @@ class RangeHashers:
 
 def _read_into(fd: int, buffer: bytearray, offset: int, length: int, path: str) -> memoryview:
     view = memoryview(buffer)[:length]
-    filled = 0
-    while filled < length:
-        got = os.preadv(fd, [view[filled:]], offset + filled)
-        if got == 0:
-            raise OSError(errno.EIO, f"file ended early at offset {offset + filled} (it shrank while read)", path)
-        filled += got
+    read_exactly(fd, view, offset, path)
     return view
 
 

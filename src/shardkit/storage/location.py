@@ -6,6 +6,7 @@ for a path and imports them in turn: so there is no import circle in `storage`.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,16 +63,25 @@ class LocalReader:
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
-        while len(data) < length:
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise OSError(
-                    f"{self.path}: could read only {len(data)} of {length} bytes at offset {offset} (file shrank?)"
-                )
-            data += more
-        return data
+        if len(data) == length:
+            return data
+        buffer = bytearray(length)  # a short read: the rest read into place, as everywhere
+        buffer[: len(data)] = data
+        read_exactly(self.fd, memoryview(buffer)[len(data) :], offset + len(data), self.path)
+        return bytes(buffer)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def read_exactly(fd: int, target: memoryview, offset: int, path: str | None = None) -> None:
+    """Fill `target` from `fd` at `offset`: pread returns less than asked near a signal or
+    on some filesystems, so read until full; a file that ends first has shrunk (EIO)."""
+    filled = 0
+    while filled < len(target):
+        got = os.preadv(fd, [target[filled:]], offset + filled)
+        if got == 0:
+            raise OSError(errno.EIO, f"source ended early at offset {offset + filled} (file shrank?)", path)
+        filled += got
