@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plan_replay import planned_bytes, replay
 from shardkit.checkpoint import Checkpoint, SourceTensor
-from shardkit.fill import fill
 from shardkit.format import Header, TensorSpec, parse_header, serialize_header
 from shardkit.multipart_plan import (
     CopyPart,
@@ -32,51 +32,6 @@ from shardkit.synthetic import SHAPES, qwen2_tensors
 MiB = 1024 * 1024
 #: Tiny limits keep the replay cheap while exercising every rule.
 SMALL = PartLimits(min_part=100, max_part=1000, max_parts=10_000, chain_limit=300)
-
-
-def replay(plan: ObjectPlan, planned: PlannedFile, sources: dict[str, bytes], limits: PartLimits) -> bytes:
-    """Assemble the object as a store would, refusing anything a store refuses."""
-    check_object_plan(plan, limits)
-    built: dict[str, bytes] = {}
-
-    def span_bytes(span: Span) -> bytes:
-        data = built[span.source] if span.source in built else sources[span.source]
-        assert span.offset + span.length <= len(data)
-        return data[span.offset : span.offset + span.length]
-
-    def made(part: UploadPart) -> bytes:
-        out = bytearray(part.length)
-        fill(planned, part.start, memoryview(out), memory_read(sources))
-        return bytes(out)
-
-    result = b""
-    for name, parts in plan.uploads():
-        out = b"".join(made(part) if isinstance(part, UploadPart) else span_bytes(part.span) for part in parts)
-        if name is None:
-            result = out
-        else:
-            built[name] = out
-    return result
-
-
-def memory_read(sources: dict[str, bytes]):
-    def read(source: str, offset: int, into: memoryview) -> None:
-        assert offset + len(into) <= len(sources[source])
-        into[:] = sources[source][offset : offset + len(into)]
-
-    return read
-
-
-def planned_bytes(planned: PlannedFile, sources: dict[str, bytes]) -> bytes:
-    """The planned file, from its steps, without `fill`."""
-    out = bytearray(planned.size)
-    for step in planned.steps:
-        if isinstance(step, Literal):
-            out[step.offset : step.offset + step.length] = step.data
-        else:
-            data = sources[step.source][step.source_offset : step.source_offset + step.length]
-            out[step.offset : step.offset + step.length] = data
-    return bytes(out)
 
 
 def random_planned(rng: random.Random, lengths: list[int], header: int) -> tuple[PlannedFile, dict[str, bytes]]:
