@@ -144,21 +144,24 @@ def compare_checkpoints(
     `a` converted to that dtype: their dtype must be it and their bytes the cast's.
     """
     names_a, names_b = set(a.tensors), set(b.tensors)
-    result = Comparison(only_a=sorted(names_a - names_b), only_b=sorted(names_b - names_a), data_compared=data)
+    only_a, only_b = sorted(names_a - names_b), sorted(names_b - names_a)
+    dtype_changed: list[TensorChange] = []
+    shape_changed: list[TensorChange] = []
     comparable = []
     for name in sorted(names_a & names_b):
         ta, tb = a.tensors[name], b.tensors[name]
         expected = converted.get(name, ta.info.dtype) if converted is not None else ta.info.dtype
         if expected != tb.info.dtype:
-            result.dtype_changed.append(TensorChange(name, expected, tb.info.dtype))
+            dtype_changed.append(TensorChange(name, expected, tb.info.dtype))
         elif ta.info.shape != tb.info.shape:
-            result.shape_changed.append(TensorChange(name, str(list(ta.info.shape)), str(list(tb.info.shape))))
+            shape_changed.append(TensorChange(name, str(list(ta.info.shape)), str(list(tb.info.shape))))
         else:
             comparable.append((ta, tb))
     if not data:
-        return result
+        return Comparison(only_a, only_b, dtype_changed, shape_changed, data_compared=False)
     comparable.sort(key=lambda pair: (pair[0].shard.path, pair[0].offset))
     readers = _Readers()
+    different: list[str] = []
     equal = compared = 0
     try:
         for ta, tb in comparable:
@@ -166,14 +169,10 @@ def compare_checkpoints(
             if same(ta, tb, readers, on_bytes):
                 equal += 1
             else:
-                result.data_different.append(ta.name)
+                different.append(ta.name)
                 if on_difference is not None:
                     on_difference(ta, tb, readers)
             compared += ta.info.nbytes
     finally:
         readers.close()
-    result.data_different.sort()
-    return Comparison(
-        result.only_a, result.only_b, result.dtype_changed, result.shape_changed,
-        result.data_different, equal, True, compared,
-    )
+    return Comparison(only_a, only_b, dtype_changed, shape_changed, sorted(different), equal, True, compared)
