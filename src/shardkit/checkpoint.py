@@ -101,6 +101,11 @@ def _refuse_non_safetensors(path: Location) -> None:
 
 
 def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
+    from .pipeline import open_default_variant  # variants are the pipeline module's naming rules
+
+    default = open_default_variant(root, strict=strict)
+    if default is not None:
+        return default
     indexes = find_indexes(root)
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
@@ -355,7 +360,9 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
     chat template, README, LICENSE, ...) as (path, relative name).
 
     Weight files of any format, indexes, hidden entries, shardkit's temporaries and
-    `exclude` (an output placed inside the source folder) are left out.
+    `exclude` (an output placed inside the source folder) are left out, and so are
+    subfolders: a loader reads the folder's own files, and a subfolder (an earlier
+    `resharded/` output, Llama's `original/`) is another checkpoint, not part of this one.
     """
     root = checkpoint.root
     if checkpoint.index_path is None and len(checkpoint.shards) == 1 and not (root / "config.json").is_file():
@@ -366,7 +373,8 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
     for path, relative in storage.walk_files(root, exclude=excluded):
         name = path.name
         if (
-            name.endswith(WEIGHT_SUFFIXES)
+            "/" in relative
+            or name.endswith(WEIGHT_SUFFIXES)
             or path in checkpoint.weight_files
             or ".safetensors.index" in name
             or name.endswith(".bin.index.json")

@@ -64,10 +64,12 @@ def diff_command(
     except typer.Exit as exc:
         # Exit 1 means "they differ" here, so a failure to compare must not look like it.
         raise typer.Exit(EXIT_BAD_INPUT if exc.exit_code == EXIT_FAILURE else exc.exit_code) from None
+    from .render_pipeline import is_pipeline_report, print_pipeline_report
+
     if json_output:
         print(report.to_json())
     else:
         warn(report.warnings, quiet)
         if not quiet:
-            print_diff_report(report)
+            (print_pipeline_report if is_pipeline_report(report) else print_diff_report)(report)
     raise typer.Exit(0 if report.identical else 1)

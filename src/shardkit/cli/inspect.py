@@ -53,5 +53,11 @@ def inspect_command(
     if json_output:
         print(report.to_json())
         return
+    from .render_pipeline import is_pipeline_report, print_pipeline_report
+
+    if is_pipeline_report(report):
+        warn(report.warnings, quiet=False)
+        print_pipeline_report(report)
+        return
     warn(report.warnings, quiet=False)
     print_inspect_report(report)

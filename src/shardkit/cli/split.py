@@ -102,6 +102,13 @@ def split_command(
     if json_output:
         print(report.to_json())
         return
+    from .render_pipeline import is_pipeline_report, print_pipeline_report
+
+    if is_pipeline_report(report):
+        warn(report.warnings, quiet)
+        if not quiet:
+            print_pipeline_report(report)
+        return
     warn(report.warnings, quiet)
     if not quiet:
         print_split_report(report)

@@ -93,6 +93,7 @@ def verify_command(
     Example: shardkit verify model/ --checksums SHA256SUMS
     """
     from ..commands.verify import verify
+    from .render_pipeline import is_pipeline_report, print_pipeline_report, problem_lines
 
     try:
         with byte_progress("verifying", enabled=not (quiet or json_output)) as progress:
@@ -115,9 +116,14 @@ def verify_command(
             if not quiet:
                 print(f"shardkit: note: {note}", file=sys.stderr)
         warn(report.warnings, quiet)
-        if quiet:
+        if quiet and is_pipeline_report(report):
+            for line in problem_lines(report):
+                print(f"shardkit: {line}", file=sys.stderr)
+        elif quiet:
             for problem in report.problems:
                 print(f"shardkit: {problem}", file=sys.stderr)
+        elif is_pipeline_report(report):
+            print_pipeline_report(report)
         else:
             print_verify_report(report)
     raise typer.Exit(0 if report.ok else EXIT_FAILURE)

@@ -21,6 +21,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import OutputError, OutputExistsError
 from ..hashing import Streamer
 from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
+from ..pipeline import find_pipeline
 from ..reports import JsonReport
 from ..storage import stream
 from .writing import ProgressCallback
@@ -84,6 +85,13 @@ def checksum(
     started = time.perf_counter()
     location = storage.as_path(path)
     shown = storage.display(path) if isinstance(path, str) and "://" in path else str(location)
+    pipeline = find_pipeline(location)
+    if pipeline is not None:  # a diffusers pipeline: one manifest for every component
+        from .pipeline import checksum_pipeline
+
+        return checksum_pipeline(  # type: ignore[return-value]
+            pipeline, shown, tensors=tensors, output=output, force=force, strict=strict, progress=progress
+        )
     checkpoint = open_checkpoint(location, strict=strict)
     if output is not None:
         _check_output(Path(output), checkpoint, force)

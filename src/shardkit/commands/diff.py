@@ -18,6 +18,7 @@ from .. import storage
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import BadInputError, option
+from ..pipeline import is_pipeline
 from ..reports import JsonReport
 from .inspect import metadata_union
 
@@ -126,6 +127,12 @@ def diff(
         from ..numeric import require_numeric
 
         require_numeric(option("max_abs_diff"))
+    if any(is_pipeline(storage.as_path(p, endpoint_url=endpoint_url)) for p in (a, b)):
+        from .pipeline import diff_pipelines
+
+        return diff_pipelines(  # type: ignore[return-value]
+            str(a), str(b), data=data, max_abs_diff=max_abs_diff, strict=strict, progress=progress
+        )
     started = time.perf_counter()
     left, right = (
         open_checkpoint(storage.as_path(p, endpoint_url=endpoint_url), strict=strict, allow_unindexed=allow_unindexed)

@@ -18,6 +18,7 @@ from ..checkpoint import open_checkpoint
 from ..format import Header
 from ..gc_pause import gc_paused
 from ..layers import group_layers
+from ..pipeline import find_pipeline
 from ..plan import natural_key
 from ..reports import JsonReport
 
@@ -102,7 +103,15 @@ def inspect(
         report = shardkit.inspect("Qwen2.5-7B-Instruct", filter="model.layers.0.*")
         print(report.parameters, report.parameters_by_dtype)
     """
-    checkpoint = open_checkpoint(storage.as_path(path, endpoint_url=endpoint_url), strict=strict, allow_unindexed=True)
+    location = storage.as_path(path, endpoint_url=endpoint_url)
+    pipeline = find_pipeline(location, allow_unindexed=True)
+    if pipeline is not None:  # a diffusers pipeline: a summary per component
+        from .pipeline import inspect_pipeline
+
+        return inspect_pipeline(  # type: ignore[return-value]
+            pipeline, storage.display(path), tensors=tensors, filter=filter, strict=strict
+        )
+    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=True)
     root = checkpoint.root
     by_dtype: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():

@@ -6,8 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import storage
-from ..checkpoint import SHARD_NAME, open_checkpoint, single_file_name_for
+from .. import output_path, storage
+from ..checkpoint import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
+from ..conversion import DtypeChoice
+from ..errors import BadInputError
 from ..plan import plan_merge
 from ..reports import MergeReport
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
@@ -45,6 +47,12 @@ def merge(
     floating-point tensor while writing, bit-identical to torch's `.to()`, except those
     whose name matches a `keep` glob; values that overflow or underflow are reported.
 
+    `output` may be a name template (`{slug}_v{date}.safetensors`, see
+    :mod:`shardkit.output_path`); missing parent folders are created. A diffusers
+    pipeline (a folder with `model_index.json`) is merged component by component into
+    an output folder of the same layout and gives a
+    :class:`~shardkit.commands.pipeline.PipelineReport`.
+
     `force` replaces an existing output (never a source); `sha256` hashes the output in
     the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
     and writes nothing; `strict` also refuses what the format forbids but the reference
@@ -57,10 +65,47 @@ def merge(
         report = shardkit.merge("Qwen2.5-7B-Instruct", "qwen.safetensors", sha256=True)
         print(report.bytes, report.seconds, report.sha256)
     """
-    source = storage.as_path(source, endpoint_url=endpoint_url)
-    output = storage.as_path(output, endpoint_url=endpoint_url, output=True)
+    output_path.placeholders(os.fspath(output))
+    source_text, source = source, storage.as_path(source, endpoint_url=endpoint_url)
+    from ..pipeline import find_pipeline
+
+    pipeline = find_pipeline(source, allow_unindexed=allow_unindexed)
+    if pipeline is not None:
+        from .pipeline import merge_pipeline
+
+        if dtype is not None or keep:
+            raise BadInputError(
+                f"{source}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
+                f"to one component (e.g. {source}/unet)"
+            )
+        return merge_pipeline(  # type: ignore[return-value]
+            pipeline, source_text, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
+            verify=verify, progress=progress,
+        )
     checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
     dtypes = dtype_choice(checkpoint, dtype, keep)
+    tensors = output_path.output_dtypes(checkpoint, dtypes)
+    output = output_path.resolve(output, source=source_text, tensors=tensors, endpoint_url=endpoint_url)
+    with output_path.parents_created(output, enabled=not dry_run):
+        return merge_checkpoint(
+            checkpoint, source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
+            progress=progress, dtypes=dtypes,
+        )
+
+
+def merge_checkpoint(
+    checkpoint: Checkpoint,
+    source: storage.Location,
+    output: storage.Location,
+    *,
+    force: bool,
+    sha256: bool,
+    dry_run: bool,
+    verify: bool,
+    progress: ProgressCallback | None,
+    dtypes: DtypeChoice | None = None,
+) -> MergeReport:
+    """Merge an opened checkpoint into `output` (a file, or a folder unless it ends in .safetensors)."""
     as_folder = not output.name.endswith(".safetensors")
     if as_folder:
         weight_name = _weight_file_name(checkpoint.index_path, checkpoint.shards[0].path)

@@ -11,8 +11,9 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from .. import storage
-from ..checkpoint import open_checkpoint
+from .. import output_path, storage
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import natural_key, plan_split
 from ..reports import SplitReport
@@ -48,7 +49,9 @@ def split(
     index or shard of a replaced `output_dir` can never survive next to the new ones.
     Source and output may be remote, and `dtype` and `keep` convert, as for
     :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
-    `prefix` names the shards (`diffusion_pytorch_model` for diffusers). With `verify`,
+    `output_dir` may be a name template, as there. `prefix` names the shards
+    (`diffusion_pytorch_model` for diffusers); a diffusers pipeline is split component
+    by component, each with its own prefix. With `verify`,
     the written folder is compared tensor by tensor with the source and removed if
     anything differs.
 
@@ -64,26 +67,71 @@ def split(
         report = shardkit.split("qwen.safetensors", "qwen-sharded", max_shard_size="2GB")
         print(report.index, report.layout)
     """
-    source = storage.as_path(source, endpoint_url=endpoint_url)
-    output_dir = storage.as_path(output_dir, endpoint_url=endpoint_url, output=True)
+    output_path.placeholders(os.fspath(output_dir))
+    source_text, source = source, storage.as_path(source, endpoint_url=endpoint_url)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
+    from ..pipeline import find_pipeline
+
+    pipeline = find_pipeline(source, allow_unindexed=allow_unindexed)
+    if pipeline is not None:
+        from .pipeline import split_pipeline
+
+        if prefix != "model" or dtype is not None or keep:
+            option = "--prefix" if prefix != "model" else "--dtype"
+            raise BadInputError(
+                f"{source}: a diffusers pipeline's components keep their own names and dtypes; {option} applies "
+                f"to one component (e.g. {source}/unet)"
+            )
+        return split_pipeline(  # type: ignore[return-value]
+            pipeline, source_text, output_dir, max_shard_size=limit, force=force, sha256=sha256, dry_run=dry_run,
+            strict=strict, verify=verify, progress=progress,
+        )
+    checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
+    dtypes = dtype_choice(checkpoint, dtype, keep)
+    tensors = output_path.output_dtypes(checkpoint, dtypes)
+    output_dir = output_path.resolve(output_dir, source=source_text, tensors=tensors, endpoint_url=endpoint_url)
+    with output_path.parents_created(output_dir, enabled=not dry_run):
+        return split_checkpoint(
+            checkpoint, source, output_dir, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
+            dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes,
+        )
+
+
+def split_checkpoint(
+    checkpoint: Checkpoint,
+    source: storage.Location,
+    output_dir: storage.Location,
+    *,
+    max_shard_size: int,
+    prefix: str = "model",
+    variant: str | None = None,
+    force: bool = False,
+    sha256: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    progress: ProgressCallback | None = None,
+    dtypes: DtypeChoice | None = None,
+) -> SplitReport:
+    """Split an opened checkpoint into `output_dir`. With `variant` (`fp16`), names are
+    those transformers and diffusers give a variant: `{prefix}.fp16-00001-of-00002.safetensors`
+    and `{prefix}.safetensors.index.fp16.json`, or `{prefix}.fp16.safetensors`."""
     if output_dir.name.endswith(".safetensors"):
         raise BadInputError(
             f"{output_dir}: split writes a folder of shards; name the output folder without .safetensors "
             "(use merge for a single file)"
         )
-    checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
-    dtypes = dtype_choice(checkpoint, dtype, keep)
     copies = companion_copies(checkpoint, output_dir, dtypes)
-    plan = plan_split(checkpoint, limit, prefix, copies, dtypes)
+    plan = plan_split(checkpoint, max_shard_size, f"{prefix}.{variant}" if variant else prefix, copies, dtypes)
+    if variant and plan.index_name is not None:
+        plan = dataclasses.replace(plan, index_name=f"{prefix}.safetensors.index.{variant}.json")
     report = run_plan(
         SplitReport, "split", checkpoint, source, plan, output_dir,
         as_folder=True, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
         dtypes=dtypes,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
-    return dataclasses.replace(report, max_shard_size=limit, layout=layout)  # type: ignore[type-var]
+    return dataclasses.replace(report, max_shard_size=max_shard_size, layout=layout)  # type: ignore[type-var]
 
 
 def _check_prefix(prefix: str) -> None:

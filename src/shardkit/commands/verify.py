@@ -39,6 +39,7 @@ from ..format import Header
 from ..hashing import Streamer
 from ..hub_cache import HubBlob, hub_blob
 from ..manifest import Manifest, read_manifest
+from ..pipeline import find_pipeline
 from ..reports import JsonReport
 from ..storage import stream
 from .checksum import manifest_name
@@ -88,13 +89,14 @@ class VerifyReport(JsonReport):
 def verify(
     path: str | os.PathLike[str],
     *,
-    checksums: str | os.PathLike[str] | None = None,
+    checksums: str | os.PathLike[str] | Manifest | None = None,
     against: str | os.PathLike[str] | None = None,
     config: str | os.PathLike[str] | None = None,
     architecture: bool | None = None,
     strict: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    allow_unindexed: bool = False,
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
@@ -118,7 +120,9 @@ def verify(
     meta device. None checks when transformers is installed (else a note says how to
     install it); True requires the check; False skips it. `strict` applies the
     format's strict rules and turns index warnings (a wrong `total_size`) into problems.
-    `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
+    `allow_unindexed` ignores weight files no index covers (a pipeline's other variants).
+    `checksums` may also be a parsed :class:`~shardkit.manifest.Manifest` (a pipeline's,
+    per component). `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
     as data bytes are read.
 
     Problems are collected, not raised: the report lists every one with its check,
@@ -135,9 +139,19 @@ def verify(
     path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
         raise PathNotFoundError(path)
-    manifest = read_manifest(checksums) if checksums is not None else None
+    pipeline = find_pipeline(path, allow_unindexed=allow_unindexed)
+    if pipeline is not None:  # a diffusers pipeline: each component verified on its own
+        from .pipeline import verify_pipeline
+
+        return verify_pipeline(  # type: ignore[return-value]
+            pipeline, str(path), checksums=checksums, against=against, config=config,  # type: ignore[arg-type]
+            architecture=architecture, strict=strict, progress=progress,
+        )
+    manifest = checksums if isinstance(checksums, Manifest) or checksums is None else read_manifest(checksums)
     reference = (
-        open_checkpoint(storage.as_path(against, endpoint_url=endpoint_url), strict=strict)
+        open_checkpoint(
+            storage.as_path(against, endpoint_url=endpoint_url), strict=strict, allow_unindexed=allow_unindexed
+        )
         if against is not None
         else None
     )
@@ -146,7 +160,7 @@ def verify(
     conversion = dtype_choice(reference, dtype, keep) if reference is not None else None
     config_path, note = _architecture_config(path, config, architecture)
 
-    run = _Run(path, strict)
+    run = _Run(path, strict, allow_unindexed)
     run.converted = conversion.dtypes if conversion is not None else None
     if note:
         run.notes.append(note)
@@ -171,7 +185,7 @@ def verify(
         read_seconds=round(read_seconds, 6),
         notes=run.notes,
         warnings=run.warnings,
-        checksums=str(checksums) if checksums is not None else None,
+        checksums=manifest.path if manifest is not None else None,
         against=storage.display(against) if against is not None else None,
         config=str(config_path) if config_path is not None else None,
     )
@@ -265,9 +279,10 @@ def _architecture_config(
 class _Run:
     """The problems, notes and counters of one verification."""
 
-    def __init__(self, path: Path, strict: bool) -> None:
+    def __init__(self, path: Path, strict: bool, allow_unindexed: bool = False) -> None:
         self.path = path
         self.strict = strict
+        self.allow_unindexed = allow_unindexed
         self.problems: list[Problem] = []
         self.checks: list[str] = []
         self.notes: list[str] = []
@@ -301,7 +316,7 @@ class _Run:
         """The index cross-checks; they need every header, so a broken file stops them."""
         self.checks.append("index")
         try:
-            checkpoint = open_checkpoint(self.path, strict=self.strict)
+            checkpoint = open_checkpoint(self.path, strict=self.strict, allow_unindexed=self.allow_unindexed)
         except FormatError as exc:
             if exc.path not in self._broken:
                 self.problem("format", exc.rule, exc.path, exc.tensor)

@@ -1,0 +1,76 @@
+"""A diffusers pipeline's report as people read it: one row per component, one verdict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..sizes import format_size
+from .render import _aligned
+
+if TYPE_CHECKING:
+    from ..commands.pipeline import PipelineReport
+
+_VERDICT = {"verify": ("OK", "FAILED"), "diff": ("identical", "different")}
+
+
+def is_pipeline_report(report: object) -> bool:
+    return type(report).__name__ == "PipelineReport"
+
+
+def print_pipeline_report(report: PipelineReport) -> None:
+    """Plain print, no rich: component names and paths are data (brackets included)."""
+    judged = report.command in _VERDICT
+    head = ["component", "files", "tensors", "parameters", "size", "path"]
+    if judged:
+        head.insert(1, "result")
+    rows = []
+    for c in report.components:
+        row = [c.label, str(c.files), f"{c.tensors:,}", f"{c.parameters:,}", format_size(c.bytes), c.path]
+        if judged:
+            row.insert(1, _VERDICT[report.command][0 if c.ok else 1])
+        rows.append(row)
+    print("\n".join(_aligned([head, *rows], right={2, 3, 4, 5} if judged else {1, 2, 3, 4})))
+    for line in problem_lines(report):
+        print(line)
+    if report.copied_files and report.command in ("merge", "split"):
+        print(("would copy: " if report.dry_run else "copied: ") + ", ".join(report.copied_files))
+    if report.checksum_file:
+        print(f"checksums: {report.checksum_file}")
+    print(_summary(report))
+
+
+def problem_lines(report: PipelineReport) -> list[str]:
+    """Every problem of a verify or diff, component by component, then the pipeline's own."""
+    lines = [f"{c.label}: {line}" for c in report.components for line in _component_lines(report.command, c.report)]
+    return lines + [f"✗ {problem}" for problem in report.problems]
+
+
+def _component_lines(command: str, detail: dict[str, object]) -> list[str]:
+    """What went wrong inside a component: verify's problems, diff's differences."""
+    if command == "verify":
+        return [f"✗ {p['check']}: {_where(p)}{p['message']}" for p in detail.get("problems", [])]  # type: ignore[union-attr]
+    if command == "diff":
+        lines = [f"- {n}  (only in A)" for n in detail.get("only_a", [])]  # type: ignore[union-attr]
+        lines += [f"+ {n}  (only in B)" for n in detail.get("only_b", [])]  # type: ignore[union-attr]
+        for key, what in (("dtype_changed", "dtype"), ("shape_changed", "shape")):
+            lines += [f"~ {c['name']}  {what} {c['a']} → {c['b']}" for c in detail.get(key, [])]  # type: ignore[union-attr]
+        lines += [f"~ metadata {m['key']!r}  {m['a']!r} → {m['b']!r}" for m in detail.get("metadata_changed", [])]  # type: ignore[union-attr]
+        lines += [f"≠ {n}  data differs" for n in detail.get("data_different", [])]  # type: ignore[union-attr]
+        return lines
+    return []
+
+
+def _where(problem: dict[str, object]) -> str:
+    where = f"{problem['file']}: " if problem.get("file") else ""
+    return where + (f"tensor {problem['tensor']!r}: " if problem.get("tensor") is not None else "")
+
+
+def _summary(report: PipelineReport) -> str:
+    count = f"{len(report.components)} component weight set(s), {report.tensors:,} tensors, {format_size(report.bytes)}"
+    if report.command in ("merge", "split"):
+        verb = "would write" if report.dry_run else "wrote"
+        return f"{report.command}: {verb} a diffusers pipeline to {report.output}: {count} in {report.seconds:.2f} s"
+    if report.command in _VERDICT:
+        good, bad = _VERDICT[report.command]
+        return f"{report.command}: {good if report.ok else bad}: diffusers pipeline {report.path}, {count}"
+    return f"{report.command}: diffusers pipeline {report.path}: {count}"
