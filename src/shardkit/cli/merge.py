@@ -33,6 +33,7 @@ OutputOpt = Annotated[
     typer.Option(
         "--output", "-o",
         help="A path ending in .safetensors for one file; anything else is a model folder. "
+        "May be a name template: {name}, {slug}, {date} (UTC YYYYMMDD), {dtype}, e.g. '{slug}_v{date}.safetensors'. "
         "May be s3://bucket/key: written as a multipart upload, server-side from an S3 source in the same store.",
         show_default=False,
     ),
@@ -63,10 +64,10 @@ def merge_command(
     never modified.
 
     SOURCE is a .safetensors file, a checkpoint folder or an index .json: local,
-    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional).
+    s3://bucket/prefix/, http(s)://… or hf://org/name (@revision optional). A
+    diffusers pipeline folder (model_index.json) is merged component by component.
 
-    Example: shardkit merge Qwen2.5-7B-Instruct/ -o qwen-merged/
-    """
+    Example: shardkit merge Qwen2.5-7B-Instruct/ -o '{slug}_v{date}.safetensors'"""
     from ..commands.merge import merge
 
     output = chosen_output(output_arg, output, "merge")

@@ -33,7 +33,8 @@ OutputDirOpt = Annotated[
     str | None,
     typer.Option(
         "--output", "-o",
-        help="The output folder: shards, index and the source's config/tokenizer files.",
+        help="The output folder: shards, index and the source's config/tokenizer files. "
+        "May be a name template, as for merge: {name}, {slug}, {date}, {dtype}.",
         show_default=False,
     ),
 ]
