@@ -89,6 +89,12 @@ def test_inspect_gives_a_row_per_component(pipe: Path) -> None:
     assert fp16["parameters_by_dtype"] == {"F16": unet["parameters"]}
     assert "model_index.json" in report["copied_files"] and "scheduler/scheduler_config.json" in report["copied_files"]
 
+    result = run_cli("inspect", pipe, "--tensors", "--filter", "final_layer_norm.*")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert "text_encoder (fp16): filter 'final_layer_norm.*': 2 of 36 tensors" in result.stdout
+    assert "vae:" not in result.stdout  # nothing matched there: no section, no warning
+    assert result.stdout.count("final_layer_norm.weight  F16") == 1
+
 
 def test_verify_checks_every_component_and_every_manifest_line(pipe: Path, tmp_path: Path) -> None:
     result = run_cli("verify", pipe)

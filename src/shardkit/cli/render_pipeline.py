@@ -32,6 +32,8 @@ def print_pipeline_report(report: PipelineReport) -> None:
     print("\n".join(_aligned([head, *rows], right={2, 3, 4, 5} if judged else {1, 2, 3, 4})))
     for line in problem_lines(report):
         print(line)
+    if report.command == "inspect":
+        _print_tensor_rows(report)
     if report.copied_files and report.command in ("merge", "split"):
         print(("would copy: " if report.dry_run else "copied: ") + ", ".join(report.copied_files))
     if report.checksum_file:
@@ -58,6 +60,28 @@ def _component_lines(command: str, detail: dict[str, object]) -> list[str]:
         lines += [f"≠ {n}  data differs" for n in detail.get("data_different", [])]  # type: ignore[union-attr]
         return lines
     return []
+
+
+def _print_tensor_rows(report: PipelineReport) -> None:
+    """inspect --tensors / --filter: each component's rows under its name."""
+    for c in report.components:
+        detail = c.report
+        rows = detail.get("tensor_rows")
+        if (rows is None and detail.get("filter") is None) or (detail.get("filter") and not detail["matched_tensors"]):
+            continue
+        print()
+        print(f"{c.label}: filter {detail['filter']!r}: {detail['matched_tensors']} of {detail['tensors']} tensors"
+              if detail.get("filter") is not None else f"{c.label}:")
+        if rows is not None:
+            head = ["tensor", "dtype", "shape", "parameters", "bytes", "shard", "offset"]
+            body = [[r["name"], r["dtype"], str(r["shape"]), f"{r['parameters']:,}", f"{r['bytes']:,}", r["shard"],
+                     f"{r['offset']:,}"] for r in rows]  # type: ignore[index, union-attr]
+        else:
+            head = ["tensor", "dtype", "shape", "count", "parameters"]
+            body = [[g["pattern"], g["dtype"], str(g["shape"]), f"×{g['count']}" if g["count"] > 1 else "",
+                     f"{g['parameters']:,}"] for g in detail["layers"]]  # type: ignore[index, union-attr]
+        if body:
+            print("\n".join(_aligned([head, *body], right={3, 4, 6} if rows is not None else {3, 4})))
 
 
 def _where(problem: dict[str, object]) -> str:

@@ -75,6 +75,9 @@ class PipelineReport(JsonReport):
 
     identical = ok
 
+    def __bool__(self) -> bool:
+        return self.ok
+
     @property
     def tensors(self) -> int:
         return sum(c.tensors for c in self.components)
@@ -95,18 +98,24 @@ class PipelineReport(JsonReport):
 def inspect_pipeline(
     pipeline: Pipeline, shown: str, *, tensors: bool, filter: str | None, strict: bool
 ) -> PipelineReport:
-    from .inspect import inspect
+    from .inspect import _no_match_hint, inspect
 
     started = time.perf_counter()
     rows = []
+    # A filter is meant for the whole pipeline: that it matches nothing in one component is no news.
+    hint = _no_match_hint(filter) if filter is not None else None
     for weight_set in pipeline.weight_sets:
         report = inspect(str(weight_set.entry), tensors=tensors, filter=filter, strict=strict)
-        report = dataclasses.replace(report, warnings=_own(report.warnings, weight_set))
+        warnings = [w for w in _own(report.warnings, weight_set) if w != hint]
+        report = dataclasses.replace(report, warnings=warnings)
         rows.append(_row(weight_set, str(weight_set.entry), len(report.files), report.tensors,
                          report.parameters, report.bytes, None, report.to_dict()))
+    warnings = [*pipeline.warnings, *(w for r in rows for w in _labelled(r, r.report["warnings"]))]
+    if hint is not None and not any(r.report["matched_tensors"] for r in rows):
+        warnings.append(hint)
     return PipelineReport(
         "inspect", shown, rows, _since(started), copied_files=[name for _, name in pipeline.copies],
-        warnings=[*pipeline.warnings, *(w for r in rows for w in _labelled(r, r.report["warnings"]))],
+        warnings=warnings,
     )
 
 
