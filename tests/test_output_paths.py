@@ -80,6 +80,13 @@ def test_name_and_dtype_placeholders(qwen: SyntheticCheckpoint, tmp_path: Path) 
     assert report["files"][0]["path"] == str(merged)
 
 
+def test_dtype_placeholder_names_the_converted_output(qwen: SyntheticCheckpoint, tmp_path: Path) -> None:
+    result = run_cli("merge", qwen.folder, "-o", tmp_path / "{slug}-{dtype}.safetensors", "--dtype", "fp32")
+    assert result.exit_code == 0, result.stderr
+    written = tmp_path / "qwen2_5_7b_instruct-f32.safetensors"
+    assert _dominant_dtype_by_reference(written) == "f32"
+
+
 def test_split_takes_a_template_too(qwen: SyntheticCheckpoint, tmp_path: Path) -> None:
     result = run_cli("split", qwen.folder, "-o", tmp_path / "{slug}-{dtype}-500kb", "-s", "500KB")
     assert result.exit_code == 0, result.stderr
@@ -136,11 +143,8 @@ def test_name_rules() -> None:
     assert source_name("s3://models/llama/Llama-3.1-8B/") == "Llama-3.1-8B"
 
 
-def test_dominant_dtype_counts_bytes_not_tensors(qwen: SyntheticCheckpoint) -> None:
-    from shardkit.format import TensorInfo
-
-    infos = [TensorInfo(f"n{i}", "F32", (1,), 0, 4) for i in range(10)] + [TensorInfo("big", "BF16", (100,), 0, 200)]
-    assert dominant_dtype(infos) == "bf16"
+def test_dominant_dtype_counts_bytes_not_tensors() -> None:
+    assert dominant_dtype([("F32", 4)] * 10 + [("BF16", 200)]) == "bf16"
 
 
 # --------------------------------------------------------------------------- output paths
