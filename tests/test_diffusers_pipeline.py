@@ -270,8 +270,11 @@ def test_single_file_output_is_refused(pipe: Path, tmp_path: Path) -> None:
     assert_clean_failure(result, 2, "a diffusers pipeline is written as a folder with one weight file per component")
     _assert_untouched(pipe, before, tmp_path, out)
     result = run_cli("split", pipe, "-o", tmp_path / "split", "--prefix", "diffusion_pytorch_model")
-    assert_clean_failure(result, 2, "a diffusers pipeline's components keep their own prefixes")
+    assert_clean_failure(result, 2, "a diffusers pipeline's components keep their own names and dtypes; --prefix")
     _assert_untouched(pipe, before, tmp_path, tmp_path / "split")
+    result = run_cli("merge", pipe, "-o", tmp_path / "merged", "--dtype", "bf16")
+    assert_clean_failure(result, 2, "--dtype applies to one component")
+    _assert_untouched(pipe, before, tmp_path, tmp_path / "merged")
 
 
 def test_a_broken_component_leaves_no_output(pipe: Path, tmp_path: Path) -> None:
