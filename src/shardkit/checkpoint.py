@@ -15,17 +15,19 @@ are the same code for both.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import header_json, storage
+from . import header_json, storage, variants
 from .errors import BadInputError, CheckpointError, PathNotFoundError, ShardkitError, option
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
 from .storage import Location
+from .variants import WeightSet
 
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")
@@ -101,9 +103,7 @@ def _refuse_non_safetensors(path: Location) -> None:
 
 
 def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
-    from .pipeline import open_default_variant  # variants are the pipeline module's naming rules
-
-    default = open_default_variant(root, strict=strict)
+    default = _default_variant(root, strict)
     if default is not None:
         return default
     indexes = find_indexes(root)
@@ -128,6 +128,39 @@ def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
     if len(files) == 1:
         return _single_file(files[0], strict)
     return _with_folder_checks(_shard_set(root, files, strict), [], allow_unindexed, [])
+
+
+def open_weight_set(weight_set: WeightSet, *, strict: bool = False) -> Checkpoint:
+    """One variant of a folder's weights as a checkpoint. The folder's other weight
+    files are other variants (or strays the caller deals with), not files this one is
+    missing, so the warnings about them are dropped."""
+    checkpoint = open_checkpoint(weight_set.entry, strict=strict, allow_unindexed=True)
+    others = tuple(f"{p}: " for p in checkpoint.root.glob("*.safetensors") if p not in weight_set.files)
+    warnings = tuple(w for w in checkpoint.warnings if not (others and w.startswith(others)))
+    return dataclasses.replace(checkpoint, warnings=warnings)
+
+
+def _default_variant(folder: Location, strict: bool) -> Checkpoint | None:
+    """A folder holding one set of weights in several variants (a diffusers component,
+    `model.safetensors` beside `model.fp16.safetensors`) opens as its default weights,
+    as `from_pretrained` without `variant=` loads them, and a warning names the others.
+    None for any other folder: the rules below apply."""
+    if not isinstance(folder, Path):  # every name question would be a request
+        return None
+    try:
+        sets, stray = variants.weight_sets(folder.name, folder)
+    except CheckpointError:
+        return None
+    defaults = [s for s in sets if s.variant is None]
+    if stray or len(sets) < 2 or len(defaults) != 1:
+        return None
+    others = ", ".join(f"{s.variant} ({s.entry.name})" for s in sets if s.variant is not None)
+    note = (
+        f"{folder}: holds the default weights and the variant(s) {others}; using the default, as from_pretrained "
+        "does without variant=; pass a variant's index or file as SOURCE to use it"
+    )
+    checkpoint = open_weight_set(defaults[0], strict=strict)
+    return dataclasses.replace(checkpoint, warnings=(note, *checkpoint.warnings))
 
 
 def find_indexes(root: Location) -> list[Location]:

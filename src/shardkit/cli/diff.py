@@ -71,5 +71,8 @@ def diff_command(
     else:
         warn(report.warnings, quiet)
         if not quiet:
-            (print_pipeline_report if is_pipeline_report(report) else print_diff_report)(report)
+            if is_pipeline_report(report):
+                print_pipeline_report(report)
+            else:
+                print_diff_report(report)
     raise typer.Exit(0 if report.identical else 1)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ..sizes import format_size
 from .render import _aligned
 
 if TYPE_CHECKING:
-    from ..commands.pipeline import PipelineReport
+    from ..commands.pipeline_runs import PipelineReport
 
 _VERDICT = {"verify": ("OK", "FAILED"), "diff": ("identical", "different")}
 
 
-def is_pipeline_report(report: object) -> bool:
+def is_pipeline_report(report: object) -> TypeGuard[PipelineReport]:
     return type(report).__name__ == "PipelineReport"
 
 
@@ -47,17 +47,17 @@ def problem_lines(report: PipelineReport) -> list[str]:
     return lines + [f"✗ {problem}" for problem in report.problems]
 
 
-def _component_lines(command: str, detail: dict[str, object]) -> list[str]:
+def _component_lines(command: str, detail: dict[str, Any]) -> list[str]:
     """What went wrong inside a component: verify's problems, diff's differences."""
     if command == "verify":
-        return [f"✗ {p['check']}: {_where(p)}{p['message']}" for p in detail.get("problems", [])]  # type: ignore[union-attr]
+        return [f"✗ {p['check']}: {_where(p)}{p['message']}" for p in detail.get("problems", [])]
     if command == "diff":
-        lines = [f"- {n}  (only in A)" for n in detail.get("only_a", [])]  # type: ignore[union-attr]
-        lines += [f"+ {n}  (only in B)" for n in detail.get("only_b", [])]  # type: ignore[union-attr]
+        lines = [f"- {n}  (only in A)" for n in detail.get("only_a", [])]
+        lines += [f"+ {n}  (only in B)" for n in detail.get("only_b", [])]
         for key, what in (("dtype_changed", "dtype"), ("shape_changed", "shape")):
-            lines += [f"~ {c['name']}  {what} {c['a']} → {c['b']}" for c in detail.get(key, [])]  # type: ignore[union-attr]
-        lines += [f"~ metadata {m['key']!r}  {m['a']!r} → {m['b']!r}" for m in detail.get("metadata_changed", [])]  # type: ignore[union-attr]
-        lines += [f"≠ {n}  data differs" for n in detail.get("data_different", [])]  # type: ignore[union-attr]
+            lines += [f"~ {c['name']}  {what} {c['a']} → {c['b']}" for c in detail.get(key, [])]
+        lines += [f"~ metadata {m['key']!r}  {m['a']!r} → {m['b']!r}" for m in detail.get("metadata_changed", [])]
+        lines += [f"≠ {n}  data differs" for n in detail.get("data_different", [])]
         return lines
     return []
 
@@ -75,16 +75,16 @@ def _print_tensor_rows(report: PipelineReport) -> None:
         if rows is not None:
             head = ["tensor", "dtype", "shape", "parameters", "bytes", "shard", "offset"]
             body = [[r["name"], r["dtype"], str(r["shape"]), f"{r['parameters']:,}", f"{r['bytes']:,}", r["shard"],
-                     f"{r['offset']:,}"] for r in rows]  # type: ignore[index, union-attr]
+                     f"{r['offset']:,}"] for r in rows]
         else:
             head = ["tensor", "dtype", "shape", "count", "parameters"]
             body = [[g["pattern"], g["dtype"], str(g["shape"]), f"×{g['count']}" if g["count"] > 1 else "",
-                     f"{g['parameters']:,}"] for g in detail["layers"]]  # type: ignore[index, union-attr]
+                     f"{g['parameters']:,}"] for g in detail["layers"]]
         if body:
             print("\n".join(_aligned([head, *body], right={3, 4, 6} if rows is not None else {3, 4})))
 
 
-def _where(problem: dict[str, object]) -> str:
+def _where(problem: dict[str, Any]) -> str:
     where = f"{problem['file']}: " if problem.get("file") else ""
     return where + (f"tensor {problem['tensor']!r}: " if problem.get("tensor") is not None else "")
 

@@ -15,16 +15,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import atomic, storage
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import OutputError, OutputExistsError
+from ..errors import BadInputError, OutputError, OutputExistsError
 from ..hashing import Streamer
 from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
 from ..pipeline import find_pipeline
 from ..reports import JsonReport
 from ..storage import stream
 from .writing import ProgressCallback
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..variants import WeightSet
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,6 @@ def checksum(
     shown = storage.display(path) if isinstance(path, str) and "://" in path else str(location)
     pipeline = find_pipeline(location)
     if pipeline is not None:  # a diffusers pipeline: one manifest for every component
-        from .pipeline import checksum_pipeline
 
         return checksum_pipeline(  # type: ignore[return-value]
             pipeline, shown, tensors=tensors, output=output, force=force, strict=strict, progress=progress
@@ -178,3 +182,56 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         atomic.remove(staged)
         raise
+
+
+def checksum_pipeline(
+    pipeline: Pipeline, shown: str, *, tensors: bool, output: str | os.PathLike[str] | None, force: bool,
+    strict: bool, progress: ProgressCallback | None,
+) -> object:
+    """One sha256sum manifest for the whole pipeline, names relative to its root: every
+    weight file, and every other file a load reads (model_index.json, configs,
+    scheduler and tokenizer files), so `cd pipeline && sha256sum -c SHA256SUMS` checks it."""
+    import hashlib
+
+    from ..checkpoint import open_weight_set
+    from .pipeline_runs import elapsed
+
+    if tensors:
+        raise BadInputError(
+            f"{shown}: a tensor manifest covers one checkpoint, and a pipeline's components share tensor names; "
+            f"run it on a component (e.g. {shown}/unet)"
+        )
+    started = time.perf_counter()
+    opened = [(s, open_weight_set(s, strict=strict)) for s in pipeline.weight_sets]
+    if output is not None:
+        for _, checkpoint in opened:
+            _check_output(Path(output), checkpoint, force)
+    entries: list[FileChecksum] = []
+    for weight_set, checkpoint in opened:
+        for each in file_checksums(checkpoint, progress):
+            entries.append(dataclasses.replace(each, name=f"{weight_set.component}/{each.name}"))
+    for file, name in _loader_files(pipeline, opened):
+        with open(file, "rb") as handle:
+            data = handle.read()
+        entries.append(FileChecksum(name, len(data), hashlib.sha256(data).hexdigest()))
+    entries.sort(key=lambda e: e.name)
+    if output is not None:
+        _write_atomically(Path(output), format_file_manifest((e.name, e.sha256) for e in entries))
+    warnings = [*pipeline.warnings, *(f"{s.label}: {w}" for s, c in opened for w in c.warnings)]
+    return ChecksumReport(
+        shown, "files", entries, {}, sum(e.size for e in entries), elapsed(started),
+        output=str(output) if output is not None else None, warnings=warnings,
+    )
+
+
+def _loader_files(pipeline: Pipeline, opened: list[tuple[WeightSet, Checkpoint]]) -> list[tuple[Path, str]]:
+    """The pipeline's other files a load reads: its copies, each component's index and config files."""
+    from ..checkpoint import companion_files
+
+    found = dict((name, path) for path, name in pipeline.copies)
+    for weight_set, checkpoint in opened:
+        if checkpoint.index_path is not None:
+            found[f"{weight_set.component}/{checkpoint.index_path.name}"] = Path(str(checkpoint.index_path))
+        for path, name in companion_files(checkpoint):
+            found.setdefault(f"{weight_set.component}/{name}", Path(str(path)))
+    return sorted((path, name) for name, path in found.items())

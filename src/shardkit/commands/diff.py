@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
@@ -21,6 +22,9 @@ from ..errors import BadInputError, option
 from ..pipeline import is_pipeline
 from ..reports import JsonReport
 from .inspect import metadata_union
+
+if TYPE_CHECKING:
+    from .pipeline_runs import PipelineReport
 
 #: Bytes of each side decoded at a time for --max-abs-diff; widened to float64 that
 #: is 8 MB per side for BF16, whatever the tensor size.
@@ -128,7 +132,6 @@ def diff(
 
         require_numeric(option("max_abs_diff"))
     if any(is_pipeline(storage.as_path(p, endpoint_url=endpoint_url)) for p in (a, b)):
-        from .pipeline import diff_pipelines
 
         return diff_pipelines(  # type: ignore[return-value]
             str(a), str(b), data=data, max_abs_diff=max_abs_diff, strict=strict, progress=progress
@@ -212,3 +215,57 @@ def _max_abs_diff(ta: SourceTensor, tb: SourceTensor, readers: object) -> float 
             yield readers.read(ta, done, length), readers.read(tb, done, length)  # type: ignore[attr-defined]
 
     return max_abs_difference(dtype, pairs())
+
+
+def diff_pipelines(
+    a: str, b: str, *, data: bool, max_abs_diff: bool, strict: bool, progress: Callable[[int, int], None] | None
+) -> PipelineReport:
+    """Weight sets matched by component and variant, each pair diffed; the copied files
+    (model_index.json, scheduler, tokenizer) compared byte for byte."""
+    import dataclasses
+
+    from .pipeline_runs import (
+        PipelineReport,
+        component_row,
+        elapsed,
+        other_pipeline,
+        row_warnings,
+        side_warnings,
+        weight_set_sizes,
+    )
+
+
+    started = time.perf_counter()
+    left, right = other_pipeline(a, "A"), other_pipeline(b, "B")
+    rows, problems = [], []
+    for weight_set in left.weight_sets:
+        match = right.find(weight_set.component, weight_set.variant)
+        if match is None:
+            problems.append(f"{weight_set.label}: only in A")
+            continue
+        report = diff(
+            str(weight_set.entry), str(match.entry), data=data, max_abs_diff=max_abs_diff, strict=strict,
+            allow_unindexed=True, progress=progress,
+        )
+        warnings = side_warnings(report.warnings, "A", weight_set) + side_warnings(report.warnings, "B", match)
+        report = dataclasses.replace(report, warnings=warnings)
+        files = sum(1 for f in weight_set.files if f.name.endswith(".safetensors"))
+        parameters, size = weight_set_sizes(weight_set, strict)
+        shown = f"{weight_set.entry} ↔ {match.entry}"
+        rows.append(component_row(
+            weight_set, shown, files, report.tensors_a, parameters, size, report.identical, report.to_dict()
+        ))
+    problems += [f"{s.label}: only in B" for s in right.weight_sets if left.find(s.component, s.variant) is None]
+    copies_a = {name: path for path, name in left.copies}
+    copies_b = {name: path for path, name in right.copies}
+    for name in sorted(copies_a.keys() | copies_b.keys()):
+        if name not in copies_b:
+            problems.append(f"{name}: only in A")
+        elif name not in copies_a:
+            problems.append(f"{name}: only in B")
+        elif copies_a[name].read_bytes() != copies_b[name].read_bytes():
+            problems.append(f"{name}: differs")
+    return PipelineReport(
+        "diff", f"{a} ↔ {b}", rows, elapsed(started), problems=problems,
+        warnings=[*left.warnings, *right.warnings, *row_warnings(rows)],
+    )

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint import open_checkpoint
@@ -21,6 +22,10 @@ from ..layers import group_layers
 from ..pipeline import find_pipeline
 from ..plan import natural_key
 from ..reports import JsonReport
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from .pipeline_runs import PipelineReport
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,6 @@ def inspect(
     location = storage.as_path(path, endpoint_url=endpoint_url)
     pipeline = find_pipeline(location, allow_unindexed=True)
     if pipeline is not None:  # a diffusers pipeline: a summary per component
-        from .pipeline import inspect_pipeline
 
         return inspect_pipeline(  # type: ignore[return-value]
             pipeline, storage.display(path), tensors=tensors, filter=filter, strict=strict
@@ -205,3 +209,30 @@ def _no_match_hint(pattern: str) -> str:
         hint += f": it is a glob matched against whole tensor names; for names containing it use '*{pattern}*'"
     return hint
 
+
+def inspect_pipeline(
+    pipeline: Pipeline, shown: str, *, tensors: bool, filter: str | None, strict: bool
+) -> PipelineReport:
+    import dataclasses
+    import time
+
+    from .pipeline_runs import PipelineReport, component_row, elapsed, own_warnings, row_warnings
+
+
+    started = time.perf_counter()
+    rows = []
+    # A filter is meant for the whole pipeline: that it matches nothing in one component is no news.
+    hint = _no_match_hint(filter) if filter is not None else None
+    for weight_set in pipeline.weight_sets:
+        report = inspect(str(weight_set.entry), tensors=tensors, filter=filter, strict=strict)
+        warnings = [w for w in own_warnings(report.warnings, weight_set) if w != hint]
+        report = dataclasses.replace(report, warnings=warnings)
+        rows.append(component_row(weight_set, str(weight_set.entry), len(report.files), report.tensors,
+                         report.parameters, report.bytes, None, report.to_dict()))
+    warnings = [*pipeline.warnings, *row_warnings(rows)]
+    if hint is not None and not any(r.report["matched_tensors"] for r in rows):
+        warnings.append(hint)
+    return PipelineReport(
+        "inspect", shown, rows, elapsed(started), copied_files=[name for _, name in pipeline.copies],
+        warnings=warnings,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import output_path, storage
 from ..checkpoint import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
@@ -13,6 +14,11 @@ from ..errors import BadInputError
 from ..plan import plan_merge
 from ..reports import MergeReport
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..variants import WeightSet
+    from .pipeline_runs import PipelineReport
 
 
 def merge(
@@ -51,7 +57,7 @@ def merge(
     :mod:`shardkit.output_path`); missing parent folders are created. A diffusers
     pipeline (a folder with `model_index.json`) is merged component by component into
     an output folder of the same layout and gives a
-    :class:`~shardkit.commands.pipeline.PipelineReport`.
+    :class:`~shardkit.commands.pipeline_runs.PipelineReport`.
 
     `force` replaces an existing output (never a source); `sha256` hashes the output in
     the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
@@ -66,29 +72,27 @@ def merge(
         print(report.bytes, report.seconds, report.sha256)
     """
     output_path.placeholders(os.fspath(output))
-    source_text, source = source, storage.as_path(source, endpoint_url=endpoint_url)
+    location = storage.as_path(source, endpoint_url=endpoint_url)
     from ..pipeline import find_pipeline
 
-    pipeline = find_pipeline(source, allow_unindexed=allow_unindexed)
+    pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
-        from .pipeline import merge_pipeline
-
         if dtype is not None or keep:
             raise BadInputError(
-                f"{source}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
-                f"to one component (e.g. {source}/unet)"
+                f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
+                f"to one component (e.g. {location}/unet)"
             )
         return merge_pipeline(  # type: ignore[return-value]
-            pipeline, source_text, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
+            pipeline, source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
             verify=verify, progress=progress,
         )
-    checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
+    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed)
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
-    output = output_path.resolve(output, source=source_text, tensors=tensors, endpoint_url=endpoint_url)
-    with output_path.parents_created(output, enabled=not dry_run):
+    destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)
+    with output_path.parents_created(destination, enabled=not dry_run):
         return merge_checkpoint(
-            checkpoint, source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
+            checkpoint, location, destination, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
             progress=progress, dtypes=dtypes,
         )
 
@@ -128,3 +132,23 @@ def _weight_file_name(index_path: storage.Location | None, first_shard: str) -> 
     name = Path(first_shard).name
     shard = SHARD_NAME.match(name)
     return f"{shard.group('prefix')}.safetensors" if shard else name
+
+
+def merge_pipeline(
+    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], *, force: bool,
+    sha256: bool, dry_run: bool, strict: bool, verify: bool, progress: ProgressCallback | None,
+) -> PipelineReport:
+    """Each weight set into one file under its loader-given name, in its component's
+    folder: `unet/diffusion_pytorch_model.safetensors`, `unet/diffusion_pytorch_model.fp16.safetensors`."""
+    from .pipeline_runs import write_pipeline
+
+
+    def write(weight_set: WeightSet, checkpoint: Checkpoint, folder: Path, first: bool, on: ProgressCallback | None):
+        target = folder if first else folder / _weight_file_name(checkpoint.index_path, checkpoint.shards[0].path)
+        return merge_checkpoint(
+            checkpoint, weight_set.entry, target, force=False, sha256=sha256, dry_run=dry_run, verify=verify,
+            progress=on,
+        ), target
+
+    return write_pipeline("merge", pipeline, source, output, write, force=force, sha256=sha256,
+                           dry_run=dry_run, strict=strict, progress=progress)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import output_path, storage
 from ..checkpoint import Checkpoint, open_checkpoint
@@ -19,6 +21,11 @@ from ..plan import natural_key, plan_split
 from ..reports import SplitReport
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..variants import WeightSet
+    from .pipeline_runs import PipelineReport
 
 
 def split(
@@ -68,32 +75,30 @@ def split(
         print(report.index, report.layout)
     """
     output_path.placeholders(os.fspath(output_dir))
-    source_text, source = source, storage.as_path(source, endpoint_url=endpoint_url)
+    location = storage.as_path(source, endpoint_url=endpoint_url)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
     from ..pipeline import find_pipeline
 
-    pipeline = find_pipeline(source, allow_unindexed=allow_unindexed)
+    pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
-        from .pipeline import split_pipeline
-
         if prefix != "model" or dtype is not None or keep:
             option = "--prefix" if prefix != "model" else "--dtype"
             raise BadInputError(
-                f"{source}: a diffusers pipeline's components keep their own names and dtypes; {option} applies "
-                f"to one component (e.g. {source}/unet)"
+                f"{location}: a diffusers pipeline's components keep their own names and dtypes; {option} applies "
+                f"to one component (e.g. {location}/unet)"
             )
         return split_pipeline(  # type: ignore[return-value]
-            pipeline, source_text, output_dir, max_shard_size=limit, force=force, sha256=sha256, dry_run=dry_run,
+            pipeline, source, output_dir, max_shard_size=limit, force=force, sha256=sha256, dry_run=dry_run,
             strict=strict, verify=verify, progress=progress,
         )
-    checkpoint = open_checkpoint(source, strict=strict, allow_unindexed=allow_unindexed)
+    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed)
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
-    output_dir = output_path.resolve(output_dir, source=source_text, tensors=tensors, endpoint_url=endpoint_url)
-    with output_path.parents_created(output_dir, enabled=not dry_run):
+    destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)
+    with output_path.parents_created(destination, enabled=not dry_run):
         return split_checkpoint(
-            checkpoint, source, output_dir, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
+            checkpoint, location, destination, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
             dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes,
         )
 
@@ -131,7 +136,8 @@ def split_checkpoint(
         dtypes=dtypes,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
-    return dataclasses.replace(report, max_shard_size=max_shard_size, layout=layout)  # type: ignore[type-var]
+    assert isinstance(report, SplitReport)
+    return dataclasses.replace(report, max_shard_size=max_shard_size, layout=layout)
 
 
 def _check_prefix(prefix: str) -> None:
@@ -142,3 +148,33 @@ def _check_prefix(prefix: str) -> None:
         )
     if prefix.endswith(".safetensors"):
         raise BadInputError(f"prefix {prefix!r} must not end in .safetensors: it is added to every shard name")
+
+
+def split_pipeline(
+    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], *, max_shard_size: int,
+    force: bool, sha256: bool, dry_run: bool, strict: bool, verify: bool, progress: ProgressCallback | None,
+) -> PipelineReport:
+    """Each weight set resharded in its component's folder, with the component's own
+    prefix and the variant's names (`diffusion_pytorch_model.fp16-00001-of-00002.safetensors`)."""
+    from .. import atomic
+    from .pipeline_runs import relocated, write_pipeline
+
+
+    def write(weight_set: WeightSet, checkpoint: Checkpoint, folder: Path, first: bool, on: ProgressCallback | None):
+        # A folder is written whole: a second variant goes to a folder of its own in the
+        # staging area, and its files are moved beside the first's afterwards.
+        target = folder if first or dry_run else folder.parent / f".{folder.name}.{weight_set.variant}"
+        report = split_checkpoint(
+            checkpoint, weight_set.entry, target, max_shard_size=max_shard_size, prefix=weight_set.prefix,
+            variant=weight_set.variant, sha256=sha256, dry_run=dry_run, verify=verify, progress=on,
+        )
+        if target != folder:
+            written = [Path(f.path).name for f in report.files] + ([Path(report.index).name] if report.index else [])
+            for name in written:
+                os.replace(target / name, folder / name)
+            atomic.remove(target)
+            report = relocated(report, target, folder)
+        return report, folder
+
+    return write_pipeline("split", pipeline, source, output, write, force=force, sha256=sha256,
+                           dry_run=dry_run, strict=strict, progress=progress)

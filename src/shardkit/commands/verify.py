@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
@@ -44,6 +45,11 @@ from ..reports import JsonReport
 from ..storage import stream
 from .checksum import manifest_name
 from .writing import ProgressCallback, dtype_choice
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..variants import WeightSet
+    from .pipeline_runs import PipelineReport
 
 INSTALL_HINT = "pip install 'shardkit[hf]'"
 
@@ -141,7 +147,6 @@ def verify(
         raise PathNotFoundError(path)
     pipeline = find_pipeline(path, allow_unindexed=allow_unindexed)
     if pipeline is not None:  # a diffusers pipeline: each component verified on its own
-        from .pipeline import verify_pipeline
 
         return verify_pipeline(  # type: ignore[return-value]
             pipeline, str(path), checksums=checksums, against=against, config=config,  # type: ignore[arg-type]
@@ -547,3 +552,111 @@ def _progress(progress: ProgressCallback | None, total: int) -> Callable[[int], 
     if progress is None or total == 0:
         return None
     return lambda step: progress(step, total)
+
+
+def verify_pipeline(
+    pipeline: Pipeline,
+    shown: str,
+    *,
+    checksums: str | os.PathLike[str] | None,
+    against: str | os.PathLike[str] | None,
+    config: object,
+    architecture: bool | None,
+    strict: bool,
+    progress: ProgressCallback | None,
+) -> PipelineReport:
+    """Each weight set verified on its own; a file manifest's lines are dealt out to the
+    components they name, and the lines for other files (model_index.json, scheduler
+    and tokenizer files, configs) are checked here."""
+    import dataclasses
+
+    from .pipeline_runs import (
+        PipelineReport,
+        component_row,
+        elapsed,
+        other_pipeline,
+        own_warnings,
+        row_warnings,
+        weight_set_sizes,
+    )
+
+
+    if config is not None:
+        raise BadInputError(f"{shown}: --config applies to one component; name it as PATH (e.g. {shown}/unet)")
+    started = time.perf_counter()
+    manifest = read_manifest(Path(checksums)) if checksums is not None else None
+    if manifest is not None and manifest.kind != "files":
+        raise BadInputError(
+            f"{manifest.path}: a tensor manifest covers one checkpoint; verify each component against its own"
+        )
+    reference = other_pipeline(against, "--against") if against is not None else None
+    problems: list[str] = []
+    rows = []
+    claimed: set[str] = set()
+    for weight_set in pipeline.weight_sets:
+        part = _manifest_part(manifest, weight_set, claimed) if manifest is not None else None
+        other = None
+        if reference is not None:
+            match = reference.find(weight_set.component, weight_set.variant)
+            if match is None:
+                problems.append(f"{weight_set.label}: not in {against}")
+                continue
+            other = str(match.entry)
+        report = verify(
+            str(weight_set.entry), checksums=part, against=other, architecture=architecture, strict=strict,
+            allow_unindexed=True, progress=progress,
+        )
+        report = dataclasses.replace(report, warnings=own_warnings(report.warnings, weight_set))
+        parameters, size = weight_set_sizes(weight_set, strict)
+        rows.append(component_row(
+            weight_set, str(weight_set.entry), len(report.files), report.tensors, parameters, size, report.ok,
+            report.to_dict(),
+        ))
+    if reference is not None:
+        problems += [
+            f"{s.label}: only in {against}, missing here"
+            for s in reference.weight_sets
+            if pipeline.find(s.component, s.variant) is None
+        ]
+    if manifest is not None:
+        problems += _check_other_lines(manifest, pipeline.root, claimed)
+    return PipelineReport(
+        "verify", shown, rows, elapsed(started), problems=problems,
+        notes=[f"{r.label}: {n}" for r in rows for n in r.report["notes"]],
+        checksum_file=manifest.path if manifest is not None else None,
+        warnings=[*pipeline.warnings, *row_warnings(rows)],
+    )
+
+
+def _manifest_part(manifest: Manifest, weight_set: WeightSet, claimed: set[str]) -> Manifest:
+    """The manifest lines for this weight set's files, named relative to its folder."""
+    own = {f.name for f in weight_set.files}
+    prefix = weight_set.component + "/"
+    files = {}
+    for name, digest in manifest.files.items():
+        relative = name.removeprefix("./")
+        if relative.startswith(prefix) and relative[len(prefix) :] in own:
+            files[relative[len(prefix) :]] = digest
+            claimed.add(name)
+    return Manifest(manifest.path, "files", files=files)
+
+
+def _check_other_lines(manifest: Manifest, root: Path, claimed: set[str]) -> list[str]:
+    """The manifest's lines no weight set claimed, each hashed and compared here."""
+    import hashlib
+
+    problems = []
+    for name, digest in sorted(manifest.files.items()):
+        if name in claimed:
+            continue
+        file = root / name
+        if not file.is_file():
+            problems.append(f"{file}: listed in {manifest.path} but missing")
+            continue
+        with open(file, "rb") as handle:
+            actual = hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else (
+                hashlib.sha256(handle.read()).hexdigest()
+            )
+        if actual != digest:
+            problems.append(f"{file}: SHA-256 is {actual} but {manifest.path} says {digest}")
+    return problems
