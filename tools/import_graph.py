@@ -51,6 +51,8 @@ PLACED = {
     "conversion": "plan",
     "output_path": "plan",
     "dtype_cast": "plan",
+    "fp8": "plan",
+    "fp8_layout": "plan",
     "multipart_plan": "plan",
     "execute": "engine",
     "execute_s3": "engine",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, SourceTensor
 from .errors import BadInputError
+from .fp8_layout import Fp8Layout, find_layout
 
 #: config.json spells dtypes as torch does.
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -29,7 +30,12 @@ class DtypeChoice:
     target: str  # a safetensors dtype code: BF16, F16, F32
     dtypes: Mapping[str, str]  # tensor name -> output dtype
     kept: tuple[str, ...]  # float tensors left as they are by --keep
-    not_float: tuple[str, ...]  # integer, bool and FP8/FP6/FP4 tensors, copied unchanged
+    not_float: tuple[str, ...]  # integer, bool and unscaled FP8/FP6/FP4 tensors, copied unchanged
+    fp8: Fp8Layout | None = None  # the FP8 weights dequantised (their scales are not written)
+
+    @property
+    def scales(self) -> dict[str, tuple[SourceTensor, tuple[int, int]]] | None:
+        return self.fp8.pairs() if self.fp8 is not None else None
 
     def __call__(self, tensor: SourceTensor) -> str:
         return self.dtypes[tensor.name]
@@ -38,42 +44,66 @@ class DtypeChoice:
         return [n for n, t in checkpoint.tensors.items() if self.dtypes[n] != t.info.dtype]
 
 
-def choose_dtypes(checkpoint: Checkpoint, target_name: str, keep: Sequence[str] = ()) -> DtypeChoice:
+def choose_dtypes(
+    checkpoint: Checkpoint,
+    target_name: str,
+    keep: Sequence[str] = (),
+    config: Mapping[str, object] | None = None,
+) -> DtypeChoice:
     """Every F64/F32/F16/BF16 tensor to `target_name` (bf16, fp16, fp32 or their long
-    spellings) unless a `keep` glob matches its name; everything else unchanged."""
+    spellings) unless a `keep` glob matches its name; everything else unchanged. In an
+    FP8 checkpoint (scale tensors beside the weights, or `config`'s
+    quantization_config) every FP8 weight is dequantised to the target and its scale
+    tensor left out; `keep` does not apply to them (an FP8 weight cannot be kept
+    without its scales)."""
     from . import dtype_cast
 
     target = dtype_cast.parse_target(target_name)
     for pattern in keep:
         if not pattern:
             raise BadInputError("--keep '': give a glob of tensor names, e.g. --keep '*norm*'")
+    fp8 = find_layout(checkpoint, config)
+    scale_names = fp8.scale_names if fp8 is not None else frozenset()
     dtypes: dict[str, str] = {}
     kept: list[str] = []
     not_float: list[str] = []
     for name, tensor in checkpoint.tensors.items():
         source = tensor.info.dtype
         dtypes[name] = source
-        if not dtype_cast.is_convertible(source):
+        if name in scale_names:
+            continue
+        if fp8 is not None and name in fp8.scales:
+            dtypes[name] = target
+        elif not dtype_cast.is_convertible(source):
             not_float.append(name)
         elif any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
             kept.append(name)
         else:
             dtypes[name] = target
-    return DtypeChoice(target, dtypes, tuple(kept), tuple(not_float))
+    return DtypeChoice(target, dtypes, tuple(kept), tuple(not_float), fp8)
 
 
-def config_with_dtype(text: bytes, target: str, where: object) -> bytes:
+def config_with_dtype(text: bytes, target: str, where: object, dequantised: bool = False) -> bytes:
     """config.json with `torch_dtype` and/or `dtype` (whichever it has, both if both)
-    naming `target`; a config with neither is returned unchanged."""
+    naming `target`; a config with neither is returned unchanged. `dequantised`: the
+    weights are no longer quantised, so `quantization_config` goes (transformers would
+    otherwise look for the scales) and `torch_dtype` is set even where it was absent."""
+    config = parse_config(text, where)
+    if dequantised:
+        config.pop("quantization_config", None)
+    keys = [key for key in ("torch_dtype", "dtype") if key in config] or (["torch_dtype"] if dequantised else [])
+    if not keys:
+        return text
+    for key in keys:
+        config[key] = TORCH_NAMES[target]
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def parse_config(text: bytes, where: object) -> dict[str, object]:
     try:
         config = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(f"{where}: not valid JSON ({exc}); cannot record the new dtype in it") from None
     if not isinstance(config, dict):
         raise BadInputError(f"{where}: not a JSON object; cannot record the new dtype in it")
-    keys = [key for key in ("torch_dtype", "dtype") if key in config]
-    if not keys:
-        return text
-    for key in keys:
-        config[key] = TORCH_NAMES[target]
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return config

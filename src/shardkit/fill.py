@@ -63,7 +63,9 @@ def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, worke
 def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> CastStats | None:
     """Bytes [into, into + len(target)) of a transform's output."""
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
-    scratch = _scratch_buffer()
+    produce = _dequantiser(step, read) if step.scales is not None else _caster(step, read, workers)
+    # a dequantised element passes through float32 scratch: 4 bytes of it per element
+    most = SCRATCH // (4 if step.scales is not None else src_size)
     total: CastStats | None = None
     position, end = into, into + len(target)
     while position < end:
@@ -71,25 +73,69 @@ def _transform(step: Transform, into: int, target: memoryview, read: Read, worke
         if cut or end - position < dst_size:  # an edge element: convert it whole, keep the part in range
             take = min(dst_size - cut, end - position)
             whole = bytearray(dst_size)
-            source = scratch[:src_size]
-            read(step.source, step.source_offset + element * src_size, source)
-            edge = cast_into(source, step.src_dtype, step.dst_dtype, memoryview(whole))
+            edge = produce(element, 1, memoryview(whole))
             target[position - into : position - into + take] = whole[cut : cut + take]
             counted = None if cut else edge
         else:
-            count = min((end - position) // dst_size, len(scratch) // src_size)
+            count = min((end - position) // dst_size, most)
             take = count * dst_size
-            source = scratch[: count * src_size]
-            read(step.source, step.source_offset + element * src_size, source)
-            into_view = target[position - into : position - into + take]
-            if workers > 1:
-                counted = cast_parallel(source, step.src_dtype, step.dst_dtype, into_view, workers)
-            else:
-                counted = cast_into(source, step.src_dtype, step.dst_dtype, into_view)
+            counted = produce(element, count, target[position - into : position - into + take])
         if counted is not None:
             total = counted if total is None else total + counted
         position += take
     return total
+
+
+#: `produce(first_element, count, out)`: write `count` output elements into `out`.
+Produce = Callable[[int, int, memoryview], CastStats]
+
+
+def _caster(step: Transform, read: Read, workers: int) -> Produce:
+    src_size = DTYPES[step.src_dtype].bits // 8
+
+    def produce(element: int, count: int, out: memoryview) -> CastStats:
+        source = _scratch_buffer()[: count * src_size]
+        read(step.source, step.source_offset + element * src_size, source)
+        if workers > 1:
+            return cast_parallel(source, step.src_dtype, step.dst_dtype, out, workers)
+        return cast_into(source, step.src_dtype, step.dst_dtype, out)
+
+    return produce
+
+
+def _dequantiser(step: Transform, read: Read) -> Produce:
+    """FP8 codes times their block's scale in float32 (:mod:`shardkit.fp8`), then the
+    float32 products cast to the output dtype as any float32 tensor is."""
+    import numpy as np
+
+    from .fp8 import dequantise_into
+
+    scales = step.scales
+    assert scales is not None
+
+    def produce(element: int, count: int, out: memoryview) -> CastStats:
+        codes = _scratch_buffer()[:count]
+        read(step.source, step.source_offset + element, codes)
+        source, offset, length = step.scale_span(element, element + count - 1)
+        grid = bytearray(length)
+        read(source, offset, memoryview(grid))
+        rows = np.frombuffer(grid, "<f4").reshape(-1, scales.grid[1])
+        products = _products_buffer()[: count * 4]
+        first_band = element // scales.columns // scales.block[0]
+        dequantise_into(
+            np.frombuffer(codes, np.uint8), element, scales.columns, scales.block, rows, first_band,
+            np.frombuffer(products, np.float32),
+        )
+        return cast_into(products, "F32", step.dst_dtype, out)
+
+    return produce
+
+
+def _products_buffer() -> memoryview:
+    buffer = getattr(_scratch, "products", None)
+    if buffer is None:
+        buffer = _scratch.products = memoryview(bytearray(SCRATCH))
+    return buffer
 
 
 def _scratch_buffer() -> memoryview:

@@ -34,6 +34,9 @@ from .format import (
 
 #: A tensor's dtype in the output: its source dtype unless the run converts it.
 DtypeFor = Callable[[SourceTensor], str]
+#: The FP8 weights a run dequantises: weight name -> (its scale tensor, block shape).
+#: The scale tensors themselves are not written.
+ScalesFor = Mapping[str, "tuple[SourceTensor, tuple[int, int]]"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,27 @@ class Copy:
 
 
 @dataclass(frozen=True)
+class Scales:
+    """The block scales a dequantising transform multiplies by: the float32 grid
+    `grid` (block rows × blocks per row) of tensor `tensor`, `source_length` bytes at
+    `source_offset` of `source`, one scale per `block` of a weight with `columns`
+    columns (the last block of a row or column may be partial)."""
+
+    source: str
+    source_offset: int
+    source_length: int
+    tensor: str
+    grid: tuple[int, int]
+    block: tuple[int, int]
+    columns: int
+
+    def band_span(self, first_band: int, last_band: int) -> tuple[str, int, int]:
+        """(source, offset, length) of the scale rows of block rows first..last."""
+        row = self.grid[1] * 4
+        return self.source, self.source_offset + first_band * row, (last_band - first_band + 1) * row
+
+
+@dataclass(frozen=True)
 class Transform:
     """A tensor's elements re-encoded: `source_length` bytes of `src_dtype` elements at
     `source_offset` of `source` become `length` bytes of `dst_dtype` at `offset`.
@@ -98,6 +122,14 @@ class Transform:
     src_dtype: str
     dst_dtype: str
     tensor: str
+    scales: Scales | None = None  # set: FP8 elements dequantised by these block scales
+
+    def scale_span(self, first_element: int, last_element: int) -> tuple[str, int, int]:
+        """The scale bytes that elements first..last (inclusive) are multiplied by."""
+        assert self.scales is not None
+        rows = self.scales.block[0]
+        columns = self.scales.columns
+        return self.scales.band_span(first_element // columns // rows, last_element // columns // rows)
 
 
 Step = Literal | Copy | Transform
@@ -154,6 +186,8 @@ class PlannedFile:
                 src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
                 first, last = lo // dst, -(-hi // dst)
                 yield step.source, step.source_offset + first * src, (last - first) * src
+                if step.scales is not None:
+                    yield step.scale_span(first, last - 1)
 
     def only_copies(self, start: int, end: int) -> bool:
         """Whether bytes [start, end) are plain copies, which a fast path may move by itself."""
@@ -280,10 +314,14 @@ def plan_file(
     tensors: Iterable[SourceTensor],
     metadata: Mapping[str, str] | None,
     dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
 ) -> PlannedFile:
     """Lay out one file: its header as a literal, then each tensor as a copy (adjacent
-    copies coalesced) or, where `dtype_for` changes its dtype, as a transform."""
-    by_name = {t.name: t for t in tensors}
+    copies coalesced) or, where `dtype_for` changes its dtype, as a transform; a weight
+    in `scales` is dequantised by its scale tensor, which is left out."""
+    scales = scales or {}
+    dropped = {scale.name for scale, _ in scales.values()}
+    by_name = {t.name: t for t in tensors if t.name not in dropped}
     dtypes = {n: (dtype_for(t) if dtype_for is not None else t.info.dtype) for n, t in by_name.items()}
     specs = (
         TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items()
@@ -299,7 +337,7 @@ def plan_file(
         if spec.dtype != source.info.dtype:
             steps.append(Transform(
                 dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes,
-                source.info.dtype, spec.dtype, spec.name,
+                source.info.dtype, spec.dtype, spec.name, _scales(source, scales.get(spec.name)),
             ))
             continue
         last = steps[-1]
@@ -318,6 +356,16 @@ def plan_file(
     return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
 
 
+def _scales(weight: SourceTensor, pair: tuple[SourceTensor, tuple[int, int]] | None) -> Scales | None:
+    if pair is None:
+        return None
+    scale, block = pair
+    grid = (scale.info.shape + (1, 1))[:2] if len(scale.info.shape) < 2 else scale.info.shape
+    return Scales(
+        scale.shard.path, scale.offset, scale.info.nbytes, scale.name, (grid[0], grid[1]), block, weight.info.shape[-1]
+    )
+
+
 def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:
     return tensor.info.nbytes if dtype == tensor.info.dtype else tensor_nbytes(dtype, tensor.info.shape)
 
@@ -327,11 +375,15 @@ def plan_sources(checkpoint: Checkpoint) -> tuple[Source, ...]:
 
 
 def plan_merge(
-    checkpoint: Checkpoint, file_name: str, copies: Sequence[FileCopy] = (), dtype_for: DtypeFor | None = None
+    checkpoint: Checkpoint,
+    file_name: str,
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
 ) -> Plan:
     """Every tensor into one file called `file_name`."""
     metadata, warnings = merged_metadata(checkpoint)
-    planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for)
+    planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
     return Plan(
         (planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings),
         sources=plan_sources(checkpoint),
@@ -422,6 +474,7 @@ def plan_split(
     prefix: str = "model",
     copies: Sequence[FileCopy] = (),
     dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
 ) -> Plan:
     """Shards of at most `max_shard_size` data bytes plus a Hugging Face index.
 
@@ -432,14 +485,17 @@ def plan_split(
     `save_pretrained` of the converted model would.
     """
     metadata, warnings = merged_metadata(checkpoint)
-    order = sorted(checkpoint.tensors.values(), key=lambda t: natural_key(t.name))
+    dropped = {scale.name for scale, _ in (scales or {}).values()}
+    order = sorted(
+        (t for t in checkpoint.tensors.values() if t.name not in dropped), key=lambda t: natural_key(t.name)
+    )
     sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
     groups = group_into_shards(sizes, max_shard_size)
     if not groups:
         groups = [[]]
     names = shard_file_names(prefix, len(groups))
     files = tuple(
-        plan_file(name, (checkpoint.tensors[t] for t in group), metadata, dtype_for)
+        plan_file(name, (checkpoint.tensors[t] for t in group), metadata, dtype_for, scales)
         for name, group in zip(names, groups)
     )
     index_name = index = None

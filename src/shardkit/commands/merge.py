@@ -116,7 +116,7 @@ def merge_checkpoint(
         copies = companion_copies(checkpoint, output, dtypes)
     else:
         weight_name, copies = output.name, []
-    plan = plan_merge(checkpoint, weight_name, copies, dtypes)
+    plan = plan_merge(checkpoint, weight_name, copies, dtypes, dtypes.scales if dtypes else None)
     report = run_plan(
         MergeReport, "merge", checkpoint, source, plan, output,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,

@@ -127,7 +127,8 @@ def split_checkpoint(
             "(use merge for a single file)"
         )
     copies = companion_copies(checkpoint, output_dir, dtypes)
-    plan = plan_split(checkpoint, max_shard_size, f"{prefix}.{variant}" if variant else prefix, copies, dtypes)
+    scales = dtypes.scales if dtypes else None
+    plan = plan_split(checkpoint, max_shard_size, f"{prefix}.{variant}" if variant else prefix, copies, dtypes, scales)
     if variant and plan.index_name is not None:
         plan = dataclasses.replace(plan, index_name=f"{prefix}.safetensors.index.{variant}.json")
     report = run_plan(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from .. import atomic, storage
 from ..checkpoint import Checkpoint, companion_files, open_checkpoint
 from ..compare import compare_checkpoints
-from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype
+from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, parse_config
 from ..dtype_cast import CastStats
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
@@ -42,6 +42,11 @@ def run_plan(
     output with the source tensor by tensor and remove it if they differ. `dtypes` is
     the conversion the plan was made with: its losses are reported, and `verify`
     recomputes it."""
+    if verify and dtypes is not None and dtypes.fp8 is not None:
+        raise BadInputError(
+            "--verify recomputes conversions from the source, which FP8 dequantisation does not support yet; "
+            "run without --verify"
+        )
     started = time.perf_counter()
     traffic_before = storage.traffic()
     checksum_file: Location | None = None
@@ -114,7 +119,9 @@ def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str])
         if keep:
             raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
         return None
-    return choose_dtypes(checkpoint, dtype, keep)
+    config_path = checkpoint.root / "config.json"
+    config = parse_config(storage.read_bytes(config_path), config_path) if config_path.is_file() else None
+    return choose_dtypes(checkpoint, dtype, keep, config)
 
 
 def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoice | None) -> list[FileCopy]:
@@ -124,7 +131,7 @@ def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoi
     for path, name in companion_files(checkpoint, exclude=output):
         data = None
         if dtypes is not None and name == "config.json":
-            data = config_with_dtype(storage.read_bytes(path), dtypes.target, path)
+            data = config_with_dtype(storage.read_bytes(path), dtypes.target, path, dtypes.fp8 is not None)
         copies.append(FileCopy(path, name, data))  # type: ignore[arg-type]
     return copies
 
@@ -150,9 +157,10 @@ def dtype_report(
 ) -> DtypeReport:
     """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
     converted = choice.converted(checkpoint)
+    scales = choice.fp8.scale_names if choice.fp8 is not None else frozenset()
     already = sum(
         1 for n, t in checkpoint.tensors.items()
-        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float
+        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float and n not in scales
     )
     not_float = Counter(checkpoint.tensors[n].info.dtype for n in choice.not_float)
     losses = []
