@@ -69,7 +69,9 @@ DtypeOpt = Annotated[
         "--dtype",
         help="Convert every floating-point tensor (F64, F32, F16, BF16) to bf16, fp16 or fp32 "
         "(or bfloat16, float16, float32) while writing, bit-identical to torch .to(). Integer, bool and "
-        "FP8/FP6/FP4 tensors are copied unchanged. Values that overflow to ±inf or underflow to zero are "
+        "FP8/FP6/FP4 tensors are copied unchanged, except in an FP8 checkpoint (weight_scale_inv "
+        "tensors, quantization_config in config.json): its FP8 weights are dequantised, as transformers does, "
+        "and the scales dropped. Values that overflow to ±inf or underflow to zero are "
         "reported per tensor. Keep norms or buffers in their dtype with --keep.",
         show_default=False,
     ),
@@ -79,7 +81,8 @@ KeepOpt = Annotated[
     typer.Option(
         "--keep",
         help="With --dtype: leave tensors whose name matches this glob in their source dtype "
-        "(repeatable), e.g. --keep '*norm*' --keep '*inv_freq'.",
+        "(repeatable), e.g. --keep '*norm*' --keep '*inv_freq'; for DeepSeek-style FP8 models "
+        "--keep '*e_score_correction_bias' keeps the router bias in F32, as transformers loads it.",
         show_default=False,
     ),
 ]
