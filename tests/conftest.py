@@ -36,15 +36,18 @@ def run_cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None =
 
 
 def sigint_as_in_a_terminal() -> None:
-    """Popen preexec_fn: the child starts with SIGINT at its default, as under a terminal.
+    """Popen preexec_fn: the child starts with SIGINT (and SIGHUP, SIGQUIT, SIGTERM) at
+    their defaults, as under a terminal.
 
-    A test runner started in the background (a CI job, `nohup … &`) may ignore SIGINT,
-    and children inherit that; Python then installs no KeyboardInterrupt handler and a
-    Ctrl-C test would see its run finish instead of being interrupted.
+    A test runner started in the background (a CI job, `nohup … &`) may ignore SIGINT
+    or SIGHUP, and children inherit that; Python then installs no KeyboardInterrupt
+    handler (shardkit leaves an ignored SIGHUP ignored) and a signal test would see its
+    run finish instead of being interrupted.
     """
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -341,7 +341,8 @@ def test_folder_output_containing_a_source_is_refused(
     checkpoint: SyntheticCheckpoint, tmp_path: Path, command: str, where: str
 ) -> None:
     out = checkpoint.folder if where == "source-folder" else tmp_path
-    assert_refused(tmp_path, [command, checkpoint.folder, "-o", out, "--force"], 2, "output would overwrite the source")
+    message = "output is the source folder" if where == "source-folder" else "output would overwrite the source"
+    assert_refused(tmp_path, [command, checkpoint.folder, "-o", out, "--force"], 2, message)
 
 
 def test_symlinked_output_pointing_at_a_source_is_refused(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:

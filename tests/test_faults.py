@@ -17,6 +17,7 @@ a destination on another filesystem, where copy_file_range fails with EXDEV.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -402,11 +403,14 @@ def test_clean_keeps_the_temporary_of_a_running_writer(big: Big, tmp_path: Path)
     assert temporaries(tmp_path) == []
 
 
-# ----------------------------------------------------------------- Ctrl-C and SIGTERM
+# ----------------------------------------------------------------- Ctrl-C, SIGTERM, SIGHUP, SIGQUIT
 
 
-@pytest.mark.parametrize(("command", "sig"), [("merge", signal.SIGINT), ("merge", signal.SIGTERM),
-                                               ("split", signal.SIGINT)])
+@pytest.mark.parametrize(("command", "sig"), [
+    ("merge", signal.SIGINT), ("merge", signal.SIGTERM), ("split", signal.SIGINT),
+    # a closed terminal or a dropped ssh session, and Ctrl-\: killed the run and left its temporary
+    ("merge", signal.SIGHUP), ("split", signal.SIGHUP), ("merge", signal.SIGQUIT), ("split", signal.SIGQUIT),
+])
 def test_interrupt_removes_temporaries_and_exits_130(big: Big, tmp_path: Path, command: str, sig: int) -> None:
     dest = tmp_path / ("merged.safetensors" if command == "merge" else "split")
     process = start_cli(command, big.source, "-o", dest)
@@ -421,6 +425,178 @@ def test_interrupt_removes_temporaries_and_exits_130(big: Big, tmp_path: Path, c
     assert stdout == ""
     assert not dest.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_a_second_signal_does_not_interrupt_the_cleanup(big: Big, tmp_path: Path, command: str) -> None:
+    """Ctrl-C pressed twice, or SIGTERM from a supervisor right after it: the second
+    signal arrives while the temporaries are being removed and must not stop that."""
+    dest = tmp_path / ("merged.safetensors" if command == "merge" else "split")
+    process = start_cli(command, big.source, "-o", dest)
+    assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
+    os.kill(process.pid, signal.SIGSTOP)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # pending together, handled one after another
+        os.kill(process.pid, sig)
+    os.kill(process.pid, signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr == "shardkit: error: interrupted; temporary files removed\n"
+    assert stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ignored_sighup_stays_ignored(big: Big, tmp_path: Path) -> None:
+    """Under `nohup` SIGHUP is ignored on purpose: the run goes on and completes."""
+
+    def as_under_nohup() -> None:
+        sigint_as_in_a_terminal()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    dest = tmp_path / "merged.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", "merge", big.source, "-o", dest],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_under_nohup,
+    )
+    assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
+    os.kill(process.pid, signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert same_bytes(dest, big.merged)
+    assert temporaries(tmp_path) == []
+
+
+def test_force_keeps_a_file_added_to_the_old_folder_during_the_copy(big: Big, tmp_path: Path) -> None:
+    """The old folder held only an earlier output when the run started; a file added to it
+    while the new one was being written must not be deleted with it: the swap is undone."""
+    dest = tmp_path / "split"
+    shutil.copytree(big.split, dest)
+    before = snapshot(dest)
+    process = start_cli("split", big.source, "-o", dest, "--max-shard-size", "60MB", "--force")
+    assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
+    os.kill(process.pid, signal.SIGSTOP)
+    (dest / "optimizer.pt").write_bytes(b"saved while the split ran")
+    os.kill(process.pid, signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert stderr == (
+        f"shardkit: error: {dest}: --force replaces only an earlier output (weight, index, config, tokenizer and "
+        "checksum files), but the folder also holds optimizer.pt; move those away or choose another output\n"
+    )
+    assert stdout == ""
+    assert snapshot(dest) == {**before, "optimizer.pt": hashlib.sha256(b"saved while the split ran").hexdigest()}
+    assert {p.name for p in tmp_path.iterdir()} == {dest.name}
+
+
+# ----------------------------------------------------------------- --verify: the staged output, before the commit
+
+
+def _earlier_output(dest: Path) -> bytes:
+    data = b"an earlier merge, still good"
+    dest.write_bytes(data)
+    return data
+
+
+def _bytes_read(pid: int) -> int:
+    """Bytes the process read so far (rchar: read and pread calls, page cache or not)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/<pid>/io")
+
+
+def _corrupt_last_byte_once_written(process: subprocess.Popen[str], folder: Path, reference: Path) -> None:
+    """Flip the staged output's last byte as soon as the copy has written it, the run frozen."""
+    size = reference.stat().st_size
+    last = -(-size // BLOCK) - 1
+
+    def written() -> bool:
+        staged = own_temporaries(folder, process.pid)
+        return bool(staged) and block(staged[0], last) == block(reference, last)
+
+    assert wait_until(written, process)
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        flip_byte(own_temporaries(folder, process.pid)[0], size - 1)
+    except (FileNotFoundError, IndexError):
+        pass  # committed already
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def test_failed_verification_leaves_the_earlier_output(big: Big, tmp_path: Path) -> None:
+    """--force --verify: the new output replaced the old one, failed verification and
+    was removed, leaving nothing. Now the staged output is verified before the commit."""
+    dest = tmp_path / "merged.safetensors"
+    earlier = _earlier_output(dest)
+    for _ in range(3):  # the corruption must land before verification reaches it; retried if too late
+        process = start_cli("merge", big.source, "-o", dest, "--force", "--verify")
+        _corrupt_last_byte_once_written(process, tmp_path, big.merged)
+        stdout, stderr = process.communicate(timeout=120)
+        if process.returncode != 0:
+            break
+        dest.write_bytes(earlier)  # verified (that tensor, or all) before the corruption landed: again
+    else:
+        pytest.fail("three runs verified their output before the test could corrupt it")
+    assert process.returncode == 1, stderr
+    assert stderr.startswith(f"shardkit: error: {dest}: verification failed, nothing was committed (an earlier "
+                             "output there is left as it was): tensor "), stderr
+    assert stderr.count("\n") == 1 and stdout == ""
+    assert dest.read_bytes() == earlier
+    assert {p.name for p in tmp_path.iterdir()} == {dest.name}
+
+
+def test_ctrl_c_during_verification_leaves_the_earlier_output(big: Big, tmp_path: Path) -> None:
+    """It used to exit 130 saying 'temporary files removed' with the unverified new output in place."""
+    dest = tmp_path / "merged.safetensors"
+    earlier = _earlier_output(dest)
+    size = big.merged.stat().st_size
+    process = start_cli("merge", big.source, "-o", dest, "--force", "--verify")
+    # verification reads the output and the sources: past 1.6x the output's size, it is well under way
+    assert wait_until(lambda: _bytes_read(process.pid) > 1.6 * size, process)
+    os.kill(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr == "shardkit: error: interrupted; temporary files removed\n"
+    assert stdout == ""
+    assert dest.read_bytes() == earlier
+    assert {p.name for p in tmp_path.iterdir()} == {dest.name}
+
+
+def test_verify_report_keeps_copy_and_verify_time_apart(big: Big, tmp_path: Path) -> None:
+    dest = tmp_path / "merged.safetensors"
+    result = run_cli("merge", big.source, "-o", dest, "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""  # no progress bars when not a terminal
+    report = json.loads(result.stdout)
+    assert report["verified"] is True
+    assert report["copy_seconds"] > 0 and report["verify_seconds"] > 0
+    assert report["copy_seconds"] + report["verify_seconds"] <= report["seconds"]
+    plain = json.loads(run_cli("merge", big.source, "-o", tmp_path / "plain.safetensors", "--json").stdout)
+    assert plain["copy_seconds"] > 0 and plain["verify_seconds"] is None
+
+
+def test_verify_shows_its_own_progress_bar_on_a_terminal(big: Big, tmp_path: Path) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", "merge", big.source, "-o", tmp_path / "m.safetensors", "--verify"],
+        stdin=follower, stdout=follower, stderr=follower, env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+        preexec_fn=sigint_as_in_a_terminal,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0, seen
+    assert b"merging" in seen and b"verifying" in seen, seen[-2000:]
 
 
 # ----------------------------------------------------------------- full disk
@@ -520,8 +696,20 @@ def _freeze_when_copying(process: subprocess.Popen[str], folder: Path) -> None:
     os.kill(process.pid, signal.SIGSTOP)
 
 
-@pytest.mark.parametrize("change", ["touch", "append", "replace", "truncate"])
+def flip_byte(path: Path, offset: int) -> bytes:
+    """Invert one byte of `path` in place; returns the byte it held."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    return byte
+
+
+@pytest.mark.parametrize("change", ["touch", "append", "replace", "truncate", "rsync-inplace"])
 def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path, change: str) -> None:
+    """rsync-inplace is `rsync --inplace -t`: same inode and size, bytes rewritten, the
+    modification time put back; only the change time tells, and no one can set it back."""
     shard = sorted(big.source.glob("*.safetensors"))[-1]
     original = shard.stat()
     dest = tmp_path / "merged.safetensors"
@@ -537,6 +725,12 @@ def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path
             saved = shard.with_name(".saved")
             shutil.copy2(shard, saved)
             os.truncate(shard, original.st_size // 2)
+        elif change == "rsync-inplace":
+            flipped = flip_byte(shard, original.st_size - 1)
+            os.utime(shard, ns=(original.st_atime_ns, original.st_mtime_ns))
+            now = shard.stat()
+            assert (now.st_ino, now.st_size, now.st_mtime_ns) == (original.st_ino, original.st_size,
+                                                                   original.st_mtime_ns)
         else:  # a re-download renamed over the shard: same bytes, another file
             copy = shard.with_name(".incoming")
             shutil.copy2(shard, copy)
@@ -547,7 +741,7 @@ def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 1, stderr
         assert stderr == (
-            f"shardkit: error: {shard}: source changed (size or modification time) during the copy; "
+            f"shardkit: error: {shard}: source changed (size, modification or change time) during the copy; "
             "output discarded\n"
         )
         assert not dest.exists()
@@ -557,6 +751,9 @@ def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path
             os.truncate(shard, original.st_size)
         if change == "truncate":
             os.replace(shard.with_name(".saved"), shard)
+        if change == "rsync-inplace":
+            flip_byte(shard, original.st_size - 1)
+            assert shard.read_bytes()[-1:] == flipped
         os.utime(shard, ns=(original.st_atime_ns, original.st_mtime_ns))
 
 

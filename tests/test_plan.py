@@ -74,6 +74,7 @@ def test_a_split_plan_tiles_every_shard_and_names_its_sources_and_writes(checkpo
         stat = Path(shard.path).stat()
         assert seen[shard.path].identity() == {
             "size": stat.st_size, "device": stat.st_dev, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns,
         }
 
 

@@ -508,7 +508,7 @@ def test_failures_are_one_clear_line(store: SeaweedS3, bucket: str, tiny, broken
         env["AWS_ENDPOINT_URL"], code, message = "http://127.0.0.1:9", 1, "cannot reach http://127.0.0.1:9"
         env["AWS_MAX_ATTEMPTS"] = "1"  # retrying a refused connection only makes the test slow
     elif case == "output exists":
-        output, message = f"s3://{bucket}/tiny/config.json", "already exists; pass --force"
+        output, message = f"s3://{bucket}/broken/config.json", "already exists; pass --force"
     elif case == "output is the source":
         output, message = f"s3://{bucket}/tiny/model-00001-of-00004.safetensors", "output would overwrite the source"
 
@@ -623,3 +623,43 @@ def test_local_commands_never_import_boto3(checkpoint, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def bucket_state(server: SeaweedS3, bucket: str) -> dict[str, str]:
+    listing = server.client().list_objects_v2(Bucket=bucket)
+    return {o["Key"]: o["ETag"] for o in listing.get("Contents", [])}
+
+
+@pytest.mark.parametrize(("command", "output", "message"), [
+    ("merge", "", "output would overwrite the source: it contains s3://{bucket}/tiny"),
+    ("split", "tiny/", "output is the source folder s3://{bucket}/tiny; it would overwrite the source"),
+    ("merge", "tiny/merged.safetensors", "output lies inside the source folder s3://{bucket}/tiny"),
+    ("split", "tiny/resharded/", "output lies inside the source folder s3://{bucket}/tiny"),
+])
+def test_an_s3_output_never_touches_the_source_folder(
+    store: SeaweedS3, bucket: str, tiny, command: str, output: str, message: str
+) -> None:
+    before = bucket_state(store, bucket)
+    result = run_cli(command, f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/{output}", "--force", env=s3_env(store))
+    assert_clean_failure(result, 2, message.format(bucket=bucket))
+    assert bucket_state(store, bucket) == before
+    assert unfinished_uploads(store, bucket) == []
+
+
+def test_force_on_an_s3_folder_replaces_only_an_earlier_output(store: SeaweedS3, bucket: str, tiny) -> None:
+    env = s3_env(store)
+    first = run_cli("split", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/mine/", "-s", "300KB", env=env)
+    assert first.exit_code == 0, first.stderr
+    client = store.client()
+    for key in ("mine/optimizer.pt", "mine/.git/HEAD", "mine/checkpoint-500/trainer_state.json"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"the user's")
+    before = bucket_state(store, bucket)
+    result = run_cli("split", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/mine/", "-s", "2MB", "--force", env=env)
+    assert_clean_failure(result, 2, f"s3://{bucket}/mine: --force replaces only an earlier output")
+    assert "the folder also holds .git/, checkpoint-500/, optimizer.pt; move those away" in result.stderr
+    assert bucket_state(store, bucket) == before
+    for key in ("mine/optimizer.pt", "mine/.git/HEAD", "mine/checkpoint-500/trainer_state.json"):
+        client.delete_object(Bucket=bucket, Key=key)
+    forced = run_cli("split", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/mine/", "-s", "2MB", "--force", env=env)
+    assert forced.exit_code == 0, forced.stderr
+    assert len([k for k in keys(store, bucket, "mine/") if k.endswith(".safetensors")]) == 2

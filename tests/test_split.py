@@ -255,11 +255,13 @@ def test_replacing_an_output_leaves_no_stale_shard_or_index(checkpoint: Syntheti
     assert temporaries(tmp_path) == []
 
 
-def test_output_inside_the_source_folder_is_not_copied_into_itself(checkpoint: SyntheticCheckpoint) -> None:
+def test_output_inside_the_source_folder_is_refused(checkpoint: SyntheticCheckpoint) -> None:
+    """It would become part of the folder it was made from (a stray weight file for the next run)."""
     out = checkpoint.folder / "resharded"
-    report = shardkit.split(checkpoint.folder, out, max_shard_size="2MB")
-    assert sorted(report.copied_files) == COMPANIONS
-    assert_holds_exactly(out, checkpoint)
+    before = snapshot(checkpoint.folder)
+    result = run_cli("split", checkpoint.folder, "-o", out, "-s", "2MB")
+    assert_clean_failure(result, 2, f"{out}: output lies inside the source folder {checkpoint.folder}")
+    assert snapshot(checkpoint.folder) == before and temporaries(checkpoint.folder) == []
 
 
 def test_sha256_and_verify(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
@@ -330,7 +332,7 @@ def test_bad_outputs_and_sources_fail_cleanly(checkpoint: SyntheticCheckpoint, t
     result = run_cli("split", checkpoint.folder, "-o", tmp_path / "x.safetensors")
     assert_clean_failure(result, 2, "split writes a folder of shards")
     result = run_cli("split", checkpoint.folder, "-o", checkpoint.folder, "--force")
-    assert_clean_failure(result, 2, "output would overwrite the source")
+    assert_clean_failure(result, 2, "output is the source folder")
     result = run_cli("split", tmp_path / "missing", "-o", tmp_path / "out")
     assert_clean_failure(result, 2, "missing: no such file or folder")
     (checkpoint.folder / "model-00003-of-00004.safetensors").unlink()

@@ -12,18 +12,57 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 TEMP_MARK = ".shardkit-tmp-"
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
+#: Room a temporary name needs beyond its name part: the mark, `.<pid>.<random>`
+#: (pids up to 4,194,304 on Linux, 8 hex digits).
+_TEMP_OVERHEAD = len(TEMP_MARK) + 1 + 7 + 1 + 8
+_DEFAULT_NAME_MAX = 255
 
 
 def temp_name(dest: Path) -> Path:
     """`dir/.shardkit-tmp-<name>.<pid>.<random>`: recognisable, and unique per run."""
-    return dest.parent / f"{TEMP_MARK}{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    return dest.parent / f"{TEMP_MARK}{temp_name_part(dest.parent, dest.name)}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def temp_name_part(folder: Path, dest_name: str) -> str:
+    """The destination's name as it appears in its temporaries.
+
+    The name itself where it fits; a destination name close to the filesystem's limit
+    (NAME_MAX, 255 bytes on most) would make the temporary too long, so it is cut and
+    a digest of the whole name appended: still recognisable, still one per destination.
+    """
+    room = name_max(folder) - _TEMP_OVERHEAD
+    encoded = os.fsencode(dest_name)
+    if len(encoded) <= room:
+        return dest_name
+    digest = "~" + hashlib.sha256(encoded).hexdigest()[:16]
+    cut = encoded[: room - len(digest)]
+    return cut.decode("utf-8", "ignore") + digest if _is_utf8(encoded) else os.fsdecode(cut) + digest
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the filesystem of `folder` allows (NAME_MAX)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return _DEFAULT_NAME_MAX
 
 
 def _writer_pid(entry: Path) -> int | None:
@@ -47,7 +86,7 @@ def _is_alive(pid: int) -> bool:
 
 def stale_temporaries(folder: Path, dest_name: str | None = None) -> list[Path]:
     """Temporary entries in `folder` left by writers that no longer run."""
-    prefix = TEMP_MARK + (f"{dest_name}." if dest_name else "")
+    prefix = TEMP_MARK + (f"{temp_name_part(folder, dest_name)}." if dest_name else "")
     try:
         entries = sorted(folder.iterdir())
     except OSError:
@@ -97,48 +136,125 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) where Linux offers it."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        renameat2 = ctypes.CDLL(name, use_errno=True).renameat2
-    except (OSError, AttributeError):
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """renameat2(2) with `flags`; False where the C library or the filesystem lacks it.
+
+    Any other failure (EEXIST for RENAME_NOREPLACE, ENOENT, ...) raises OSError.
+    """
+    function = _renameat2_function()
+    if function is None:
         return False
     at_fdcwd = -100
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
+    if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # an old kernel, or a filesystem that does not offer this flag
+    raise OSError(code, os.strerror(code), str(b))
 
 
-def commit(staged: Path, dest: Path, *, replace: bool) -> None:
+def _renameat2_function():  # noqa: ANN202 - a ctypes function pointer, or None
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) where Linux offers it."""
+    try:
+        return _renameat2(a, b, _RENAME_EXCHANGE)
+    except OSError:
+        return False
+
+
+def rename_no_replace(staged: Path, dest: Path) -> None:
+    """Move `staged` to `dest` in one step that fails (FileExistsError) if `dest` exists.
+
+    Checking for `dest` and then renaming would be two steps: two runs writing the same
+    output could both pass the check and the second rename would silently replace the
+    first output. renameat2(RENAME_NOREPLACE) is one step; where the kernel or the
+    filesystem lacks it, a file is hard-linked to `dest` (link(2) never replaces either)
+    and its temporary name removed. A folder cannot be hard-linked, but rename(2) of a
+    folder never replaces a non-empty one, and an empty one (a user's `mkdir out`)
+    holds nothing to lose.
+    """
+    if _renameat2(staged, dest, _RENAME_NOREPLACE):
+        return
+    if staged.is_dir():
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest))
+        os.rename(staged, dest)
+        return
+    try:
+        os.link(staged, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links here either (FAT, some FUSE filesystems): the best left is a
+        # check right before the rename.
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest)) from None
+        os.rename(staged, dest)
+        return
+    os.unlink(staged)
+
+
+def commit(
+    staged: Path, dest: Path, *, replace: bool, check_old: Callable[[Path], None] | None = None
+) -> None:
     """Move a fully written and fsynced `staged` file or folder to `dest`.
 
-    A file replaces an existing one atomically (rename). A folder replaces an existing
-    one by an atomic exchange where the kernel supports it; otherwise the old folder
-    is first renamed aside under a temporary name, so `dest` never holds a mixture.
+    Without `replace`, `dest` must not exist (an empty folder aside): the move fails
+    with FileExistsError, atomically, if anything appeared there meanwhile. With
+    `replace`, a file replaces an existing one atomically (rename); a folder replaces
+    an existing one by an atomic exchange where the kernel supports it, otherwise the
+    old folder is first renamed aside under a temporary name, so `dest` never holds a
+    mixture. `check_old` is called with the replaced folder before it is deleted: if it
+    raises (something was added to it since it was checked), the swap is undone and
+    `staged` holds the new output again.
     """
-    if not replace and (dest.exists() or dest.is_symlink()):
-        if staged.is_dir() and dest.is_dir() and not dest.is_symlink():
-            # rename(2) atomically replaces an empty folder (a user's `mkdir out`
-            # first) and fails with ENOTEMPTY if something appeared in it meanwhile.
-            try:
-                os.rename(staged, dest)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise FileExistsError(errno.EEXIST, "destination folder is no longer empty", str(dest)) from None
-                raise
-            fsync_path(dest.parent)
-            return
-        raise FileExistsError(errno.EEXIST, "destination appeared while writing", str(dest))
-    if staged.is_dir() and dest.is_dir() and not dest.is_symlink():
+    if not replace:
+        _commit_new(staged, dest)
+    elif staged.is_dir() and dest.is_dir() and not dest.is_symlink():
         if _rename_exchange(staged, dest):
-            remove(staged)  # now holds the old folder
+            old, undo = staged, lambda: _rename_exchange(staged, dest)
         else:
-            aside = temp_name(dest)
-            os.rename(dest, aside)
+            old = temp_name(dest)
+            os.rename(dest, old)
             os.rename(staged, dest)
-            remove(aside)
+
+            def undo() -> None:
+                os.rename(dest, staged)
+                os.rename(old, dest)
+
+        try:
+            if check_old is not None:
+                check_old(old)
+        except BaseException:
+            undo()
+            raise
+        remove(old)
     else:
         os.replace(staged, dest)
     fsync_path(dest.parent)
+
+
+def _commit_new(staged: Path, dest: Path) -> None:
+    try:
+        rename_no_replace(staged, dest)
+        return
+    except FileExistsError:
+        if not (staged.is_dir() and dest.is_dir() and not dest.is_symlink()):
+            raise
+    # An empty folder at `dest`: rename(2) replaces it atomically, and fails with
+    # ENOTEMPTY if anything (another run's output) appeared in it meanwhile.
+    try:
+        os.rename(staged, dest)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest)) from None
+        raise

@@ -96,6 +96,11 @@ def open_checkpoint(
     return _folder(path, strict, allow_unindexed)
 
 
+def open_file(path: Location, *, strict: bool = False) -> Checkpoint:
+    """One safetensors file whatever its name (a staged output under its temporary name)."""
+    return _single_file(path, strict)
+
+
 def _refuse_non_safetensors(path: Location) -> None:
     if path.name.endswith(_PICKLE_SUFFIXES):
         raise BadInputError(f"{path}: pickle-based weight files are refused; shardkit never unpickles")

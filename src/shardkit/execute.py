@@ -1,7 +1,8 @@
 """Carry out a plan: stage, copy, hash, check the sources did not move, commit.
 
 The only module that writes checkpoint bytes. It never opens a source for writing,
-refuses destinations that are or contain a source, checks free space before the
+refuses destinations that are, hold or lie inside a source (:mod:`shardkit.destination`),
+never replaces an output without `force`, checks free space before the
 first byte, and removes everything it staged if anything goes wrong (a disk that
 fills up anyway, Ctrl-C). Files are not preallocated: on ext4, writing into
 preallocated (unwritten) extents measured slower than plain appends.
@@ -24,13 +25,14 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, block_writer, storage
 from .byte_copy import RangeCopier
-from .errors import OutputError, OutputExistsError, SourceChangedError, WriteError
+from .destination import Sources, check_destination, refuse_unexpected, unexpected_entries
+from .errors import OutputError, OutputExistsError, ShardkitError, SourceChangedError, WriteError
 from .fill import CastLog, Read, fill, ordered_chunks
 from .plan import Copy, Plan, PlannedFile, Source
 from .storage import stream
@@ -46,25 +48,6 @@ class WrittenFile:
     size: int
     tensors: int
     sha256: str | None
-
-
-def check_destination(dest: Path, sources: Iterable[Path], *, force: bool, as_folder: bool) -> None:
-    """Refuse destinations that exist (unless forced) or that would touch a source."""
-    resolved = dest.resolve()
-    for source in sources:
-        source = source.resolve()
-        if source == resolved or (as_folder and resolved in source.parents):
-            raise OutputError(f"{dest}: output would overwrite the source {source}; choose another path")
-    if dest.is_symlink() or dest.exists():
-        if as_folder and dest.is_dir() and not any(dest.iterdir()):
-            return
-        if not force:
-            raise OutputExistsError(dest)
-        if as_folder != (dest.is_dir() and not dest.is_symlink()):
-            kind = "a folder" if dest.is_dir() else "a file"
-            raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
-    if not dest.parent.is_dir():
-        raise OutputError(f"{dest}: parent folder {dest.parent} does not exist")
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -85,10 +68,17 @@ def execute(
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
     log: CastLog | None = None,
+    protect: Sources | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> list[WrittenFile]:
     """Write `plan` to `dest` (a file, or a folder holding all planned files).
 
-    The cast statistics of converted tensors go into `log`."""
+    The cast statistics of converted tensors go into `log`. `protect` names what must
+    never be touched beyond the plan's sources and copied files (the source folder and
+    index; see :mod:`shardkit.destination`). `before_commit` is called with the staged
+    output once it is complete and fsynced, before it replaces anything: an exception
+    there (a failed verification, Ctrl-C) discards it.
+    """
     if not as_folder and len(plan.files) != 1:
         raise ValueError("a single-file destination needs a plan with exactly one file")
     log = log if log is not None else CastLog()
@@ -96,9 +86,12 @@ def execute(
     if storage.is_remote(dest):
         from .execute_s3 import execute_s3
 
-        return execute_s3(plan, dest, as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log)
-    local_sources = (Path(s.path) for s in sources if not storage.is_remote(s.path))
-    check_destination(dest, local_sources, force=force, as_folder=as_folder)
+        return execute_s3(
+            plan, dest, as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log,
+            protect=_everything_read(plan, protect),
+        )
+    protect = _everything_read(plan, protect)
+    check_destination(dest, protect, force=force, as_folder=as_folder, writes=written_names(plan, sha256))
     atomic.clean(dest.parent, dest.name)
     check_free_space(dest.parent, plan.total_bytes + sum(c.source.stat().st_size for c in plan.copies))
 
@@ -112,7 +105,12 @@ def execute(
         else:
             written = _write_group(plan.files, [staged], sha256, progress, log)
         check_sources_unchanged(sources)
-        atomic.commit(staged, dest, replace=force)
+        if before_commit is not None:
+            before_commit(staged)
+        _commit(staged, dest, force, written_names(plan, sha256))
+    except ShardkitError:  # before OSError: OutputExistsError is a FileExistsError too
+        atomic.remove(staged)
+        raise
     except OSError as exc:
         atomic.remove(staged)
         check_sources_unchanged(sources)  # a source that shrank mid-copy is the cause, not the write
@@ -121,6 +119,32 @@ def execute(
         atomic.remove(staged)
         raise
     return written
+
+
+def _everything_read(plan: Plan, protect: Sources | None) -> Sources:
+    """`protect` plus the plan's sources and the companion files it copies."""
+    read = tuple(storage.lookup(s.path) for s in plan.sources) + tuple(c.source for c in plan.copies)
+    return Sources(read + (protect.files if protect else ()), protect.folder if protect else None)
+
+
+def _commit(staged: Path, dest: Path, force: bool, writes: set[str]) -> None:
+    def still_only_shardkit_files(old: Path) -> None:  # nothing was added to it since the check
+        refuse_unexpected(dest, unexpected_entries(old, writes))
+
+    try:
+        atomic.commit(staged, dest, replace=force, check_old=still_only_shardkit_files)
+    except FileExistsError:  # another run wrote it meanwhile
+        raise OutputExistsError(dest) from None
+
+
+def written_names(plan: Plan, sha256: bool) -> set[str]:
+    """Every name a run of `plan` writes inside a folder output, relative to it."""
+    names = {f.name for f in plan.files} | {c.name for c in plan.copies}
+    if plan.index_name is not None:
+        names.add(plan.index_name)
+    if sha256:
+        names.add(checksum_file_name(plan))
+    return names
 
 
 def check_sources_unchanged(sources: Sequence[Source]) -> None:
@@ -372,8 +396,9 @@ def checksum_file_name(plan: Plan) -> str:
     return plan.files[0].name + ".sha256" if len(plan.files) == 1 else "SHA256SUMS"
 
 
-def write_checksum_beside(dest: Path, written: WrittenFile) -> Path:
-    """`model.safetensors.sha256` next to a single-file output, atomically."""
+def write_checksum_beside(dest: Path, written: WrittenFile, *, force: bool = True) -> Path:
+    """`model.safetensors.sha256` next to a single-file output, atomically; without
+    `force` it never replaces one that appeared meanwhile."""
     path = dest.with_name(dest.name + ".sha256")
     if storage.is_remote(path):
         from .execute_s3 import put_bytes
@@ -383,7 +408,7 @@ def write_checksum_beside(dest: Path, written: WrittenFile) -> Path:
     staged = atomic.temp_name(path)
     try:
         _write_text(staged, f"{written.sha256}  {dest.name}\n")
-        os.replace(staged, path)
+        _commit(staged, path, force, set())
     except BaseException:
         atomic.remove(staged)
         raise

@@ -29,13 +29,22 @@ import json
 import os
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeGuard
 
 from . import storage
 from .atomic import TEMP_MARK
+from .destination import Sources, is_replaceable, refuse_unexpected, unexpected_names
 from .errors import OutputError, OutputExistsError
-from .execute import RangeSources, WrittenFile, check_sources_unchanged, checksum_file_name, stream_workers
+from .execute import (
+    RangeSources,
+    WrittenFile,
+    check_sources_unchanged,
+    checksum_file_name,
+    stream_workers,
+    written_names,
+)
 from .fill import CastLog, fill, ordered_chunks
 from .multipart_plan import CopyPart, ObjectPlan, Part, UploadPart, plan_object
 from .plan import Plan, PlannedFile, Source
@@ -60,13 +69,19 @@ def execute_s3(
     sha256: bool = False,
     progress: Callable[[int], None] | None = None,
     log: CastLog | None = None,
+    protect: Sources | None = None,
 ) -> list[WrittenFile]:
-    """Write `plan` to `dest` (an object, or a folder prefix holding all planned files)."""
+    """Write `plan` to `dest` (an object, or a folder prefix holding all planned files).
+
+    `protect` names what must never be touched (sources, index, companion files, the
+    source folder); the plan's sources are protected anyway."""
     sources = plan.sources
     log = log if log is not None else CastLog()
     if not isinstance(dest, S3Path):
         raise OutputError(f"{dest}: cannot write there; outputs go to a local path or an s3:// URL")
-    check_s3_destination(dest, sources, force=force, as_folder=as_folder)
+    protect = protect or Sources(tuple(storage.lookup(h.path) for h in sources))
+    writes = written_names(plan, sha256)
+    check_s3_destination(dest, protect, force=force, as_folder=as_folder, writes=writes)
     targets = [dest / f.name for f in plan.files] if as_folder else [dest]
     for target in targets:
         clean_stale(target)  # type: ignore[arg-type]
@@ -85,9 +100,10 @@ def execute_s3(
             completed.append(target)  # type: ignore[arg-type]
         if as_folder:
             completed += _write_extras(plan, dest, written)
-            if force:
+            if force:  # what the old output held beside the new files; anything else stays
                 keep = {p.key for p in completed}
-                delete_keys(dest, [k for k in dest.keys_under() if k not in keep])
+                old = [k for k in dest.keys_under() if k not in keep and is_replaceable(k[len(dest.key) + 1 :], writes)]
+                delete_keys(dest, old)
     except BaseException:
         delete_keys(dest, [p.key for p in completed], best_effort=True)
         raise
@@ -107,19 +123,30 @@ def _same_store(location: str, store: S3Store) -> bool:
 # --------------------------------------------------------------------------- destination
 
 
-def check_s3_destination(dest: S3Path, sources: Iterable[Source], *, force: bool, as_folder: bool) -> None:
-    """The same refusals as a local destination: existing output without force, a
-    kind change, an output that is or contains a source, a bucket that is not there."""
+def check_s3_destination(
+    dest: S3Path, protect: Sources, *, force: bool, as_folder: bool, writes: Collection[str] = ()
+) -> None:
+    """The same refusals as a local destination, by bucket and key: an existing output
+    without force, a kind change, an output that is, lies inside or holds a source (file
+    or folder), a forced folder holding what shardkit did not write, a missing bucket."""
     if not as_folder and not dest.key:
         raise OutputError(f"{dest}: name the output object, e.g. {dest}/model.safetensors")
     if dest.store.call("head_bucket", str(dest), missing_ok=True, Bucket=dest.bucket) is None:
         raise OutputError(f"{dest}: bucket {dest.bucket} does not exist")
-    for header in sources:
-        source = storage.lookup(header.path)
-        if not (isinstance(source, S3Path) and source.store is dest.store and source.bucket == dest.bucket):
-            continue
-        if source.key == dest.key or (as_folder and (not dest.key or source.key.startswith(dest.key + "/"))):
+    folder = protect.folder if _in_bucket_of(protect.folder, dest) else None
+    files = [f for f in protect.files if _in_bucket_of(f, dest)]
+    if folder is not None and folder.key == dest.key:
+        raise OutputError(
+            f"{dest}: output is the source folder {folder}; it would overwrite the source; choose another path"
+        )
+    for source in files:
+        if source.key == dest.key:
             raise OutputError(f"{dest}: output would overwrite the source {source}; choose another path")
+    if folder is not None and _holds(folder.key, dest.key):
+        raise OutputError(f"{dest}: output lies inside the source folder {folder}; write it outside that folder")
+    for source in ([folder] if folder is not None else []) + files:
+        if as_folder and _holds(dest.key, source.key):
+            raise OutputError(f"{dest}: output would overwrite the source: it contains {source}; choose another path")
     is_file, is_dir = dest.is_file(), dest.is_dir()
     if not (is_file or is_dir):
         return
@@ -128,6 +155,17 @@ def check_s3_destination(dest: S3Path, sources: Iterable[Source], *, force: bool
     if as_folder != is_dir or (is_file and is_dir):
         kind = "a folder" if is_dir else "a file"
         raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
+    if as_folder:
+        refuse_unexpected(dest, unexpected_names((k[len(dest.key) + 1 :] for k in dest.keys_under()), writes))
+
+
+def _in_bucket_of(location: object, dest: S3Path) -> TypeGuard[S3Path]:
+    return isinstance(location, S3Path) and location.store is dest.store and location.bucket == dest.bucket
+
+
+def _holds(folder_key: str, key: str) -> bool:
+    """Whether the folder `folder_key` (the bucket itself when empty) holds `key`."""
+    return not folder_key or key.startswith(folder_key + "/")
 
 
 def staging_prefix(target: S3Path) -> str:

@@ -105,7 +105,8 @@ class Header:
     file_size: int
     metadata: Mapping[str, str] | None
     tensors: tuple[TensorInfo, ...]  # in data order
-    stat: tuple[int, int, int, int] | None = field(default=None, compare=False)
+    #: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) when read, to notice a change.
+    stat: tuple[int, int, int, int, int] | None = field(default=None, compare=False)
 
     @property
     def data_start(self) -> int:
@@ -159,7 +160,7 @@ def read_header(path: str | os.PathLike[str], *, strict: bool = False) -> Header
         header = parse_file(read_at, st.st_size, str(path), strict=strict)
     finally:
         os.close(fd)
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return Header(header.path, header.header_size, header.file_size, header.metadata, header.tensors, identity)
 
 

@@ -44,7 +44,7 @@ class Source:
     """A file the plan reads, and who it was when its header was read.
 
     `stat` is what :func:`shardkit.storage.source_changed` compares after the copy:
-    (device, inode, size, mtime_ns) for a local file, ("remote", ETag, size) for an
+    (device, inode, size, mtime_ns, ctime_ns) for a local file, ("remote", ETag, size) for an
     object; a plan run against a file that has changed since is discarded.
     """
 
@@ -57,8 +57,8 @@ class Source:
             return {"size": self.size}
         if self.stat[0] == "remote":
             return {"size": self.size, "etag": self.stat[1]}
-        device, inode, size, mtime_ns = self.stat
-        return {"size": size, "device": device, "inode": inode, "mtime_ns": mtime_ns}
+        device, inode, size, mtime_ns, ctime_ns = self.stat
+        return {"size": size, "device": device, "inode": inode, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns}
 
 
 @dataclass(frozen=True)

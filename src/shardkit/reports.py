@@ -131,6 +131,10 @@ class WriteReport(JsonReport):
     transfer: Transfer | None = None  # with an s3:// source or output
     plan: dict[str, object] | None = None  # with dry_run: the plan itself (Plan.to_dict)
     dtype: DtypeReport | None = None  # with a dtype conversion
+    #: `seconds` is the whole run; of it, writing (up to the staged output being
+    #: complete) and `--verify`'s comparison (None when not asked or a dry run).
+    copy_seconds: float | None = None
+    verify_seconds: float | None = None
 
     @property
     def throughput(self) -> float:

@@ -40,7 +40,15 @@ EndpointOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", "-f",
+        help="Replace an existing output: a file, or a folder holding only an earlier output (weight, index, "
+        "config, tokenizer and checksum files). Never a source or its folder; a folder holding anything else "
+        "(subfolders, other files) is refused, naming them.",
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 Sha256Opt = Annotated[
     bool, typer.Option("--sha256", help="Hash the output in the same pass; write a sha256sum -c file.")
@@ -60,7 +68,9 @@ AllowUnindexedOpt = Annotated[
 VerifyOpt = Annotated[
     bool,
     typer.Option(
-        "--verify", help="After writing, compare every tensor with the source; remove the output if any differs."
+        "--verify",
+        help="Before the output replaces anything, compare every tensor with the source; discard it if any "
+        "differs (an earlier output stays as it was).",
     ),
 ]
 DtypeOpt = Annotated[
@@ -89,17 +99,35 @@ KeepOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 
-def _interrupt_on_sigterm() -> None:
+#: Signals that end a run as Ctrl-C does: temporaries removed, one line, exit 130.
+#: SIGHUP is a closed terminal or a dropped ssh session, SIGQUIT is Ctrl-\; left at
+#: their defaults they would kill the run and leave a temporary up to the output's size.
+INTERRUPTING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+def _interrupt_on_signals() -> None:
+    """The first of these signals stops the run; later ones are ignored, so a second
+    Ctrl-C (or a supervisor's SIGTERM right after it) cannot cut the removal of the
+    temporaries short and leave one behind."""
+    stopping: list[int] = []
+
     def handler(signum: int, frame: object) -> None:
+        if stopping:
+            return
+        stopping.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    for name in INTERRUPTING_SIGNALS:
+        number = getattr(signal, name, None)
+        # A signal ignored on purpose (`nohup` ignores SIGHUP) stays ignored.
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, handler)
 
 
 def run(action: Callable[[], T], *, debug: bool = False) -> T:
     """Run an API call; turn every failure into one line on stderr and an exit code."""
     use_cli_spelling()
-    _interrupt_on_sigterm()
+    _interrupt_on_signals()
     try:
         return action()
     except ShardkitError as exc:
@@ -143,8 +171,18 @@ def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, in
 
     Yields an API progress callback `(advance, total)`; the bar appears on the first call.
     """
+    with progress_bars(enabled) as bars:
+        yield bars(description)
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[[str], Callable[[int, int], None] | None]]:
+    """Several byte progress bars in one display (writing, then verifying), on stderr
+    when it is a terminal. Yields `bar(description)`, which returns an API progress
+    callback `(advance, total)` (None when there is no terminal); each bar appears on
+    its callback's first call."""
     if not enabled or not stderr_is_tty():
-        yield None
+        yield lambda description: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -164,15 +202,19 @@ def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, in
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
-    ) as bar:
-        tasks: list[object] = []
+    ) as display:
 
-        def advance(step: int, total: int) -> None:
-            if not tasks:
-                tasks.append(bar.add_task(description, total=total))
-            bar.advance(tasks[0], step)  # type: ignore[arg-type]
+        def bar(description: str) -> Callable[[int, int], None]:
+            tasks: list[object] = []
 
-        yield advance
+            def advance(step: int, total: int) -> None:
+                if not tasks:
+                    tasks.append(display.add_task(description, total=total))
+                display.advance(tasks[0], step)  # type: ignore[arg-type]
+
+            return advance
+
+        yield bar
 
 
 def warn(messages: list[str], quiet: bool) -> None:

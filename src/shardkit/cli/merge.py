@@ -21,8 +21,8 @@ from .common import (
     SourceArg,
     StrictOpt,
     VerifyOpt,
-    byte_progress,
     chosen_output,
+    progress_bars,
     run,
     warn,
 )
@@ -72,12 +72,13 @@ def merge_command(
 
     output = chosen_output(output_arg, output, "merge")
 
-    with byte_progress("merging", enabled=not (quiet or json_output)) as progress:
+    with progress_bars(enabled=not (quiet or json_output)) as bar:
+        progress, verify_progress = bar("merging"), bar("verifying") if verify else None
         report = run(
             lambda: merge(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
                 allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
-                endpoint_url=endpoint_url, progress=progress,
+                endpoint_url=endpoint_url, progress=progress, verify_progress=verify_progress,
             ),
             debug=debug,
         )

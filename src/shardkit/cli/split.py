@@ -22,8 +22,8 @@ from .common import (
     SourceArg,
     StrictOpt,
     VerifyOpt,
-    byte_progress,
     chosen_output,
+    progress_bars,
     run,
     warn,
 )
@@ -91,12 +91,14 @@ def split_command(
 
     output = chosen_output(output_arg, output, "split")
 
-    with byte_progress("splitting", enabled=not (quiet or json_output)) as progress:
+    with progress_bars(enabled=not (quiet or json_output)) as bar:
+        progress, verify_progress = bar("splitting"), bar("verifying") if verify else None
         report = run(
             lambda: split(
                 source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
                 dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
                 dtype=dtype, keep=keep or (), endpoint_url=endpoint_url, progress=progress,
+                verify_progress=verify_progress,
             ),
             debug=debug,
         )

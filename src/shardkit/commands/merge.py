@@ -35,6 +35,7 @@ def merge(
     keep: Sequence[str] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
+    verify_progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Merge the checkpoint at `source` into `output`.
 
@@ -42,8 +43,9 @@ def merge(
     folder holding one weight file plus every non-weight file of the source folder
     (config, generation config, tokenizer, ...), and no index. Reads headers only,
     validates everything before writing, copies byte ranges, commits atomically.
-    With `verify`, the written file is compared tensor by tensor with the source
-    and removed if anything differs.
+    With `verify`, the staged file is compared tensor by tensor with the source
+    before it is committed, and discarded (an earlier output left as it was) if
+    anything differs.
 
     Either side may be remote (`s3://bucket/prefix/`, `http(s)://` for the source,
     `hf://org/name`); `endpoint_url` names an S3-compatible store. S3 to S3 in one store
@@ -59,12 +61,15 @@ def merge(
     an output folder of the same layout and gives a
     :class:`~shardkit.commands.pipeline_runs.PipelineReport`.
 
-    `force` replaces an existing output (never a source); `sha256` hashes the output in
+    `force` replaces an existing output: a file, or a folder holding only an earlier
+    output (weight, index, config, tokenizer and checksum files), never a source or
+    its folder; `sha256` hashes the output in
     the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
     and writes nothing; `strict` also refuses what the format forbids but the reference
     reader tolerates; `allow_unindexed` ignores weight files no index covers;
     `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
-    with the bytes just written.
+    with the bytes just written, `verify_progress(advance, total)` with the bytes
+    `verify` compared.
 
     Example::
 
@@ -93,7 +98,7 @@ def merge(
     with output_path.parents_created(destination, enabled=not dry_run):
         return merge_checkpoint(
             checkpoint, location, destination, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
-            progress=progress, dtypes=dtypes,
+            progress=progress, dtypes=dtypes, verify_progress=verify_progress,
         )
 
 
@@ -108,6 +113,7 @@ def merge_checkpoint(
     verify: bool,
     progress: ProgressCallback | None,
     dtypes: DtypeChoice | None = None,
+    verify_progress: ProgressCallback | None = None,
 ) -> MergeReport:
     """Merge an opened checkpoint into `output` (a file, or a folder unless it ends in .safetensors)."""
     as_folder = not output.name.endswith(".safetensors")
@@ -121,6 +127,7 @@ def merge_checkpoint(
         MergeReport, "merge", checkpoint, source, plan, output,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
         dtypes=dtypes,
+        verify_progress=verify_progress,
     )
     return report  # type: ignore[return-value]
 

@@ -44,6 +44,7 @@ def split(
     keep: Sequence[str] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
+    verify_progress: ProgressCallback | None = None,
 ) -> SplitReport:
     """Write the checkpoint at `source` into `output_dir` as shards of at most
     `max_shard_size` tensor-data bytes ("5GB" = 5·10⁹, "4GiB" = 4·2³⁰, or an int).
@@ -58,16 +59,19 @@ def split(
     :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
     `output_dir` may be a name template, as there. `prefix` names the shards
     (`diffusion_pytorch_model` for diffusers); a diffusers pipeline is split component
-    by component, each with its own prefix. With `verify`,
-    the written folder is compared tensor by tensor with the source and removed if
-    anything differs.
+    by component, each with its own prefix. With `verify`, the staged folder is
+    compared tensor by tensor with the source before it is committed, and discarded
+    (an earlier output left as it was) if anything differs.
 
-    `force` replaces an existing output (never a source); `sha256` hashes the output in
+    `force` replaces an existing output: a file, or a folder holding only an earlier
+    output (weight, index, config, tokenizer and checksum files), never a source or
+    its folder; `sha256` hashes the output in
     the same pass and writes a `sha256sum -c` file; `dry_run` returns the plan's report
     and writes nothing; `strict` also refuses what the format forbids but the reference
     reader tolerates; `allow_unindexed` ignores weight files no index covers;
     `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
-    with the bytes just written.
+    with the bytes just written, `verify_progress(advance, total)` with the bytes
+    `verify` compared.
 
     Example::
 
@@ -99,7 +103,7 @@ def split(
     with output_path.parents_created(destination, enabled=not dry_run):
         return split_checkpoint(
             checkpoint, location, destination, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
-            dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes,
+            dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes, verify_progress=verify_progress,
         )
 
 
@@ -117,6 +121,7 @@ def split_checkpoint(
     verify: bool = False,
     progress: ProgressCallback | None = None,
     dtypes: DtypeChoice | None = None,
+    verify_progress: ProgressCallback | None = None,
 ) -> SplitReport:
     """Split an opened checkpoint into `output_dir`. With `variant` (`fp16`), names are
     those transformers and diffusers give a variant: `{prefix}.fp16-00001-of-00002.safetensors`
@@ -135,6 +140,7 @@ def split_checkpoint(
         SplitReport, "split", checkpoint, source, plan, output_dir,
         as_folder=True, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
         dtypes=dtypes,
+        verify_progress=verify_progress,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
     assert isinstance(report, SplitReport)

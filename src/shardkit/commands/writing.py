@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
-from .. import atomic, storage
-from ..checkpoint import Checkpoint, companion_files, open_checkpoint
+from .. import storage
+from ..checkpoint import Checkpoint, companion_files, open_checkpoint, open_file
 from ..compare import compare_checkpoints
 from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, parse_config
+from ..destination import Sources, check_name_fits
 from ..dtype_cast import CastStats
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
@@ -37,10 +39,12 @@ def run_plan(
     progress: ProgressCallback | None,
     verify: bool = False,
     dtypes: DtypeChoice | None = None,
+    verify_progress: ProgressCallback | None = None,
 ) -> WriteReport:
-    """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the written
-    output with the source tensor by tensor and remove it if they differ. `dtypes` is
-    the conversion the plan was made with: its losses are reported, and `verify`
+    """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the staged
+    output with the source tensor by tensor before it is committed, and discard it if
+    they differ (an earlier output at `output` stays as it was). `dtypes` is the
+    conversion the plan was made with: its losses are reported, and `verify`
     recomputes it."""
     if verify and dtypes is not None and dtypes.fp8 is not None:
         raise BadInputError(
@@ -48,10 +52,13 @@ def run_plan(
             "run without --verify"
         )
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     traffic_before = storage.traffic()
     checksum_file: Location | None = None
     if sha256 and not as_folder:
         checksum_file = output.with_name(output.name + ".sha256")
+        if isinstance(checksum_file, Path) and not dry_run:
+            check_name_fits(checksum_file, "checksum file (--sha256)")
         if checksum_file.exists() and not force and not dry_run:
             raise OutputExistsError(checksum_file)
     log = CastLog()
@@ -61,14 +68,25 @@ def run_plan(
     else:
         total = plan.total_bytes
         on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
-        written = execute(plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes, log=log)
+        cast = dtypes.dtypes if dtypes is not None else None
+        local_verify = verify and not storage.is_remote(output)
+        copy_started = time.perf_counter()
+        written = execute(
+            plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes, log=log,
+            protect=protected_sources(checkpoint, source),
+            before_commit=_staged_verifier(checkpoint, output, as_folder, cast, verify_progress, timings,
+                                           copy_started) if local_verify else None,
+        )
+        timings.setdefault("copy", time.perf_counter() - copy_started)
         files = [
             OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
         ]
-        if verify:
-            verify_written(checkpoint, output, dtypes.dtypes if dtypes is not None else None)
+        if verify and not local_verify:  # an S3 output exists only once complete: verified, then removed if wrong
+            verify_started = time.perf_counter()
+            verify_written(checkpoint, output, cast, verify_progress)
+            timings["verify"] = time.perf_counter() - verify_started
         if checksum_file is not None:
-            write_checksum_beside(output, written[0])
+            write_checksum_beside(output, written[0], force=force)
         elif sha256:
             from ..execute import checksum_file_name
 
@@ -97,7 +115,61 @@ def run_plan(
         transfer=_transfer(traffic_before, plan, output) if not dry_run else None,
         plan=plan.to_dict() if dry_run else None,
         dtype=converted,
+        copy_seconds=_rounded(timings.get("copy")),
+        verify_seconds=_rounded(timings.get("verify")),
     )
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 6) if seconds is not None else None
+
+
+def protected_sources(checkpoint: Checkpoint, source: Location) -> Sources:
+    """The index and the source folder: never overwritten, written into or replaced.
+
+    A folder (or an index) given as the source makes its folder a source folder; a
+    single file does not (its neighbours are not part of it), though the companion
+    files copied from beside it are protected one by one by the executor.
+    """
+    index = (checkpoint.index_path,) if checkpoint.index_path is not None else ()
+    is_folder = checkpoint.index_path is not None or checkpoint.root == source
+    return Sources(index, checkpoint.root if is_folder else None)
+
+
+def _staged_verifier(
+    checkpoint: Checkpoint,
+    output: Location,
+    as_folder: bool,
+    converted: Mapping[str, str] | None,
+    progress: ProgressCallback | None,
+    timings: dict[str, float],
+    copy_started: float,
+) -> Callable[[Path], None]:
+    """Verification of the staged output, run by the executor before the commit."""
+
+    def verify_staged(staged: Path) -> None:
+        verify_started = time.perf_counter()
+        timings["copy"] = verify_started - copy_started
+        written = open_checkpoint(staged) if as_folder else open_file(staged)
+        comparison = compare_checkpoints(
+            checkpoint, written, converted=converted, on_bytes=_on_bytes(progress, checkpoint.total_bytes)
+        )
+        timings["verify"] = time.perf_counter() - verify_started
+        if not comparison.identical:
+            raise VerificationError(
+                f"{output}: verification failed, nothing was committed (an earlier output there is left as it "
+                f"was): {_problems(comparison.problems())}"
+            )
+
+    return verify_staged
+
+
+def _on_bytes(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:
+    return (lambda advance: progress(advance, total)) if progress is not None else None
+
+
+def _problems(problems: list[str]) -> str:
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
@@ -136,20 +208,22 @@ def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoi
     return copies
 
 
-def verify_written(source: Checkpoint, output: Location, converted: Mapping[str, str] | None = None) -> None:
-    """Prove the output holds the source's tensors, byte for byte (or, for `converted`
-    tensors, their conversion, recomputed); else remove it."""
-    comparison = compare_checkpoints(source, open_checkpoint(output), converted=converted)
+def verify_written(
+    source: Checkpoint,
+    output: Location,
+    converted: Mapping[str, str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Prove a committed S3 output holds the source's tensors, byte for byte (or, for
+    `converted` tensors, their conversion, recomputed); else remove it."""
+    comparison = compare_checkpoints(
+        source, open_checkpoint(output), converted=converted, on_bytes=_on_bytes(progress, source.total_bytes)
+    )
     if not comparison.identical:
-        if storage.is_remote(output):
-            from ..execute_s3 import remove
+        from ..execute_s3 import remove
 
-            remove(output)  # type: ignore[arg-type]
-        else:
-            atomic.remove(output)
-        problems = comparison.problems()
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise VerificationError(f"{output}: verification failed, output removed: {problems[0]}{more}")
+        remove(output)  # type: ignore[arg-type]
+        raise VerificationError(f"{output}: verification failed, output removed: {_problems(comparison.problems())}")
 
 
 def dtype_report(

@@ -176,7 +176,10 @@ def source_changed(header: Header | SeenFile) -> str | None:
             st = os.stat(location)
         except OSError as exc:
             return f"source disappeared during the copy ({exc.strerror})"
-        if header.stat is not None and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != header.stat:
-            return "source changed (size or modification time) during the copy; output discarded"
+        # The change time too: `rsync --inplace -t` rewrites bytes and restores the
+        # modification time, but no one can set st_ctime back.
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if header.stat is not None and now != header.stat:
+            return "source changed (size, modification or change time) during the copy; output discarded"
         return None
     return location.changed_since(header)
