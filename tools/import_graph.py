@@ -59,6 +59,7 @@ PLACED = {
     "block_writer": "engine",
     "byte_copy": "engine",
     "atomic": "engine",
+    "destination": "engine",
     "hashing": "engine",
     "compare": "checks",
     "manifest": "checks",

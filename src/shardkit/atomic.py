@@ -220,22 +220,18 @@ def commit(
     if not replace:
         _commit_new(staged, dest)
     elif staged.is_dir() and dest.is_dir() and not dest.is_symlink():
-        if _rename_exchange(staged, dest):
-            old, undo = staged, lambda: _rename_exchange(staged, dest)
-        else:
-            old = temp_name(dest)
+        exchanged = _rename_exchange(staged, dest)
+        old = staged if exchanged else temp_name(dest)
+        if not exchanged:
             os.rename(dest, old)
             os.rename(staged, dest)
-
-            def undo() -> None:
-                os.rename(dest, staged)
-                os.rename(old, dest)
-
         try:
             if check_old is not None:
                 check_old(old)
         except BaseException:
-            undo()
+            if not (exchanged and _rename_exchange(staged, dest)):
+                os.rename(dest, staged)
+                os.rename(old, dest)
             raise
         remove(old)
     else:

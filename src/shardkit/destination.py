@@ -60,15 +60,11 @@ class Sources:
     folder: Location | None = None
     _ids: dict[str, Identity | None] = field(default_factory=dict, compare=False, repr=False)
 
-    def local(self) -> Sources:
-        """Only the local files and folder, which are compared by identity."""
-        from .storage import is_remote
-
-        folder = self.folder if self.folder is not None and not is_remote(self.folder) else None
-        return Sources(tuple(f for f in self.files if not is_remote(f)), folder)
-
-    def identity(self, path: Path) -> Identity | None:
-        """(st_dev, st_ino) of what `path` names, following symlinks; None if it is not there."""
+    def identity(self, path: Location) -> Identity | None:
+        """(st_dev, st_ino) of what the local `path` names, following symlinks; None if it
+        is not there (or is remote)."""
+        if not isinstance(path, Path):
+            return None
         key = os.fspath(path)
         if key not in self._ids:
             try:
@@ -79,9 +75,12 @@ class Sources:
                 self._ids[key] = (st.st_dev, st.st_ino)
         return self._ids[key]
 
-    def folders_above(self, path: Path) -> set[Identity]:
-        """Identities of every folder holding `path`, by its own path and by its resolved one."""
-        found = set()
+    def folders_above(self, path: Location) -> set[Identity]:
+        """Identities of every folder holding the local `path`, by its own path and by its
+        resolved one."""
+        found: set[Identity] = set()
+        if not isinstance(path, Path):
+            return found
         for folder in _ancestors(path):
             ident = self.identity(folder)
             if ident is not None:
@@ -128,7 +127,6 @@ def check_name_fits(path: Path, what: str = "output") -> None:
 
 def check_not_a_source(dest: Path, sources: Sources) -> None:
     """The output is no source file or folder, is not inside the source folder, and holds none."""
-    sources = sources.local()
     folder_id = sources.identity(sources.folder) if sources.folder is not None else None
     dest_id = sources.identity(dest)
     if dest_id is not None:
@@ -145,7 +143,7 @@ def check_not_a_source(dest: Path, sources: Sources) -> None:
             f"{dest}: output lies inside the source folder {sources.folder}; write it outside that folder"
         )
     if dest_id is not None and dest.is_dir():
-        protected: Iterable[Path] = (*((sources.folder,) if sources.folder is not None else ()), *sources.files)
+        protected: Iterable[Location] = (*((sources.folder,) if sources.folder is not None else ()), *sources.files)
         for source in protected:
             if dest_id in sources.folders_above(source):
                 raise OutputError(
@@ -224,7 +222,7 @@ def is_replaceable(relative: str, writes: Collection[str]) -> bool:
 
 def written_folders(writes: Collection[str]) -> set[str]:
     """The subfolders (relative) that the names a run writes live in."""
-    folders = set()
+    folders: set[str] = set()
     for name in writes:
         parts = name.split("/")[:-1]
         folders.update("/".join(parts[: end + 1]) for end in range(len(parts)))
