@@ -406,42 +406,31 @@ def test_clean_keeps_the_temporary_of_a_running_writer(big: Big, tmp_path: Path)
 # ----------------------------------------------------------------- Ctrl-C, SIGTERM, SIGHUP, SIGQUIT
 
 
-@pytest.mark.parametrize(("command", "sig"), [
-    ("merge", signal.SIGINT), ("merge", signal.SIGTERM), ("split", signal.SIGINT),
+INT, TERM, HUP, QUIT = signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
+
+
+@pytest.mark.parametrize(("command", "signals"), [
+    ("merge", [INT]), ("merge", [TERM]), ("split", [INT]),
     # a closed terminal or a dropped ssh session, and Ctrl-\: killed the run and left its temporary
-    ("merge", signal.SIGHUP), ("split", signal.SIGHUP), ("merge", signal.SIGQUIT), ("split", signal.SIGQUIT),
-])
-def test_interrupt_removes_temporaries_and_exits_130(big: Big, tmp_path: Path, command: str, sig: int) -> None:
+    ("merge", [HUP]), ("split", [HUP]), ("merge", [QUIT]), ("split", [QUIT]),
+    # Ctrl-C pressed twice, or a supervisor's SIGTERM right after it: pending together, the later
+    # ones arrived while the temporary was being removed and left it behind
+    ("merge", [INT, TERM, HUP]), ("split", [INT, TERM, HUP]),
+], ids=lambda v: v if isinstance(v, str) else "+".join(signal.Signals(s).name for s in v))
+def test_interrupt_removes_temporaries_and_exits_130(big: Big, tmp_path: Path, command: str, signals) -> None:
     dest = tmp_path / ("merged.safetensors" if command == "merge" else "split")
     process = start_cli(command, big.source, "-o", dest)
     # frozen while its temporary exists, so the signal lands mid-copy on any machine
     assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
     os.kill(process.pid, signal.SIGSTOP)
-    os.kill(process.pid, sig)
-    os.kill(process.pid, signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert stderr == "shardkit: error: interrupted; temporary files removed\n"
-    assert stdout == ""
-    assert not dest.exists()
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("command", ["merge", "split"])
-def test_a_second_signal_does_not_interrupt_the_cleanup(big: Big, tmp_path: Path, command: str) -> None:
-    """Ctrl-C pressed twice, or SIGTERM from a supervisor right after it: the second
-    signal arrives while the temporaries are being removed and must not stop that."""
-    dest = tmp_path / ("merged.safetensors" if command == "merge" else "split")
-    process = start_cli(command, big.source, "-o", dest)
-    assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
-    os.kill(process.pid, signal.SIGSTOP)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # pending together, handled one after another
+    for sig in signals:
         os.kill(process.pid, sig)
     os.kill(process.pid, signal.SIGCONT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert stderr == "shardkit: error: interrupted; temporary files removed\n"
     assert stdout == ""
+    assert not dest.exists()
     assert list(tmp_path.iterdir()) == []
 
 
