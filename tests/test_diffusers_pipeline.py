@@ -306,8 +306,15 @@ def test_existing_output_needs_force(pipe: Path, tmp_path: Path) -> None:
     result = run_cli("merge", pipe, "-o", out)
     assert_clean_failure(result, 2, "already exists; pass --force to replace it")
     assert _files(out) == ["keep.txt"] and temporaries(tmp_path) == []
-    assert run_cli("merge", pipe, "-o", out, "--force").exit_code == 0
-    assert "keep.txt" not in _files(out) and "unet/diffusion_pytorch_model.safetensors" in _files(out)
+    # --force replaces only an earlier output: the user's own file is named and kept
+    result = run_cli("merge", pipe, "-o", out, "--force")
+    assert_clean_failure(result, 2, "--force replaces only an earlier output")
+    assert "the folder also holds keep.txt; move those away" in result.stderr
+    assert _files(out) == ["keep.txt"] and temporaries(tmp_path) == []
+    (out / "keep.txt").unlink()
+    assert run_cli("merge", pipe, "-o", out).exit_code == 0
+    assert run_cli("merge", pipe, "-o", out, "--force").exit_code == 0  # an earlier output: replaced
+    assert "unet/diffusion_pytorch_model.safetensors" in _files(out)
 
 
 def test_output_inside_the_pipeline_is_refused(pipe: Path, tmp_path: Path) -> None:

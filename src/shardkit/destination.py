@@ -204,19 +204,20 @@ def unexpected_names(names: Iterable[str], writes: Collection[str]) -> list[str]
 
 
 def is_replaceable(relative: str, writes: Collection[str]) -> bool:
-    """Whether the file `relative` (inside an old output folder) is something shardkit
-    writes: a name this run writes, or, at the top, a weight, index, checksum or usual
-    companion file."""
+    """Whether the file `relative` (inside an old output folder, at its top or in a
+    subfolder this run writes, such as a pipeline's `unet/`) is something shardkit
+    writes: a name this run writes, or a weight, index, checksum or usual companion file."""
     if relative in writes:
         return True
-    if "/" in relative or relative.startswith("."):
+    if any(part.startswith(".") for part in relative.split("/")):
         return False
+    name = relative.rsplit("/", 1)[-1]
     return (
-        relative.endswith(".safetensors")
-        or (".safetensors.index" in relative and relative.endswith(".json"))
-        or relative == "SHA256SUMS"
-        or relative.endswith(".sha256")
-        or relative in COMPANION_NAMES
+        name.endswith(".safetensors")
+        or (".safetensors.index" in name and name.endswith(".json"))
+        or name == "SHA256SUMS"
+        or name.endswith(".sha256")
+        or name in COMPANION_NAMES
     )
 
 

@@ -35,7 +35,7 @@ from typing import TypeGuard
 
 from . import storage
 from .atomic import TEMP_MARK
-from .destination import Sources, is_replaceable, refuse_unexpected, unexpected_names
+from .destination import Sources, refuse_unexpected, unexpected_names
 from .errors import OutputError, OutputExistsError
 from .execute import (
     RangeSources,
@@ -102,7 +102,8 @@ def execute_s3(
             completed += _write_extras(plan, dest, written)
             if force:  # what the old output held beside the new files; anything else stays
                 keep = {p.key for p in completed}
-                old = [k for k in dest.keys_under() if k not in keep and is_replaceable(k[len(dest.key) + 1 :], writes)]
+                earlier = [k for k in dest.keys_under() if k not in keep]
+                old = [k for k in earlier if not unexpected_names([k[len(dest.key) + 1 :]], writes)]
                 delete_keys(dest, old)
     except BaseException:
         delete_keys(dest, [p.key for p in completed], best_effort=True)

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 from .. import atomic, output_path, storage
 from ..checkpoint import open_weight_set
-from ..errors import BadInputError, OutputError, ShardkitError
-from ..execute import check_destination
+from ..destination import Sources, check_destination
+from ..errors import BadInputError, OutputError, OutputExistsError, ShardkitError
 from ..manifest import format_file_manifest
 from ..pipeline import Pipeline, find_pipeline
 from ..reports import JsonReport, WriteReport
@@ -129,10 +129,13 @@ def write_pipeline(
         )
     total = sum(c.total_bytes for _, c in opened)
     on_bytes = (lambda step, _total: progress(step, total)) if progress is not None else None
-    sources = [Path(h.path) for _, c in opened for h in c.shards]
+    read = [storage.lookup(h.path) for _, c in opened for h in c.shards]
+    read += [c.index_path for _, c in opened if c.index_path is not None] + [p for p, _ in pipeline.copies]
+    # what --force may replace: an earlier output's component folders and copied files
+    writes = {name for _, name in pipeline.copies} | {f"{s.component}/" for s, _ in opened} | {CHECKSUM_FILE}
     with output_path.parents_created(dest, enabled=not dry_run):
         if not dry_run:
-            check_destination(dest, sources, force=force, as_folder=True)
+            check_destination(dest, Sources(tuple(read), pipeline.root), force=force, as_folder=True, writes=writes)
             atomic.clean(dest.parent, dest.name)
         staged = dest if dry_run else atomic.temp_name(dest)
         try:
@@ -152,7 +155,10 @@ def write_pipeline(
                     checksum_file = dest / CHECKSUM_FILE
                     _write_checksums(staged, [r for _, r in written])
                 atomic.fsync_path(staged)
-                atomic.commit(staged, dest, replace=force)
+                try:
+                    atomic.commit(staged, dest, replace=force)
+                except FileExistsError:  # another run wrote it meanwhile
+                    raise OutputExistsError(dest) from None
         except BaseException:
             if not dry_run:
                 atomic.remove(staged)
