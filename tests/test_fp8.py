@@ -264,3 +264,82 @@ def test_the_e4m3_table_is_torchs_widening() -> None:
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     table = torch.from_numpy(e4m3_table().copy())
     assert same_bits(table, every)
+
+
+def compressed_fp8(folder: Path, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An llm-compressor-style FP8 checkpoint: per-channel and per-tensor `weight_scale`
+    in `scale_dtype`, a static `input_scale`, quant_method compressed-tensors."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(11)
+
+    def codes(rows: int, columns: int) -> torch.Tensor:
+        return torch.randint(0, 256, (rows, columns), dtype=torch.uint8, generator=generator).view(torch.float8_e4m3fn)
+
+    tensors = {
+        "model.layers.0.mlp.down_proj.weight": codes(200, 130),
+        "model.layers.0.mlp.down_proj.weight_scale": (torch.rand(200, 1, generator=generator) * 0.01).to(scale_dtype),
+        "model.layers.0.self_attn.o_proj.weight": codes(130, 200),
+        "model.layers.0.self_attn.o_proj.weight_scale": torch.tensor([0.0371]).to(scale_dtype),
+        "model.layers.0.self_attn.o_proj.input_scale": torch.tensor([0.5]).to(scale_dtype),
+        "model.norm.weight": torch.randn(130).to(torch.bfloat16),
+    }
+    save_file(tensors, folder / "model.safetensors")
+    config = {"torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+                                                                         "strategy": "channel", "symmetric": True}}},
+    }}
+    (folder / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_compressed_tensors_fp8_is_that_packages_dequantisation(
+    tmp_path: Path, scale_dtype: torch.dtype, dtype: str
+) -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    source = tmp_path / "ct"
+    tensors = compressed_fp8(source, scale_dtype)
+    result = run_cli("merge", source, "-o", tmp_path / "out", "--dtype", dtype)
+    assert result.exit_code == 0, result.stderr
+    written = read_all(tmp_path / "out")
+    assert sorted(written) == [
+        "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight", "model.norm.weight",
+    ]
+    for layer, strategy in (("mlp.down_proj", "channel"), ("self_attn.o_proj", "tensor")):
+        name = f"model.layers.0.{layer}.weight"
+        args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+        expected = dequantize(tensors[name], tensors[name + "_scale"], None, args).to(TORCH[dtype])
+        assert same_bits(written[name], expected), name
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_compressed_tensors_block_scales_follow_the_block_structure(tmp_path: Path) -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    source = tmp_path / "ct"
+    source.mkdir()
+    weight, scales = fp8_weight(200, 130, 5)
+    save_file({"w.weight": weight, "w.weight_scale": scales.to(torch.bfloat16)}, source / "model.safetensors")
+    weights = {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}
+    (source / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "compressed-tensors", "config_groups": {"g": {"weights": weights}}}}))
+    assert run_cli("merge", source, "-o", tmp_path / "o.safetensors", "--dtype", "bf16").exit_code == 0
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128])
+    expected = dequantize(weight, scales.to(torch.bfloat16), None, args).to(torch.bfloat16)
+    assert same_bits(read_all(tmp_path / "o.safetensors")["w.weight"], expected)
+
+
+def test_a_compressed_tensors_scale_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "ct"
+    source.mkdir()
+    weight, _ = fp8_weight(200, 130, 5)
+    save_file({"w.weight": weight, "w.weight_scale": torch.ones(130, 1)}, source / "model.safetensors")
+    before = snapshot(tmp_path)
+    result = run_cli("merge", source, "-o", tmp_path / "o.safetensors", "--dtype", "bf16")
+    assert_clean_failure(result, 2, "weight 'w.weight' and its scale 'w.weight_scale': the scale has shape [130, 1]")
+    assert snapshot(tmp_path) == before and temporaries(tmp_path) == []

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .checkpoint import Checkpoint, SourceTensor
 from .errors import BadInputError
 from .fp8_layout import Fp8Layout, find_layout
+from .plan import ScaleOf
 
 #: config.json spells dtypes as torch does.
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -34,8 +35,8 @@ class DtypeChoice:
     fp8: Fp8Layout | None = None  # the FP8 weights dequantised (their scales are not written)
 
     @property
-    def scales(self) -> dict[str, tuple[SourceTensor, tuple[int, int]]] | None:
-        return self.fp8.pairs() if self.fp8 is not None else None
+    def scales(self) -> Mapping[str, ScaleOf] | None:
+        return self.fp8.weights if self.fp8 is not None else None
 
     def __call__(self, tensor: SourceTensor) -> str:
         return self.dtypes[tensor.name]
@@ -72,7 +73,7 @@ def choose_dtypes(
         dtypes[name] = source
         if name in scale_names:
             continue
-        if fp8 is not None and name in fp8.scales:
+        if fp8 is not None and name in fp8.weights:
             dtypes[name] = target
         elif not dtype_cast.is_convertible(source):
             not_float.append(name)

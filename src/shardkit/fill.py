@@ -108,7 +108,7 @@ def _dequantiser(step: Transform, read: Read) -> Produce:
     float32 products cast to the output dtype as any float32 tensor is."""
     import numpy as np
 
-    from .fp8 import dequantise_into
+    from .fp8 import dequantise_into, widen
 
     scales = step.scales
     assert scales is not None
@@ -119,14 +119,20 @@ def _dequantiser(step: Transform, read: Read) -> Produce:
         source, offset, length = step.scale_span(element, element + count - 1)
         grid = bytearray(length)
         read(source, offset, memoryview(grid))
-        rows = np.frombuffer(grid, "<f4").reshape(-1, scales.grid[1])
+        rows = widen(grid, scales.dtype).reshape(-1, scales.grid[1])
         products = _products_buffer()[: count * 4]
         first_band = element // scales.columns // scales.block[0]
         dequantise_into(
             np.frombuffer(codes, np.uint8), element, scales.columns, scales.block, rows, first_band,
             np.frombuffer(products, np.float32),
         )
-        return cast_into(products, "F32", step.dst_dtype, out)
+        if scales.product_dtype == "F32":
+            return cast_into(products, "F32", step.dst_dtype, out)
+        # compressed-tensors multiplies in the scale's dtype: torch rounds the (exact)
+        # float32 product to it, and only then is the result cast to the output's dtype
+        rounded = memoryview(bytearray(count * DTYPES[scales.product_dtype].bits // 8))
+        cast_into(products, "F32", scales.product_dtype, rounded)
+        return cast_into(rounded, scales.product_dtype, step.dst_dtype, out)
 
     return produce
 

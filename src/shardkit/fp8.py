@@ -43,6 +43,19 @@ def e4m3_table() -> Any:
         return _table
 
 
+def widen(data: Any, dtype: str) -> Any:
+    """Scale bytes (F32, BF16 or F16) as float32 values, exactly."""
+    import numpy as np
+
+    if dtype == "F32":
+        return np.frombuffer(data, "<f4")
+    if dtype == "BF16":
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return np.frombuffer(data, "<f2").astype(np.float32)
+    raise ValueError(f"scales of dtype {dtype} are not supported")
+
+
 def dequantise_into(
     codes: Any, first: int, columns: int, block: tuple[int, int], scales: Any, first_block_row: int, out: Any
 ) -> None:

@@ -34,9 +34,25 @@ from .format import (
 
 #: A tensor's dtype in the output: its source dtype unless the run converts it.
 DtypeFor = Callable[[SourceTensor], str]
-#: The FP8 weights a run dequantises: weight name -> (its scale tensor, block shape).
-#: The scale tensors themselves are not written.
-ScalesFor = Mapping[str, "tuple[SourceTensor, tuple[int, int]]"]
+#: The FP8 weights a run dequantises: weight name -> how. The scale tensors (and what
+#: goes with them) are not written.
+ScalesFor = Mapping[str, "ScaleOf"]
+
+
+@dataclass(frozen=True)
+class ScaleOf:
+    """How one FP8 weight is dequantised: by `scale`'s grid, one scale per `block`,
+    the float32 products rounded to `product_dtype` before the output's dtype."""
+
+    scale: SourceTensor
+    block: tuple[int, int]
+    product_dtype: str = "F32"
+    also_dropped: tuple[str, ...] = ()  # e.g. the activation's input_scale: nothing to apply it to after
+
+
+def not_written(scales: ScalesFor) -> set[str]:
+    """The tensors a dequantisation leaves out: the scales and what goes with them."""
+    return {name for of in scales.values() for name in (of.scale.name, *of.also_dropped)}
 
 
 @dataclass(frozen=True)
@@ -97,10 +113,12 @@ class Scales:
     grid: tuple[int, int]
     block: tuple[int, int]
     columns: int
+    dtype: str = "F32"  # of the scales (compressed-tensors stores them in the model's dtype)
+    product_dtype: str = "F32"  # the products are rounded to this before the output's dtype
 
     def band_span(self, first_band: int, last_band: int) -> tuple[str, int, int]:
         """(source, offset, length) of the scale rows of block rows first..last."""
-        row = self.grid[1] * 4
+        row = self.grid[1] * (DTYPES[self.dtype].bits // 8)
         return self.source, self.source_offset + first_band * row, (last_band - first_band + 1) * row
 
 
@@ -320,7 +338,7 @@ def plan_file(
     copies coalesced) or, where `dtype_for` changes its dtype, as a transform; a weight
     in `scales` is dequantised by its scale tensor, which is left out."""
     scales = scales or {}
-    dropped = {scale.name for scale, _ in scales.values()}
+    dropped = not_written(scales)
     by_name = {t.name: t for t in tensors if t.name not in dropped}
     dtypes = {n: (dtype_for(t) if dtype_for is not None else t.info.dtype) for n, t in by_name.items()}
     specs = (
@@ -356,13 +374,15 @@ def plan_file(
     return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
 
 
-def _scales(weight: SourceTensor, pair: tuple[SourceTensor, tuple[int, int]] | None) -> Scales | None:
-    if pair is None:
+def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:
+    if of is None:
         return None
-    scale, block = pair
-    grid = (scale.info.shape + (1, 1))[:2] if len(scale.info.shape) < 2 else scale.info.shape
+    scale = of.scale
+    rows, columns = weight.info.shape[-2:]
+    grid = (-(-rows // of.block[0]), -(-columns // of.block[1]))
     return Scales(
-        scale.shard.path, scale.offset, scale.info.nbytes, scale.name, (grid[0], grid[1]), block, weight.info.shape[-1]
+        scale.shard.path, scale.offset, scale.info.nbytes, scale.name, grid, of.block, columns,
+        scale.info.dtype, of.product_dtype,
     )
 
 
@@ -485,7 +505,7 @@ def plan_split(
     `save_pretrained` of the converted model would.
     """
     metadata, warnings = merged_metadata(checkpoint)
-    dropped = {scale.name for scale, _ in (scales or {}).values()}
+    dropped = not_written(scales or {})
     order = sorted(
         (t for t in checkpoint.tensors.values() if t.name not in dropped), key=lambda t: natural_key(t.name)
     )
