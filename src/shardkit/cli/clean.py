@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, DryRunOpt, JsonOpt, QuietOpt, run
+from .common import DebugOpt, DryRunOpt, JsonOpt, QuietOpt
+from .output import Output
+from .render import print_clean_report
 
 FolderArg = Annotated[
     Path, typer.Argument(help="The folder an interrupted merge or split was writing into.", show_default=False)
@@ -32,18 +34,6 @@ def clean_command(
     """
     from ..commands.clean import clean
 
-    report = run(lambda: clean(folder, dry_run=dry_run), debug=debug)
-    if json_output:
-        print(report.to_json())
-        return
-    if quiet:
-        return
-    from ..sizes import format_size
-
-    verb = "would remove" if dry_run else "removed"
-    for name in report.removed:
-        print(f"{verb} {folder / name}")
-    for name in report.in_use:
-        print(f"kept {folder / name}: its writer is still running")
-    print(f"clean: {verb} {len(report.removed)} temporary entr{'y' if len(report.removed) == 1 else 'ies'} "
-          f"({format_size(report.bytes)}) from {folder}")
+    out = Output(json=json_output, quiet=quiet, debug=debug)
+    report = out.run(lambda: clean(folder, dry_run=dry_run))
+    out.result(report, print_clean_report)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, ShardkitError, use_cli_spelling
+from ..errors import EXIT_BAD_INPUT
+from .output import Output, fail, progress_bars
 
 T = TypeVar("T")
 
@@ -99,122 +98,26 @@ KeepOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 
-#: Signals that end a run as Ctrl-C does: temporaries removed, one line, exit 130.
-#: SIGHUP is a closed terminal or a dropped ssh session, SIGQUIT is Ctrl-\; left at
-#: their defaults they would kill the run and leave a temporary up to the output's size.
-INTERRUPTING_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
-
-
-def _interrupt_on_signals() -> None:
-    """The first of these signals stops the run; later ones are ignored, so a second
-    Ctrl-C (or a supervisor's SIGTERM right after it) cannot cut the removal of the
-    temporaries short and leave one behind."""
-    stopping: list[int] = []
-
-    def handler(signum: int, frame: object) -> None:
-        if stopping:
-            return
-        stopping.append(signum)
-        raise KeyboardInterrupt
-
-    for name in INTERRUPTING_SIGNALS:
-        number = getattr(signal, name, None)
-        # A signal ignored on purpose (`nohup` ignores SIGHUP) stays ignored.
-        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
-            signal.signal(number, handler)
-
-
 def run(action: Callable[[], T], *, debug: bool = False) -> T:
-    """Run an API call; turn every failure into one line on stderr and an exit code."""
-    use_cli_spelling()
-    _interrupt_on_signals()
-    try:
-        return action()
-    except ShardkitError as exc:
-        _fail(str(exc), exc.exit_code, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted; temporary files removed", EXIT_INTERRUPTED, debug)
-    except FileNotFoundError as exc:
-        _fail(f"{exc.filename}: {exc.strerror}", EXIT_BAD_INPUT, debug)
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        _fail(f"{where}{exc.strerror or exc}", EXIT_FAILURE, debug)
-    raise AssertionError("unreachable")
-
-
-def _fail(message: str, code: int, debug: bool) -> NoReturn:
-    if debug:
-        import traceback
-
-        traceback.print_exc()
-    print(f"shardkit: error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+    """`Output.run` for the commands not yet written as one `Output` call."""
+    return Output(debug=debug).run(action)
 
 
 def chosen_output(positional: str | None, option: str | None, command: str) -> str:
     """The output given either as the second argument or with -o; a one-line error otherwise."""
     if positional is not None and option is not None and positional != option:
-        _fail(f"two outputs given ({positional!r} and -o {option!r}); give one", EXIT_BAD_INPUT, False)
+        fail(f"two outputs given ({positional!r} and -o {option!r}); give one", EXIT_BAD_INPUT)
     output = positional if positional is not None else option
     if output is None:
-        _fail(f"no output given: shardkit {command} SOURCE -o OUTPUT (or SOURCE OUTPUT)", EXIT_BAD_INPUT, False)
+        fail(f"no output given: shardkit {command} SOURCE -o OUTPUT (or SOURCE OUTPUT)", EXIT_BAD_INPUT)
     return output
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
 
 
 @contextmanager
 def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar (bytes, speed, ETA) on stderr when it is a terminal.
-
-    Yields an API progress callback `(advance, total)`; the bar appears on the first call.
-    """
+    """One bar of :func:`~shardkit.cli.output.progress_bars`."""
     with progress_bars(enabled) as bars:
         yield bars(description)
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[Callable[[str], Callable[[int, int], None] | None]]:
-    """Several byte progress bars in one display (writing, then verifying), on stderr
-    when it is a terminal. Yields `bar(description)`, which returns an API progress
-    callback `(advance, total)` (None when there is no terminal); each bar appears on
-    its callback's first call."""
-    if not enabled or not stderr_is_tty():
-        yield lambda description: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as display:
-
-        def bar(description: str) -> Callable[[int, int], None]:
-            tasks: list[object] = []
-
-            def advance(step: int, total: int) -> None:
-                if not tasks:
-                    tasks.append(display.add_task(description, total=total))
-                display.advance(tasks[0], step)  # type: ignore[arg-type]
-
-            return advance
-
-        yield bar
 
 
 def warn(messages: list[str], quiet: bool) -> None:

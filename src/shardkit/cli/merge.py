@@ -22,11 +22,9 @@ from .common import (
     StrictOpt,
     VerifyOpt,
     chosen_output,
-    progress_bars,
-    run,
-    warn,
 )
-from .render import print_write_report
+from .output import Output
+from .render_pipeline import print_written
 
 OutputOpt = Annotated[
     str | None,
@@ -72,26 +70,12 @@ def merge_command(
 
     output = chosen_output(output_arg, output, "merge")
 
-    with progress_bars(enabled=not (quiet or json_output)) as bar:
-        progress, verify_progress = bar("merging"), bar("verifying") if verify else None
-        report = run(
-            lambda: merge(
-                source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-                allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
-                endpoint_url=endpoint_url, progress=progress, verify_progress=verify_progress,
-            ),
-            debug=debug,
+    out = Output(json=json_output, quiet=quiet, debug=debug)
+    report = out.call(
+        lambda bar: merge(
+            source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
+            allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
+            endpoint_url=endpoint_url, progress=bar("merging"), verify_progress=bar("verifying") if verify else None,
         )
-    if json_output:
-        print(report.to_json())
-        return
-    from .render_pipeline import is_pipeline_report, print_pipeline_report
-
-    if is_pipeline_report(report):
-        warn(report.warnings, quiet)
-        if not quiet:
-            print_pipeline_report(report)
-        return
-    warn(report.warnings, quiet)
-    if not quiet:
-        print_write_report(report)
+    )
+    out.result(report, print_written)

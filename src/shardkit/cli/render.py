@@ -10,6 +10,7 @@ from ..sizes import format_size
 
 if TYPE_CHECKING:
     from ..commands.checksum import ChecksumReport
+    from ..commands.clean import CleanReport
     from ..commands.diff import DiffReport
     from ..commands.inspect import InspectReport
     from ..commands.verify import VerifyReport
@@ -222,3 +223,14 @@ def print_checksum_report(report: ChecksumReport) -> None:
         f"checksum: wrote {report.output}: {kind}, {format_size(report.bytes)} hashed in "
         f"{report.seconds:.2f} s ({format_size(int(speed))}/s)"
     )
+
+
+def print_clean_report(report: CleanReport) -> None:
+    folder = Path(report.folder)
+    verb = "would remove" if report.dry_run else "removed"
+    for name in report.removed:
+        print(f"{verb} {folder / name}")
+    for name in report.in_use:
+        print(f"kept {folder / name}: its writer is still running")
+    print(f"clean: {verb} {len(report.removed)} temporary entr{'y' if len(report.removed) == 1 else 'ies'} "
+          f"({format_size(report.bytes)}) from {folder}")

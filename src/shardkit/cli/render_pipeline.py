@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from ..reports import SplitReport, WriteReport
 from ..sizes import format_size
-from .render import _aligned
+from .render import _aligned, print_split_report, print_write_report
 
 if TYPE_CHECKING:
     from ..commands.pipeline_runs import PipelineReport
@@ -15,6 +16,17 @@ _VERDICT = {"verify": ("OK", "FAILED"), "diff": ("identical", "different")}
 
 def is_pipeline_report(report: object) -> TypeGuard[PipelineReport]:
     return type(report).__name__ == "PipelineReport"
+
+
+def print_written(report: object) -> None:
+    """What merge or split wrote: a pipeline's components, or one checkpoint's files."""
+    if is_pipeline_report(report):
+        print_pipeline_report(report)
+    elif isinstance(report, SplitReport):
+        print_split_report(report)
+    else:
+        assert isinstance(report, WriteReport)
+        print_write_report(report)
 
 
 def print_pipeline_report(report: PipelineReport) -> None:

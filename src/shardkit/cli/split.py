@@ -23,11 +23,9 @@ from .common import (
     StrictOpt,
     VerifyOpt,
     chosen_output,
-    progress_bars,
-    run,
-    warn,
 )
-from .render import print_split_report
+from .output import Output
+from .render_pipeline import print_written
 
 OutputDirOpt = Annotated[
     str | None,
@@ -91,27 +89,13 @@ def split_command(
 
     output = chosen_output(output_arg, output, "split")
 
-    with progress_bars(enabled=not (quiet or json_output)) as bar:
-        progress, verify_progress = bar("splitting"), bar("verifying") if verify else None
-        report = run(
-            lambda: split(
-                source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
-                dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
-                dtype=dtype, keep=keep or (), endpoint_url=endpoint_url, progress=progress,
-                verify_progress=verify_progress,
-            ),
-            debug=debug,
+    out = Output(json=json_output, quiet=quiet, debug=debug)
+    report = out.call(
+        lambda bar: split(
+            source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
+            dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
+            dtype=dtype, keep=keep or (), endpoint_url=endpoint_url, progress=bar("splitting"),
+            verify_progress=bar("verifying") if verify else None,
         )
-    if json_output:
-        print(report.to_json())
-        return
-    from .render_pipeline import is_pipeline_report, print_pipeline_report
-
-    if is_pipeline_report(report):
-        warn(report.warnings, quiet)
-        if not quiet:
-            print_pipeline_report(report)
-        return
-    warn(report.warnings, quiet)
-    if not quiet:
-        print_split_report(report)
+    )
+    out.result(report, print_written)
