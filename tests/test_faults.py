@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -771,15 +772,86 @@ def world_readable() -> Iterator[Path]:
         shutil.rmtree(folder)
 
 
-def run_as_nobody(*args: object) -> subprocess.CompletedProcess[str]:
+NOBODY = 65534
+
+
+def _as_nobody(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     setpriv = shutil.which("setpriv")
-    if setpriv is None or os.geteuid() != 0:
+    assert setpriv is not None
+    prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return subprocess.run([*prefix, *command], capture_output=True, text=True, cwd="/", env=env, timeout=120)
+
+
+def _runtime_distributions() -> list[str]:
+    """shardkit and what its CLI imports at run time (no extras), found from the metadata."""
+    from importlib import metadata
+
+    found, pending = [], ["shardkit"]
+    while pending:
+        name = pending.pop()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.metadata["Name"].lower() in {n.lower() for n in found}:
+            continue
+        found.append(dist.metadata["Name"])
+        for requirement in dist.requires or []:
+            if "extra ==" not in requirement.replace("extra==", "extra =="):
+                pending.append(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
+    return found
+
+
+@pytest.fixture(scope="session")
+def unprivileged_runtime() -> Iterator[tuple[str, dict[str, str]]]:
+    """An interpreter and an environment with which `nobody` runs THIS tree's CLI.
+
+    The clone (its `src/` and its `.venv`) may sit in a folder only root can enter
+    (`mktemp -d` is mode 700), so the code under test and its run-time dependencies
+    are copied to a world-readable folder and the venv's real interpreter (the
+    venv's `bin/python` is only a link, inside the clone) runs them from there.
+    """
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
         pytest.skip("needs root and setpriv to run the CLI as an unprivileged user (root bypasses permissions)")
-    command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "shardkit"]
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd="/", timeout=120)
+    from importlib import metadata
+
+    folder = Path(tempfile.mkdtemp(prefix="shardkit-nobody-", dir="/tmp"))
+    try:
+        package = Path(shardkit.__file__).parent
+        shutil.copytree(package, folder / "shardkit", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in _runtime_distributions():
+            dist = metadata.distribution(name)
+            for file in dist.files or []:
+                parts = Path(file).parts
+                if parts[0] in ("..", "shardkit") or "__pycache__" in parts or str(file).endswith(".pth"):
+                    continue
+                target = folder / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(dist.locate_file(file), target)
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        interpreter = os.path.realpath(sys.executable)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(folder), "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
+        probe = _as_nobody([interpreter, "-c", "import shardkit, sys; print(shardkit.__file__)"], env)
+        if probe.returncode != 0:
+            pytest.skip(
+                f"user nobody cannot run {interpreter} with shardkit copied to {folder} "
+                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}); "
+                "install Python where every user can execute it"
+            )
+        assert probe.stdout.strip() == str(folder / "shardkit" / "__init__.py"), probe.stdout
+        yield interpreter, env
+    finally:
+        shutil.rmtree(folder)
 
 
-def test_destination_without_write_permission(world_readable: Path) -> None:
+@pytest.fixture
+def run_as_nobody(unprivileged_runtime: tuple[str, dict[str, str]]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    interpreter, env = unprivileged_runtime
+    return lambda *args: _as_nobody([interpreter, "-m", "shardkit", *map(str, args)], env)
+
+
+def test_destination_without_write_permission(world_readable: Path, run_as_nobody: Callable[..., object]) -> None:
     made = write_checkpoint(world_readable / "source")
     locked = world_readable / "locked"
     locked.mkdir(mode=0o755)  # owned by root: nobody may not create entries in it
@@ -793,7 +865,7 @@ def test_destination_without_write_permission(world_readable: Path) -> None:
     assert snapshot(made.folder) == before
 
 
-def test_unreadable_source_shard(world_readable: Path) -> None:
+def test_unreadable_source_shard(world_readable: Path, run_as_nobody: Callable[..., object]) -> None:
     made = write_checkpoint(world_readable / "source")
     shard = made.folder / made.shard_files[1]
     shard.chmod(0o600)
