@@ -80,13 +80,16 @@ def timed_run(folder: Path, *args: object) -> Timing:
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
+def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Big]:
+    """About 600 MB of source and references: removed after the module, pass or fail
+    (a failing test keeps its own tmp_path, which holds what it wrote)."""
     root = tmp_path_factory.mktemp("faults")
     source = write_checkpoint(root / "source", FAULT_SHAPE, max_shard_size=70_000_000).folder
     merged, split = root / "reference.safetensors", root / "reference-split"
     merge_timing = timed_run(root, "merge", source, "-o", merged)
     split_timing = timed_run(root, "split", source, "-o", split, "--max-shard-size", "60MB")
-    return Big(source, merged, split, merge_timing, split_timing)
+    yield Big(source, merged, split, merge_timing, split_timing)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- freezing and killing the CLI

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,8 +121,11 @@ def store(s3_server: SeaweedS3) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("s3")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The local side of the S3 tests (a 1 GB checkpoint among others): removed after the module."""
+    folder = tmp_path_factory.mktemp("s3")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
