@@ -25,6 +25,8 @@ from .header_json import JsonFloat, Pairs
 LENGTH_PREFIX = 8
 #: The reference reader refuses larger headers before reading them.
 MAX_HEADER_SIZE = 100_000_000
+#: How a Git LFS pointer file begins: a clone without `git lfs` holds these instead of weights.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 #: The reference writer pads the JSON with spaces so that data starts 8-aligned.
 HEADER_ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
@@ -174,22 +176,28 @@ def parse_file(
     """
     if file_size < LENGTH_PREFIX:
         raise FormatError(path, f"file is {file_size} bytes, too small to hold the 8-byte header length")
-    (header_size,) = struct.unpack("<Q", _read_exactly(read_at, 0, LENGTH_PREFIX, path))
+    prefix = _read_exactly(read_at, 0, LENGTH_PREFIX, path)
+    if prefix == b"version " and read_at(0, len(LFS_POINTER)) == LFS_POINTER:
+        raise FormatError(path, "is a Git LFS pointer, not the weights: run `git lfs pull` in its repository")
+    (header_size,) = struct.unpack("<Q", prefix)
     if header_size > MAX_HEADER_SIZE:
         raise FormatError(path, f"header length {header_size} exceeds the {MAX_HEADER_SIZE}-byte limit")
     if LENGTH_PREFIX + header_size > file_size:
         raise FormatError(
-            path, f"header length {header_size} runs past the end of the {file_size}-byte file (truncated?)"
+            path,
+            f"header length {header_size} runs past the end of the {file_size}-byte file: truncated: "
+            f"{file_size} of at least {LENGTH_PREFIX + header_size} bytes present — download it again",
         )
     raw = _read_exactly(read_at, LENGTH_PREFIX, header_size, path)
     metadata, tensors = parse_header(raw, path, strict=strict)
     data_end = tensors[-1].end if tensors else 0
     data_size = file_size - LENGTH_PREFIX - header_size
-    if data_end != data_size:
-        problem = "truncated" if data_end > data_size else "has trailing bytes"
+    if data_end > data_size:
+        expected = LENGTH_PREFIX + header_size + data_end
+        raise FormatError(path, f"truncated: {file_size} of {expected} bytes present — download it again")
+    if data_end < data_size:
         raise FormatError(
-            path,
-            f"tensors cover {data_end} data bytes but the file holds {data_size}: the file {problem}",
+            path, f"tensors cover {data_end} data bytes but the file holds {data_size}: the file has trailing bytes"
         )
     return Header(path, header_size, file_size, metadata, tensors)
 
