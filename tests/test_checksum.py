@@ -21,21 +21,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def loader_files(folder: Path) -> list[str]:
+    """Every file of a synthetic model folder is one a loader reads: shards, index, config, tokenizer."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
 def test_manifest_passes_real_sha256sum(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
     before = snapshot(checkpoint.folder)
     printed = run_cli("checksum", checkpoint.folder)
     assert printed.exit_code == 0, printed.stderr
     assert printed.stderr == ""
-    expected = "".join(f"{sha256(checkpoint.folder / n)}  {n}\n" for n in checkpoint.shard_files)
+    names = loader_files(checkpoint.folder)
+    assert len(names) == 11 and "tokenizer.json" in names and "model.safetensors.index.json" in names
+    expected = "".join(f"{sha256(checkpoint.folder / n)}  {n}\n" for n in names)
     assert printed.stdout == expected
 
     written = run_cli("checksum", checkpoint.folder, "-o", checkpoint.folder / "SHA256SUMS")
     assert written.exit_code == 0
-    assert written.stdout.startswith(f"checksum: wrote {checkpoint.folder / 'SHA256SUMS'}: 4 file(s), ")
+    assert written.stdout.startswith(f"checksum: wrote {checkpoint.folder / 'SHA256SUMS'}: 11 file(s), ")
     assert (checkpoint.folder / "SHA256SUMS").read_text() == expected
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=checkpoint.folder, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count(": OK\n") == 4
+    assert check.stdout.count(": OK\n") == 11
     assert temporaries(checkpoint.folder) == []
     after = snapshot(checkpoint.folder)
     after.pop("SHA256SUMS")
@@ -71,8 +78,8 @@ def test_single_file_is_named_by_its_file_name(checkpoint: SyntheticCheckpoint, 
 
 def test_index_path_names_shards_relative_to_its_folder(checkpoint: SyntheticCheckpoint) -> None:
     report = shardkit.checksum(checkpoint.folder / "model.safetensors.index.json")
-    assert [f.name for f in report.files] == checkpoint.shard_files
-    assert report.bytes == sum((checkpoint.folder / n).stat().st_size for n in checkpoint.shard_files)
+    assert [f.name for f in report.files] == loader_files(checkpoint.folder)
+    assert report.bytes == sum((checkpoint.folder / n).stat().st_size for n in loader_files(checkpoint.folder))
 
 
 def test_tensor_manifest_holds_each_tensors_bytes(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
@@ -104,7 +111,7 @@ def test_tensor_manifest_stays_valid_across_merge_and_split(checkpoint: Syntheti
         result = run_cli("verify", target, "--checksums", tensors, "--no-architecture", "--json")
         assert result.exit_code == 0, result.stdout
         report = json.loads(result.stdout)
-        assert report["checks"] == ["format", "index", "tensor-checksums"]
+        assert report["checks"] == ["format", "index", "json", "tensor-checksums"]
         assert report["bytes_read"] == sum(t.nbytes for t in checkpoint.tensors)
     # The file manifest, by contrast, is tied to one sharding.
     assert run_cli("verify", merged, "--checksums", files, "--no-architecture").exit_code == 1
@@ -147,7 +154,7 @@ def test_json_report_is_itself_a_manifest(checkpoint: SyntheticCheckpoint, tmp_p
         saved.write_text(result.stdout)
         assert run_cli("verify", checkpoint.folder, "--checksums", saved, "--no-architecture").exit_code == 0
     assert [f["name"] for f in json.loads(run_cli("checksum", checkpoint.folder, "--json").stdout)["files"]] == (
-        checkpoint.shard_files
+        loader_files(checkpoint.folder)
     )
 
 
@@ -160,7 +167,7 @@ def test_existing_output_needs_force_and_weight_files_are_refused(
     assert_clean_failure(run_cli("checksum", checkpoint.folder, "-o", target), 2, "already exists; pass --force")
     assert target.read_text() == "keep me\n"
     assert run_cli("checksum", checkpoint.folder, "-o", target, "--force").exit_code == 0
-    assert target.read_text().count("\n") == 4
+    assert target.read_text().count("\n") == 11
     shard = checkpoint.folder / checkpoint.shard_files[0]
     result = run_cli("checksum", checkpoint.folder, "-o", shard, "--force")
     assert_clean_failure(result, 2, "refusing to write a checksum manifest over a weight file")

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import header_json, storage, variants
-from .errors import BadInputError, CheckpointError, PathNotFoundError, ShardkitError, option
+from . import header_json, layouts, manifest, storage, variants
+from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotFoundError, ShardkitError, option
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
 from .storage import Location
@@ -64,6 +64,8 @@ class Checkpoint:
     warnings: tuple[str, ...] = ()
     #: Weight and index files of the folder, excluded when copying non-weight files.
     weight_files: frozenset[Location] = field(default_factory=frozenset)
+    #: Facts about a well-known layout (which file loaders use), never a failure, even --strict.
+    notes: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -80,16 +82,35 @@ class Checkpoint:
 
 @gc_paused()
 def open_checkpoint(
-    path: str | os.PathLike[str] | Location, *, strict: bool = False, allow_unindexed: bool = False
+    path: str | os.PathLike[str] | Location,
+    *,
+    strict: bool = False,
+    allow_unindexed: bool = False,
+    whole: bool = False,
 ) -> Checkpoint:
     """Discover, read and cross-check the checkpoint at `path` (file, folder or index;
-    local, `s3://…`, `http(s)://…` or `hf://org/name`)."""
+    local, `s3://…`, `http(s)://…` or `hf://org/name`).
+
+    A `path` that is one shard of a larger checkpoint is read alone, with a note saying
+    which shard it is; with `whole` (merge, split: their output must never be a partial
+    model) the whole checkpoint it belongs to is read instead, as `gguf-split --merge`
+    does with a first shard, and a warning says so.
+    """
     path = storage.as_path(path)
     if not path.exists():
-        raise PathNotFoundError(path)
+        raise PathNotFoundError(path, layouts.missing_path(path))
     if path.is_file():
         if path.name.endswith(".safetensors"):
-            return _single_file(path, strict)
+            position = shard_position(path)
+            if position is None:
+                return _single_file(path, strict)
+            if whole:
+                checkpoint = open_checkpoint(position.whole, strict=strict, allow_unindexed=allow_unindexed)
+                taken = f"{path} is {position}: using the whole checkpoint, as gguf-split does with a first shard"
+                return dataclasses.replace(checkpoint, warnings=(taken, *checkpoint.warnings))
+            alone = _single_file(path, strict)
+            note = f"{path.name} is {position}; pass {position.whole} for the whole model"
+            return dataclasses.replace(alone, notes=(note,))
         if path.name.endswith(".json"):
             return _indexed(path, strict, allow_unindexed)
         _refuse_non_safetensors(path)
@@ -124,12 +145,13 @@ def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
                 f"{root}: both {single.name} and {index.name} are present; using {single.name} "
                 "as transformers does, the index and its shards are ignored"
             )
-            return _with_folder_checks(checkpoint, indexes, allow_unindexed, [note])
+            checkpoint = dataclasses.replace(checkpoint, notes=(note,))
+            return _with_folder_checks(checkpoint, indexes, allow_unindexed, [])
         return _indexed(index, strict, allow_unindexed)
 
     files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not files:
-        raise CheckpointError(f"{root}: no .safetensors file and no index found")
+        raise CheckpointError(layouts.no_weights(root))
     if len(files) == 1:
         return _single_file(files[0], strict)
     return _with_folder_checks(_shard_set(root, files, strict), [], allow_unindexed, [])
@@ -240,11 +262,12 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
     for tensor, shard_name in weight_map.items():
         by_shard.setdefault(shard_name, []).append(tensor)
 
+    missing = [name for name in sorted(by_shard) if not (root / name).exists()]
+    if missing:
+        raise MissingShardsError(index_path, missing, len(by_shard))
     headers: dict[str, Header] = {}
     for shard_name in sorted(by_shard):
         shard_path = root / shard_name
-        if not shard_path.exists():
-            raise CheckpointError(f"{index_path}: shard {shard_name} named in weight_map does not exist")
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
         headers[shard_name] = storage.read_header(shard_path, strict=strict)
@@ -298,6 +321,8 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
         raise CheckpointError(f"{index_path}: index is not a JSON object")
     top = _unique(document, index_path, "index")
     raw_map = top.get("weight_map")
+    if raw_map is None and ".index" not in index_path.name:
+        raise CheckpointError(layouts.not_an_index(index_path))
     if not isinstance(raw_map, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index has no weight_map object")
     weight_map = _unique(raw_map, index_path, "weight_map")
@@ -368,7 +393,13 @@ def _with_folder_checks(
             continue
         covered.update(checkpoint.root / name for name in set(other_map.values()))
     stray = sorted(p for p in checkpoint.root.glob("*.safetensors") if p.is_file() and p not in covered)
+    notes = list(checkpoint.notes)
     for path in stray:
+        note = layouts.sibling_note(path, _loaded(checkpoint))
+        if note is not None:
+            notes.append(note)
+            covered.add(path)
+            continue
         message = f"{path}: this weight file is not part of the checkpoint ({_describe(path)})"
         if not allow_unindexed:
             raise CheckpointError(message + f"; merging would drop it (pass {option('allow_unindexed')} to ignore it)")
@@ -381,7 +412,44 @@ def _with_folder_checks(
         tensors=checkpoint.tensors,
         warnings=tuple(warnings) + checkpoint.warnings,
         weight_files=frozenset(covered),
+        notes=tuple(notes),
     )
+
+
+def _loaded(checkpoint: Checkpoint) -> str:
+    if checkpoint.index_path is not None:
+        return f"the {len(checkpoint.shards)} shards of {checkpoint.index_path.name}"
+    return ", ".join(Path(h.path).name for h in checkpoint.shards)
+
+
+@dataclass(frozen=True)
+class ShardPosition:
+    """Where one file sits in the checkpoint it belongs to (`whole`: its index or folder)."""
+
+    number: int
+    total: int
+    whole: Location
+
+    def __str__(self) -> str:
+        return f"shard {self.number} of {self.total} of the checkpoint {self.whole}"
+
+
+def shard_position(path: Location) -> ShardPosition | None:
+    """Which shard of a larger checkpoint `path` is: an index beside it lists it among
+    other files, or, with no index, its name says `-NNNNN-of-NNNNN` with more than one.
+    None for a file that is a whole checkpoint by itself."""
+    for index in find_indexes(path.parent):
+        try:
+            _, weight_map = _read_index(index)
+        except CheckpointError:
+            continue
+        listed = sorted(set(weight_map.values()))
+        if path.name in listed:
+            return ShardPosition(listed.index(path.name) + 1, len(listed), index) if len(listed) > 1 else None
+    match = SHARD_NAME.match(path.name)
+    if match and int(match.group("total")) > 1:
+        return ShardPosition(int(match.group("number")), int(match.group("total")), path.parent)
+    return None
 
 
 def _describe(path: Location) -> str:
@@ -397,7 +465,8 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
     """Non-weight files of the checkpoint's folder (config, generation config, tokenizer,
     chat template, README, LICENSE, ...) as (path, relative name).
 
-    Weight files of any format, indexes, hidden entries, shardkit's temporaries and
+    Weight files of any format, indexes, checksum manifests that name weight files
+    (stale once the weights are rewritten), hidden entries, shardkit's temporaries and
     `exclude` (an output placed inside the source folder) are left out, and so are
     subfolders: a loader reads the folder's own files, and a subfolder (an earlier
     `resharded/` output, Llama's `original/`) is another checkpoint, not part of this one.
@@ -418,6 +487,7 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
             or name.endswith(".bin.index.json")
             or (excluded is not None and path.resolve() == excluded)
             or not path.is_file()
+            or manifest.names_files_of(path, WEIGHT_SUFFIXES)
         ):
             continue
         found.append((path, relative))

@@ -78,6 +78,22 @@ class CheckpointError(BadInputError):
     """The files of a checkpoint disagree with each other or with their index."""
 
 
+class MissingShardsError(CheckpointError):
+    """Shards an index names are not in its folder; every one of them is listed."""
+
+    def __init__(self, index: object, missing: list[str], total: int) -> None:
+        self.index = str(index)
+        self.missing = missing
+        if len(missing) == 1:
+            message = f"{index}: shard {missing[0]} named in weight_map does not exist; download it again"
+        else:
+            message = (
+                f"{index}: shards {', '.join(missing)} named in weight_map do not exist "
+                f"({len(missing)} of {total}); download them again"
+            )
+        super().__init__(message)
+
+
 class OutputError(BadInputError):
     """The requested output cannot be written as asked (exists, is a source, ...)."""
 

@@ -74,6 +74,40 @@ def format_tensor_manifest(tensors: Mapping[str, TensorDigest]) -> str:
     return json.dumps(tensor_manifest_document(tensors), indent=2, ensure_ascii=False) + "\n"
 
 
+# --------------------------------------------------------------------------- recognising
+
+#: A file manifest of a few files is a few hundred bytes; anything larger is not one.
+_MANIFEST_MAX_BYTES = 1 << 20
+_SHA256SUM_NAMES = ("sha256sums", "sha256sums.txt", "sha256sum", "sha256sum.txt", "checksums", "checksums.txt")
+_SHA256SUM_SUFFIXES = (".sha256", ".sha256sum", ".sha256sums")
+
+
+def names_files_of(path: object, suffixes: tuple[str, ...]) -> bool:
+    """Whether `path` (a local or remote location) is a file manifest — `sha256sum` text
+    or `shardkit checksum --json` — listing a file whose name ends in one of `suffixes`.
+
+    Such a manifest is stale in any output that rewrites those files (a merge, a
+    split), so it is never copied there; a tensor manifest stays valid and is kept.
+    """
+    name = path.name  # type: ignore[attr-defined]
+    lower = name.lower()
+    if not (lower in _SHA256SUM_NAMES or lower.endswith(_SHA256SUM_SUFFIXES) or lower.endswith(".json")):
+        return False
+    try:
+        if path.stat().st_size > _MANIFEST_MAX_BYTES:  # type: ignore[attr-defined]
+            return False
+        text = path.read_text(encoding="utf-8")  # type: ignore[attr-defined]
+        if lower.endswith(".json"):
+            if '"kind"' not in text:
+                return False
+            manifest = _read_json(Path(name), text)
+        else:
+            manifest = _read_sha256sum(Path(name), text)
+    except (OSError, UnicodeDecodeError, BadInputError):
+        return False
+    return manifest.kind == "files" and any(listed.endswith(suffixes) for listed in manifest.files)
+
+
 # --------------------------------------------------------------------------- reading
 
 

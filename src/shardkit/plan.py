@@ -405,7 +405,7 @@ def plan_merge(
     metadata, warnings = merged_metadata(checkpoint)
     planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
     return Plan(
-        (planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings),
+        (planned,), copies=tuple(copies), warnings=checkpoint.notes + checkpoint.warnings + tuple(warnings),
         sources=plan_sources(checkpoint),
     )
 
@@ -526,5 +526,6 @@ def plan_split(
         weight_map = {t: f.name for f in files for t in f.tensors}
         index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
     return Plan(
-        files, index_name, index, tuple(copies), tuple(checkpoint.warnings) + tuple(warnings), plan_sources(checkpoint)
+        files, index_name, index, tuple(copies), checkpoint.notes + checkpoint.warnings + tuple(warnings),
+        plan_sources(checkpoint),
     )

@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, ForceOpt, JsonOpt, QuietOpt, SourceArg, StrictOpt, byte_progress, run, warn
+from .common import (
+    AllowUnindexedOpt,
+    DebugOpt,
+    EndpointOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SourceArg,
+    StrictOpt,
+    byte_progress,
+    run,
+    warn,
+)
 from .render import print_checksum_report
 
 ManifestOutputOpt = Annotated[
@@ -34,14 +46,18 @@ def checksum_command(
     tensors: TensorsOpt = False,
     force: ForceOpt = False,
     strict: StrictOpt = False,
+    allow_unindexed: AllowUnindexedOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
+    endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Print a SHA-256 manifest of a checkpoint's weight files, for `shardkit verify --checksums`.
+    """Print a SHA-256 manifest of a checkpoint, for `shardkit verify --checksums`.
 
-    The default output is exactly what sha256sum prints, with names relative to the
-    checkpoint folder, so `cd model && sha256sum -c SHA256SUMS` checks it too. With
+    The default output is exactly what sha256sum prints over every file a loader reads
+    (weights, index, config, tokenizer and chat-template files: everything merge would
+    copy), with names relative to the checkpoint folder, so
+    `cd model && sha256sum -c SHA256SUMS` checks it too. With
     --tensors, a JSON manifest hashes each tensor's bytes instead of files, so it still
     holds after the checkpoint is merged or split. The checkpoint is validated first;
     files are read once, in constant memory, at sha256sum speed.
@@ -55,7 +71,10 @@ def checksum_command(
 
     with byte_progress("hashing", enabled=not (quiet or json_output or output is None)) as progress:
         report = run(
-            lambda: checksum(path, tensors=tensors, output=output, force=force, strict=strict, progress=progress),
+            lambda: checksum(
+                path, tensors=tensors, output=output, force=force, strict=strict, allow_unindexed=allow_unindexed,
+                endpoint_url=endpoint_url, progress=progress,
+            ),
             debug=debug,
         )
     if json_output:

@@ -125,3 +125,11 @@ def warn(messages: list[str], quiet: bool) -> None:
         return
     for message in messages:
         print(f"shardkit: warning: {message}", file=sys.stderr)
+
+
+def note(messages: list[str], quiet: bool) -> None:
+    """Facts worth knowing that are not a problem (which shard a file is, which file loaders use)."""
+    if quiet:
+        return
+    for message in messages:
+        print(f"shardkit: note: {message}", file=sys.stderr)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, EndpointOpt, JsonOpt, SourceArg, StrictOpt, run, warn
+from .common import DebugOpt, EndpointOpt, JsonOpt, SourceArg, StrictOpt, note, run, warn
 from .render import print_inspect_report
 
 TensorsOpt = Annotated[
@@ -59,5 +59,6 @@ def inspect_command(
         warn(report.warnings, quiet=False)
         print_pipeline_report(report)
         return
+    note(report.notes, quiet=False)
     warn(report.warnings, quiet=False)
     print_inspect_report(report)

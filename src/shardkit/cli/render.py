@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import layouts
 from ..reports import SplitReport, WriteReport
 from ..sizes import format_size
 
@@ -185,6 +186,12 @@ def print_diff_report(report: DiffReport) -> None:
         before = "(absent)" if meta.a is None else repr(meta.a)
         after = "(absent)" if meta.b is None else repr(meta.b)
         print(f"~ {where} {meta.key!r}  {before} → {after}")
+    for name in report.files_only_a:
+        print(f"- file {name}  (only in A)")
+    for name in report.files_only_b:
+        print(f"+ file {name}  (only in B)")
+    for name in report.files_different:
+        print(f"≠ file {name}  differs")
     for name in report.data_different:
         line = f"≠ {name}  data differs"
         if report.max_abs_diff is not None:
@@ -201,11 +208,36 @@ def print_diff_report(report: DiffReport) -> None:
     print(f"{verdict}: A has {report.tensors_a} tensors, B has {report.tensors_b}; {data}")
 
 
-def print_verify_report(report: VerifyReport) -> None:
-    """One line per problem (check, file, tensor, rule), then a verdict line (plain
-    print: messages hold shapes in brackets that rich would read as markup)."""
+#: More tensors (or files) than this with the same problem make one summary line.
+FLOOD = 3
+
+
+def folded_problems(report: VerifyReport) -> list[str]:
+    """`check: file: tensor 'x': message`, one per problem, except that the same problem
+    on more than FLOOD tensors of a file (or on more than FLOOD files) is one line
+    with a few of the names; --json keeps every one."""
+    groups: dict[tuple[str, str, str | None], list[object]] = {}
     for problem in report.problems:
-        print(f"✗ {problem.check}: {problem}")
+        key = (problem.check, problem.message, problem.file if problem.tensor is not None else None)
+        groups.setdefault(key, []).append(problem)
+    lines = []
+    for (check, message, file), members in groups.items():
+        if len(members) <= FLOOD:
+            lines += [f"{check}: {problem}" for problem in members]
+        elif file is not None:
+            tensors = [repr(p.tensor) for p in members]  # type: ignore[attr-defined]
+            lines.append(f"{check}: {file}: {len(members)} tensors: {message}: {layouts.names(tensors)}")
+        else:
+            where = [str(p.file) for p in members]  # type: ignore[attr-defined]
+            lines.append(f"{check}: {len(members)} files: {message}: {layouts.names(where)}")
+    return lines
+
+
+def print_verify_report(report: VerifyReport) -> None:
+    """One line per problem (check, file, tensor, rule; floods folded), then a verdict
+    line (plain print: messages hold shapes in brackets that rich would read as markup)."""
+    for line in folded_problems(report):
+        print(f"✗ {line}")
     files = f"{len(report.files)} file(s), {report.tensors} tensors"
     verdict = f"OK: {files}" if report.ok else f"FAILED: {len(report.problems)} problem(s) in {files}"
     read = ""

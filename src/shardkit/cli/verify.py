@@ -10,6 +10,7 @@ import typer
 
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
 from .common import (
+    AllowUnindexedOpt,
     DebugOpt,
     EndpointOpt,
     JsonOpt,
@@ -18,10 +19,11 @@ from .common import (
     SourceArg,
     StrictOpt,
     byte_progress,
+    note,
     run,
     warn,
 )
-from .render import print_verify_report
+from .render import folded_problems, print_verify_report
 
 ChecksumsOpt = Annotated[
     Path | None,
@@ -72,6 +74,7 @@ def verify_command(
     strict: StrictOpt = False,
     dtype: VerifyDtypeOpt = None,
     keep: KeepOpt = None,
+    allow_unindexed: AllowUnindexedOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     endpoint_url: EndpointOpt = None,
@@ -100,7 +103,8 @@ def verify_command(
             report = run(
                 lambda: verify(
                     path, checksums=checksums, against=against, config=config,
-                    architecture=False if no_architecture else None, strict=strict, dtype=dtype, keep=keep or (),
+                    architecture=False if no_architecture else None, strict=strict, allow_unindexed=allow_unindexed,
+                    dtype=dtype, keep=keep or (),
                     endpoint_url=endpoint_url,
                     progress=progress,
                 ),
@@ -112,16 +116,14 @@ def verify_command(
     if json_output:
         print(report.to_json())
     else:
-        for note in report.notes:
-            if not quiet:
-                print(f"shardkit: note: {note}", file=sys.stderr)
+        note(report.notes, quiet)
         warn(report.warnings, quiet)
         if quiet and is_pipeline_report(report):
             for line in problem_lines(report):
                 print(f"shardkit: {line}", file=sys.stderr)
         elif quiet:
-            for problem in report.problems:
-                print(f"shardkit: {problem}", file=sys.stderr)
+            for line in folded_problems(report):
+                print(f"shardkit: {line}", file=sys.stderr)
         elif is_pipeline_report(report):
             print_pipeline_report(report)
         else:

@@ -1,10 +1,12 @@
 """`shardkit checksum`: a manifest that lets anyone downstream prove they hold the same bytes.
 
-Two kinds. The default is `sha256sum` text over the checkpoint's weight files, names
-relative to the checkpoint folder, so `cd model && sha256sum -c SHA256SUMS` checks it
-without shardkit. `tensors=True` writes a JSON manifest of each tensor's dtype, shape
-and data SHA-256, which survives merge and split because it never mentions files.
-The checkpoint is validated (headers, index cross-checks) before anything is hashed:
+Two kinds. The default is `sha256sum` text over every file a loader reads (the
+weight files, the index, and every file a merge would copy: config, generation
+config, tokenizer and chat-template files ...), names relative to the checkpoint
+folder, so `cd model && sha256sum -c SHA256SUMS` checks it without shardkit.
+`tensors=True` writes a JSON manifest of each tensor's dtype, shape and data
+SHA-256, which survives merge and split because it never mentions files. The
+checkpoint is validated (headers, index cross-checks) before anything is hashed:
 a manifest must never bless a broken checkpoint.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import atomic, storage
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, companion_files, open_checkpoint
 from ..errors import BadInputError, OutputError, OutputExistsError
 from ..hashing import Streamer
 from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
@@ -72,15 +74,18 @@ def checksum(
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     strict: bool = False,
+    allow_unindexed: bool = False,
+    endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ChecksumReport:
     """Hash the checkpoint at `path`; with `output`, also write the manifest there.
 
-    The manifest lists every weight file's SHA-256 in `sha256sum` format, names
-    relative to the checkpoint folder; with `tensors`, one SHA-256 per tensor instead
+    The manifest lists the SHA-256 of every file a loader reads (weights, index, and
+    what merge copies: config, tokenizer, chat template ...) in `sha256sum` format,
+    names relative to the checkpoint folder; with `tensors`, one SHA-256 per tensor instead
     (JSON), which stays valid across merge and split. `output` is replaced only with
-    `force`, and never if it is one of the checkpoint's weight files. `strict` also
-    refuses what the format forbids but the reference reader tolerates;
+    `force`, and never if it is one of the checkpoint's weight files. `strict`,
+    `allow_unindexed` and `endpoint_url` apply as for :func:`~shardkit.commands.merge.merge`;
     `progress(advance, total)` is called with the bytes just hashed.
 
     Example::
@@ -88,7 +93,7 @@ def checksum(
         shardkit.checksum("model", output="model/SHA256SUMS")
     """
     started = time.perf_counter()
-    location = storage.as_path(path)
+    location = storage.as_path(path, endpoint_url=endpoint_url)
     shown = storage.display(path) if isinstance(path, str) and "://" in path else str(location)
     pipeline = find_pipeline(location)
     if pipeline is not None:  # a diffusers pipeline: one manifest for every component
@@ -96,7 +101,7 @@ def checksum(
         return checksum_pipeline(  # type: ignore[return-value]
             pipeline, shown, tensors=tensors, output=output, force=force, strict=strict, progress=progress
         )
-    checkpoint = open_checkpoint(location, strict=strict)
+    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed)
     if output is not None:
         _check_output(Path(output), checkpoint, force)
     if tensors:
@@ -104,7 +109,7 @@ def checksum(
         files: list[FileChecksum] = []
         total = checkpoint.total_bytes
     else:
-        files = file_checksums(checkpoint, progress)
+        files = file_checksums(checkpoint, progress, exclude=Path(output) if output is not None else None)
         digests = {}
         total = sum(f.size for f in files)
     report = ChecksumReport(
@@ -122,18 +127,28 @@ def checksum(
     return dataclasses.replace(report, seconds=round(time.perf_counter() - started, 6))
 
 
-def file_checksums(checkpoint: Checkpoint, progress: ProgressCallback | None = None) -> list[FileChecksum]:
-    """SHA-256 of each weight file, named relative to the checkpoint folder."""
-    shards = sorted(checkpoint.shards, key=lambda h: h.path)
-    total = sum(h.file_size for h in shards)
+def file_checksums(
+    checkpoint: Checkpoint, progress: ProgressCallback | None = None, *, exclude: Path | None = None
+) -> list[FileChecksum]:
+    """SHA-256 of every file a loader reads, named relative to the checkpoint folder
+    and sorted by that name: the weight files, the index, and the files a merge
+    copies (:func:`~shardkit.checkpoint.companion_files`; `exclude`, the manifest
+    being written, is not among them)."""
+    files = {manifest_name(storage.lookup(h.path), checkpoint.root): storage.lookup(h.path) for h in checkpoint.shards}
+    if checkpoint.index_path is not None:
+        files[manifest_name(checkpoint.index_path, checkpoint.root)] = checkpoint.index_path
+    for path, relative in companion_files(checkpoint):
+        if exclude is None or path.resolve() != exclude.resolve():
+            files[relative] = path
+    sizes = {name: storage.size(path) for name, path in files.items()}
+    total = sum(sizes.values())
     on_bytes = (lambda step: progress(step, total)) if progress is not None else None
     result = []
     with Streamer() as streamer:
-        for header in shards:
-            digest = stream.digest_file(streamer, header.path, on_bytes=on_bytes).file
+        for name, path in sorted(files.items()):
+            digest = stream.digest_file(streamer, path, on_bytes=on_bytes).file
             assert digest is not None
-            name = manifest_name(storage.lookup(header.path), checkpoint.root)  # type: ignore[arg-type]
-            result.append(FileChecksum(name, header.file_size, digest))
+            result.append(FileChecksum(name, sizes[name], digest))
     return result
 
 

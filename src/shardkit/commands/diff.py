@@ -8,6 +8,7 @@ metadata is compared as a loader sees it, regardless of which file holds what.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from ..checkpoint import Checkpoint, SourceTensor, companion_files, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import BadInputError, option
 from ..pipeline import is_pipeline
@@ -78,6 +79,11 @@ class DiffReport(JsonReport):
     max_abs_diff: dict[str, float | None] | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: Companion files (config, tokenizer, ...: what merge copies), compared when both
+    #: sides are folders or indexes; names relative to each side's folder.
+    files_only_a: list[str] = field(default_factory=list)
+    files_only_b: list[str] = field(default_factory=list)
+    files_different: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """A report is true when the two sides are identical, as `diff`'s exit code 0 is."""
@@ -113,8 +119,9 @@ def diff(
     With `data=False` only headers are read. With `max_abs_diff`, every float tensor
     whose bytes differ is decoded in chunks to find the largest absolute difference
     (needs the `numeric` extra: numpy and ml_dtypes). Metadata counts as a
-    difference: `identical` means a loader could not tell the two apart, and the
-    report is true exactly then. `strict`, `allow_unindexed` and `endpoint_url` apply
+    difference, and so do the companion files (config, tokenizer, ...) when both sides
+    are folders or indexes: `identical` means a loader could not tell the two apart,
+    and the report is true exactly then. `strict`, `allow_unindexed` and `endpoint_url` apply
     to both sides as for :func:`~shardkit.commands.merge.merge`;
     `progress(advance, total)` is called with the bytes just compared.
 
@@ -151,10 +158,11 @@ def diff(
     on_bytes = (lambda step: progress(step, total)) if progress is not None else None
     comparison = compare_checkpoints(left, right, data=data, on_bytes=on_bytes, on_difference=on_difference)
     metadata_changed = _metadata_changes(left, right)
+    only_a, only_b, different = _companion_changes(left, right) if _is_folder(a) and _is_folder(b) else ([], [], [])
     return DiffReport(
         a=storage.display(a),
         b=storage.display(b),
-        identical=comparison.identical and not metadata_changed,
+        identical=comparison.identical and not metadata_changed and not (only_a or only_b or different),
         tensors_a=len(left.tensors),
         tensors_b=len(right.tensors),
         only_a=comparison.only_a,
@@ -169,7 +177,26 @@ def diff(
         max_abs_diff=dict(sorted(measured.items())) if measured is not None else None,
         seconds=round(time.perf_counter() - started, 6),
         warnings=[*_labelled("A", left.warnings), *_labelled("B", right.warnings)],
+        files_only_a=only_a,
+        files_only_b=only_b,
+        files_different=different,
     )
+
+
+def _is_folder(side: str | os.PathLike[str]) -> bool:
+    """A side given as a folder or an index is a model; a lone .safetensors file is only weights."""
+    return not os.fspath(side).rstrip("/").endswith(".safetensors")
+
+
+def _companion_changes(left: Checkpoint, right: Checkpoint) -> tuple[list[str], list[str], list[str]]:
+    """Companion files only in A, only in B, and on both sides with different bytes."""
+    a, b = (dict((name, path) for path, name in companion_files(side)) for side in (left, right))
+    different = [name for name in sorted(a.keys() & b.keys()) if _digest(a[name]) != _digest(b[name])]
+    return sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys()), different
+
+
+def _digest(path: storage.Location) -> str:
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def _comparable_bytes(left: Checkpoint, right: Checkpoint) -> int:

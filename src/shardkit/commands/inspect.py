@@ -81,6 +81,7 @@ class InspectReport(JsonReport):
     matched_bytes: int = 0
     tensor_rows: list[TensorRow] | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which shard of a larger checkpoint PATH is
 
 
 @gc_paused()
@@ -171,6 +172,7 @@ def inspect(
         matched_bytes=sum(t.info.nbytes for t in selected),
         tensor_rows=rows,
         warnings=[*checkpoint.warnings, *warnings],
+        notes=list(checkpoint.notes),
     )
 
 

@@ -91,7 +91,7 @@ def merge(
             pipeline, source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
             verify=verify, progress=progress,
         )
-    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed)
+    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)

@@ -32,10 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import storage
+from .. import layouts, storage
 from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
 from ..compare import compare_checkpoints
-from ..errors import BadInputError, CheckpointError, FormatError, MissingExtraError, PathNotFoundError, option
+from ..errors import (
+    BadInputError,
+    CheckpointError,
+    FormatError,
+    MissingExtraError,
+    MissingShardsError,
+    PathNotFoundError,
+    option,
+)
 from ..format import Header
 from ..hashing import Streamer
 from ..hub_cache import HubBlob, hub_blob
@@ -126,7 +134,11 @@ def verify(
     meta device. None checks when transformers is installed (else a note says how to
     install it); True requires the check; False skips it. `strict` applies the
     format's strict rules and turns index warnings (a wrong `total_size`) into problems.
-    `allow_unindexed` ignores weight files no index covers (a pipeline's other variants).
+    `allow_unindexed` ignores weight files no index covers (a pipeline's other variants)
+    with a warning, as for merge. A well-known sibling layout (Mistral's
+    `consolidated.safetensors` beside the shards, a single `model.safetensors` beside
+    an index) is a note naming what loaders use, never a problem. Every top-level
+    `.json` besides the index must parse.
     `checksums` may also be a parsed :class:`~shardkit.manifest.Manifest` (a pipeline's,
     per component). `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
     as data bytes are read.
@@ -144,7 +156,7 @@ def verify(
     started = time.perf_counter()
     path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
-        raise PathNotFoundError(path)
+        raise PathNotFoundError(path, layouts.missing_path(path))  # type: ignore[arg-type]
     pipeline = find_pipeline(path, allow_unindexed=allow_unindexed)
     if pipeline is not None:  # a diffusers pipeline: each component verified on its own
 
@@ -172,6 +184,7 @@ def verify(
     files, indexes = weight_files(path)
     headers = run.check_files(files)
     checkpoint = run.check_checkpoint()
+    run.check_companions()
     reading = time.perf_counter()
     run.check_bytes(files + indexes, checkpoint, manifest, reference, progress)
     read_seconds = time.perf_counter() - reading
@@ -213,7 +226,7 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     for index in indexes:
         files |= _index_shards(index)
     if not files and not indexes:
-        raise BadInputError(f"{path}: no .safetensors file and no index: nothing to verify")
+        raise BadInputError(layouts.no_weights(path) + ": nothing to verify")
     return sorted(files), indexes
 
 
@@ -327,18 +340,43 @@ class _Run:
                 self.problem("format", exc.rule, exc.path, exc.tensor)
             self.notes.append("index cross-checks stopped: a weight file is unreadable")
             return None
+        except MissingShardsError as exc:
+            for name in exc.missing:  # each its own problem: --json lists every file to fetch again
+                self.problem("index", f"named in {exc.index} but missing: download it again", _beside(exc.index, name))
+            return None
         except CheckpointError as exc:
             self.problem("index", str(exc))
             return None
         except OSError as exc:
             self.problem("index", f"cannot read: {exc.strerror or exc}", exc.filename)
             return None
+        self.notes.extend(checkpoint.notes)
         for warning in checkpoint.warnings:
             if self.strict:
                 self.problem("index", f"strict: {warning}")
             else:
                 self.warnings.append(warning)
         return checkpoint
+
+    def check_companions(self) -> None:
+        """Every top-level .json of a model folder besides the index (config, generation
+        config, tokenizer files, chat template ...) must parse: a loader stops on it."""
+        if self.path.is_file() and self.path.name.endswith(".safetensors"):
+            return  # a lone file's neighbours are not necessarily its model's files
+        folder = self.path if self.path.is_dir() else self.path.parent
+        self.checks.append("json")
+        for file in sorted(folder.glob("*.json")):
+            if ".safetensors.index" in file.name or not file.is_file():
+                continue  # the index has its own check
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                self.problem("json", "not UTF-8 text: loaders cannot read it; restore it from the source", file)
+            except ValueError as exc:
+                self.problem("json", f"not valid JSON ({exc}): loaders cannot read it; restore it from the source",
+                             file)
+            except OSError as exc:
+                self.problem("json", f"cannot read: {exc.strerror or exc}", file)
 
     # ------------------------------------------------------------------ bytes
 
@@ -507,7 +545,21 @@ class _Run:
         self.checks.append("architecture")
         for found in problems:
             source = checkpoint.tensors.get(found.tensor)
-            self.problem("architecture", found.message(), source.shard.path if source else config, found.tensor)
+            where = source.shard.path if source else config
+            self.problem("architecture", _architecture_message(found), where, found.tensor)
+
+
+def _architecture_message(found: object) -> str:
+    """The problem without the tensor's name (the report names it once), so the same
+    mismatch on many tensors reads as one message."""
+    kind, expected, actual = found.kind, found.expected, found.found  # type: ignore[attr-defined]
+    if kind == "missing":
+        return f"missing: the architecture expects {expected}"
+    if kind == "unexpected":
+        return f"unexpected: {actual} is not part of the architecture"
+    if kind == "dtype":
+        return f"dtype {actual}, the config says {expected}"
+    return f"{kind} {actual}, the architecture expects {expected}"
 
 
 @dataclass
@@ -542,6 +594,11 @@ class _Reads:
             elif header is not None:
                 total += header.data_size
         return total
+
+
+def _beside(file: str, name: str) -> str:
+    """The path of `name` in `file`'s folder, local or remote (a Path would fold `s3://`)."""
+    return f"{file.rsplit('/', 1)[0]}/{name}" if "/" in file else name
 
 
 def _tensor_ranges(header: Header) -> list[tuple[int, int]]:
