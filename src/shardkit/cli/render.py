@@ -186,12 +186,11 @@ def print_diff_report(report: DiffReport) -> None:
         before = "(absent)" if meta.a is None else repr(meta.a)
         after = "(absent)" if meta.b is None else repr(meta.b)
         print(f"~ {where} {meta.key!r}  {before} → {after}")
-    for name in report.files_only_a:
-        print(f"- file {name}  (only in A)")
-    for name in report.files_only_b:
-        print(f"+ file {name}  (only in B)")
-    for name in report.files_different:
-        print(f"≠ file {name}  differs")
+    companions = (("-", report.files_only_a, "(only in A)"), ("+", report.files_only_b, "(only in B)"),
+                  ("≠", report.files_different, "differs"))
+    for sign, names, what in companions:
+        for name in names:
+            print(f"{sign} file {name}  {what}")
     for name in report.data_different:
         line = f"≠ {name}  data differs"
         if report.max_abs_diff is not None:
