@@ -164,7 +164,7 @@ def test_inspect_and_verify_of_one_shard_say_which_shard_it_is(checkpoint: Synth
     shard = checkpoint.folder / checkpoint.shard_files[1]
     note = (
         f"shardkit: note: {shard.name} is shard 2 of 4 of the checkpoint {checkpoint.folder / INDEX}; "
-        f"pass {checkpoint.folder / INDEX} for the whole model\n"
+        "pass that for the whole model\n"
     )
     inspected = run_cli("inspect", shard)
     assert inspected.exit_code == 0 and inspected.stderr == note
@@ -187,9 +187,10 @@ def command_options(name: str) -> set[str]:
     return {opt for param in typer.main.get_command(cli.app).commands[name].params for opt in param.opts}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # typer imported in-process, for its option table
 def test_verify_checksum_and_diff_take_every_source_option_of_merge(checkpoint: SyntheticCheckpoint) -> None:
     not_source = {"--output", "-o", "--force", "-f", "--sha256", "--dry-run", "--json", "--quiet", "-q", "--verify",
-                  "--debug", "source"}
+                  "--debug", "source", "output_arg"}
     merge_source = command_options("merge") - not_source
     assert merge_source == {"--strict", "--allow-unindexed", "--endpoint-url"}
     for name in ("verify", "checksum", "diff"):
@@ -408,7 +409,7 @@ def test_inspect_of_a_path_that_is_not_the_checkpoint_names_what_is_there(
 ) -> None:
     folder = checkpoint.folder
     holds = (
-        f"{folder} holds {INDEX}, 4 .safetensors files ({checkpoint.shard_files[0]} … {checkpoint.shard_files[-1]}), "
+        f"its folder holds {INDEX}, 4 .safetensors files ({checkpoint.shard_files[0]} … {checkpoint.shard_files[-1]}), "
         f"config.json: pass the folder {folder}"
     )
     assert_refused(folder, ["inspect", folder / "model.safetensors"], 2,
@@ -460,3 +461,11 @@ def test_a_flood_is_one_line_per_file_with_a_few_names(checkpoint: SyntheticChec
     quiet = run_cli("verify", checkpoint.folder, "--checksums", manifest, NO_ARCH, "-q")
     assert quiet.stdout == ""
     assert quiet.stderr.splitlines() == ["shardkit: " + line[2:] for line in lines[:-1]]
+
+    merged = tmp_path / "merged.safetensors"
+    shardkit.merge(checkpoint.folder, merged)
+    result = run_cli("verify", merged, "--checksums", manifest, NO_ARCH)
+    first, verdict = result.stdout.splitlines()
+    count = len(checkpoint.tensors)
+    assert count >= 50 and first.startswith(f"✗ tensor-checksums: {merged}: {count} tensors: data SHA-256 differs")
+    assert first.endswith(f", … {count - 3} more") and verdict.startswith(f"verify: FAILED: {count} problem(s)")

@@ -109,7 +109,7 @@ def open_checkpoint(
                 taken = f"{path} is {position}: using the whole checkpoint, as gguf-split does with a first shard"
                 return dataclasses.replace(checkpoint, warnings=(taken, *checkpoint.warnings))
             alone = _single_file(path, strict)
-            note = f"{path.name} is {position}; pass {position.whole} for the whole model"
+            note = f"{path.name} is {position}; pass that for the whole model"
             return dataclasses.replace(alone, notes=(note,))
         if path.name.endswith(".json"):
             return _indexed(path, strict, allow_unindexed)

@@ -72,7 +72,7 @@ def missing_path(path: Location) -> str:
     except OSError:
         is_model = False
     if is_model:
-        message += f"; {parent} holds {contents(parent)}: pass the folder {parent}"
+        message += f"; its folder holds {contents(parent)}: pass the folder {parent}"
     return message
 
 
@@ -108,7 +108,7 @@ def not_an_index(path: Location) -> str:
         "tokenizer_config.json": "the tokenizer's config",
         "tokenizer.json": "the tokenizer",
     }.get(path.name, "not a safetensors index (it has no weight_map)")
-    return f"{path}: {what}, not a checkpoint; {folder} holds {contents(folder)}: pass the folder {folder}"
+    return f"{path}: {what}, not a checkpoint; its folder holds {contents(folder)}: pass the folder {folder}"
 
 
 def sibling_note(stray: Location, loaded: str) -> str | None:

@@ -444,7 +444,7 @@ class _Run:
             if file.name.endswith(".safetensors") and file.resolve() not in listed:
                 self.problem(
                     "checksums",
-                    f"not listed in {manifest.path} (as {manifest_name(file, base)}): its bytes are unverified",
+                    f"not listed in {manifest.path}{_listed_as(file, base)}: its bytes are unverified",
                     file,
                 )
         return expected
@@ -594,6 +594,12 @@ class _Reads:
             elif header is not None:
                 total += header.data_size
         return total
+
+
+def _listed_as(file: Path, base: Path) -> str:
+    """How the manifest would name `file`, when that is more than the file name already shown."""
+    name = manifest_name(file, base)
+    return f" (as {name})" if name != file.name else ""
 
 
 def _beside(file: str, name: str) -> str:
