@@ -6,12 +6,15 @@ exit code, nothing left behind and the sources byte-identical.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -158,6 +161,63 @@ def test_one_shard_of_an_incomplete_set_is_refused_naming_every_missing_shard(tm
     message = assert_refused(tmp_path, ["merge", made.folder / made.shard_files[0], "-o", out], 2, "is incomplete")
     assert f"missing {made.shard_files[1]}, {made.shard_files[2]}" in message
     assert not out.exists()
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Files of `self.server.folder` with Range requests, as a CDN answers them; no listing."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        path = self.server.folder / self.path.lstrip("/")  # type: ignore[attr-defined]
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if match:
+            start, end = int(match.group(1)), min(int(match.group(2)), len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            data = data[start : end + 1]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(checkpoint: SyntheticCheckpoint) -> Iterator[str]:
+    """The checkpoint folder on a web server at 127.0.0.1."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.folder = checkpoint.folder  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_shard_on_a_web_server(checkpoint: SyntheticCheckpoint, served: str, tmp_path: Path) -> None:
+    """A web server cannot list a folder: the index named after the shard's prefix is looked up instead."""
+    index = f"{served}/{INDEX}"
+    inspected = run_cli("inspect", f"{served}/{checkpoint.shard_files[1]}")
+    assert inspected.exit_code == 0, inspected.stderr
+    assert inspected.stderr.startswith(
+        f"shardkit: note: {checkpoint.shard_files[1]} is shard 2 of 4 of the checkpoint {index};"
+    )
+    (checkpoint.folder / INDEX).rename(tmp_path / INDEX)
+    refused = tmp_path / "refused.safetensors"
+    assert_clean_failure(
+        run_cli("merge", f"{served}/{checkpoint.shard_files[0]}", "-o", refused), 2,
+        f"{served}/{checkpoint.shard_files[0]} is shard 1 of 4, and a web server cannot list its folder: "
+        "pass the URL of its index .json",
+    )
+    assert not refused.exists() and temporaries(tmp_path) == []
 
 
 def test_inspect_and_verify_of_one_shard_say_which_shard_it_is(checkpoint: SyntheticCheckpoint) -> None:

@@ -105,6 +105,11 @@ def open_checkpoint(
             if position is None:
                 return _single_file(path, strict)
             if whole:
+                if not (position.whole.is_file() or position.whole.is_dir()):
+                    raise CheckpointError(
+                        f"{path} is shard {position.number} of {position.total}, and a web server cannot list "
+                        "its folder: pass the URL of its index .json"
+                    )
                 checkpoint = open_checkpoint(position.whole, strict=strict, allow_unindexed=allow_unindexed)
                 taken = f"{path} is {position}: using the whole checkpoint, as gguf-split does with a first shard"
                 return dataclasses.replace(checkpoint, warnings=(taken, *checkpoint.warnings))
@@ -434,11 +439,28 @@ class ShardPosition:
         return f"shard {self.number} of {self.total} of the checkpoint {self.whole}"
 
 
+def _indexes_beside(path: Location) -> list[Location]:
+    """The indexes in `path`'s folder; where the folder cannot be listed (a web server),
+    the one named after the shard's prefix, if it exists."""
+    try:
+        return find_indexes(path.parent)
+    except ShardkitError:
+        pass
+    match = SHARD_NAME.match(path.name)
+    if match is None:
+        return []
+    index = path.parent / f"{match.group('prefix')}.safetensors.index.json"
+    try:
+        return [index] if index.is_file() else []
+    except (ShardkitError, OSError):
+        return []
+
+
 def shard_position(path: Location) -> ShardPosition | None:
     """Which shard of a larger checkpoint `path` is: an index beside it lists it among
     other files, or, with no index, its name says `-NNNNN-of-NNNNN` with more than one.
     None for a file that is a whole checkpoint by itself."""
-    for index in find_indexes(path.parent):
+    for index in _indexes_beside(path):
         try:
             _, weight_map = _read_index(index)
         except CheckpointError:
