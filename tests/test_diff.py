@@ -21,7 +21,7 @@ from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 REPORT_KEYS = {
     "a", "b", "identical", "tensors_a", "tensors_b", "only_a", "only_b", "dtype_changed", "shape_changed",
     "metadata_changed", "data_compared", "data_equal", "data_different", "compared_bytes", "max_abs_diff",
-    "seconds", "warnings", "files_only_a", "files_only_b", "files_different",
+    "seconds", "warnings", "files_only_a", "files_only_b", "files_different", "notes",
 }
 
 

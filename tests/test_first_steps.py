@@ -295,9 +295,10 @@ def test_mistral_layout_is_a_note_naming_what_loaders_use(checkpoint: SyntheticC
         assert result.exit_code == 0, result.stdout
         assert result.stderr == note
     summed = run_cli("checksum", checkpoint.folder)
-    assert summed.exit_code == 0, summed.stderr
+    assert summed.exit_code == 0 and summed.stderr == note
     assert "consolidated.safetensors" not in summed.stdout and checkpoint.shard_files[0] in summed.stdout
-    assert run_cli("diff", checkpoint.folder, whole).exit_code == 0
+    compared = run_cli("diff", checkpoint.folder, whole)
+    assert compared.exit_code == 0 and compared.stderr == note.replace("note: ", "note: A: ")
     merged = tmp_path / "merged"
     assert run_cli("merge", checkpoint.folder, "-o", merged).exit_code == 0
     assert not (merged / "consolidated.safetensors").exists()

@@ -18,6 +18,7 @@ from .common import (
     SourceArg,
     StrictOpt,
     byte_progress,
+    note,
     run,
     warn,
 )
@@ -80,6 +81,7 @@ def checksum_command(
     if json_output:
         print(report.to_json())
         return
+    note(report.notes, quiet)
     warn(report.warnings, quiet)
     if output is None:
         sys.stdout.write(report.manifest())

@@ -7,7 +7,18 @@ from typing import Annotated
 import typer
 
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
-from .common import AllowUnindexedOpt, DebugOpt, EndpointOpt, JsonOpt, QuietOpt, StrictOpt, byte_progress, run, warn
+from .common import (
+    AllowUnindexedOpt,
+    DebugOpt,
+    EndpointOpt,
+    JsonOpt,
+    QuietOpt,
+    StrictOpt,
+    byte_progress,
+    note,
+    run,
+    warn,
+)
 from .render import print_diff_report
 
 SideArg = Annotated[
@@ -69,6 +80,7 @@ def diff_command(
     if json_output:
         print(report.to_json())
     else:
+        note(report.notes, quiet)
         warn(report.warnings, quiet)
         if not quiet:
             if is_pipeline_report(report):

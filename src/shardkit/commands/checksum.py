@@ -51,6 +51,7 @@ class ChecksumReport(JsonReport):
     seconds: float
     output: str | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which file loaders use
 
     def manifest(self) -> str:
         """The manifest text: `sha256sum` lines, or the tensor JSON."""
@@ -121,6 +122,7 @@ def checksum(
         seconds=0.0,
         output=str(output) if output is not None else None,
         warnings=list(checkpoint.warnings),
+        notes=list(checkpoint.notes),
     )
     if output is not None:
         _write_atomically(Path(output), report.manifest())

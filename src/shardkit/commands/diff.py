@@ -79,6 +79,7 @@ class DiffReport(JsonReport):
     max_abs_diff: dict[str, float | None] | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which file loaders use
     #: Companion files (config, tokenizer, ...: what merge copies), compared when both
     #: sides are folders or indexes; names relative to each side's folder.
     files_only_a: list[str] = field(default_factory=list)
@@ -177,6 +178,7 @@ def diff(
         max_abs_diff=dict(sorted(measured.items())) if measured is not None else None,
         seconds=round(time.perf_counter() - started, 6),
         warnings=[*_labelled("A", left.warnings), *_labelled("B", right.warnings)],
+        notes=[*_labelled("A", left.notes), *_labelled("B", right.notes)],
         files_only_a=only_a,
         files_only_b=only_b,
         files_different=different,
