@@ -107,7 +107,7 @@ def not_an_index(path: Location) -> str:
         "generation_config.json": "the generation config",
         "tokenizer_config.json": "the tokenizer's config",
         "tokenizer.json": "the tokenizer",
-    }.get(path.name, "not a safetensors index (it has no weight_map)")
+    }.get(path.name, "JSON without a weight_map")
     return f"{path}: {what}, not a checkpoint; its folder holds {contents(folder)}: pass the folder {folder}"
 
 
