@@ -267,12 +267,13 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
     for tensor, shard_name in weight_map.items():
         by_shard.setdefault(shard_name, []).append(tensor)
 
-    missing = [name for name in sorted(by_shard) if not (root / name).exists()]
+    # One path object per shard: a remote one remembers its stat, so each shard costs one request.
+    shard_paths = {name: root / name for name in sorted(by_shard)}
+    missing = [name for name, shard_path in shard_paths.items() if not shard_path.exists()]
     if missing:
         raise MissingShardsError(index_path, missing, len(by_shard))
     headers: dict[str, Header] = {}
-    for shard_name in sorted(by_shard):
-        shard_path = root / shard_name
+    for shard_name, shard_path in shard_paths.items():
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
         headers[shard_name] = storage.read_header(shard_path, strict=strict)
