@@ -210,6 +210,12 @@ def test_one_shard_on_a_web_server(checkpoint: SyntheticCheckpoint, served: str,
     assert inspected.stderr.startswith(
         f"shardkit: note: {checkpoint.shard_files[1]} is shard 2 of 4 of the checkpoint {index};"
     )
+    out = tmp_path / "out.safetensors"
+    merged = run_cli("merge", f"{served}/{checkpoint.shard_files[0]}", "-o", out)
+    assert merged.exit_code == 0, merged.stderr
+    assert f"is shard 1 of 4 of the checkpoint {index}: using the whole checkpoint" in merged.stderr
+    local = shardkit.merge(checkpoint.folder, tmp_path / "local.safetensors")
+    assert out.read_bytes() == Path(local.output).read_bytes()
     (checkpoint.folder / INDEX).rename(tmp_path / INDEX)
     refused = tmp_path / "refused.safetensors"
     assert_clean_failure(

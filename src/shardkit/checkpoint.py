@@ -441,12 +441,14 @@ class ShardPosition:
 
 
 def _indexes_beside(path: Location) -> list[Location]:
-    """The indexes in `path`'s folder; where the folder cannot be listed (a web server),
+    """The indexes in `path`'s folder; where none is listed (a web server lists nothing),
     the one named after the shard's prefix, if it exists."""
     try:
-        return find_indexes(path.parent)
+        found = find_indexes(path.parent)
     except ShardkitError:
-        pass
+        found = []
+    if found:
+        return found
     match = SHARD_NAME.match(path.name)
     if match is None:
         return []
