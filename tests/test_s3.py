@@ -541,11 +541,16 @@ def test_a_stale_upload_of_the_destination_is_aborted_first(store: SeaweedS3, bu
 def test_a_presigned_https_url_is_read_with_ranges_and_never_printed(
     store: SeaweedS3, bucket: str, tiny, work: Path
 ) -> None:
-    shard = tiny.folder / tiny.shard_files[0]
-    url = store.client(Config(signature_version="s3v4")).generate_presigned_url(
-        "get_object", Params={"Bucket": bucket, "Key": f"tiny/{shard.name}"}, ExpiresIn=600
-    )
+    # A file that is a whole checkpoint by itself (one shard alone would stand for its
+    # whole checkpoint, whose other files a presigned URL does not reach).
+    shard = work / "presigned-alone" / "model.safetensors"
+    shard.parent.mkdir(exist_ok=True)
+    shard.write_bytes((tiny.folder / tiny.shard_files[0]).read_bytes())
+    sign = store.client(Config(signature_version="s3v4")).generate_presigned_url
+    store.client().upload_file(str(shard), bucket, "presigned-alone/model.safetensors", Config=UPLOAD)
+    url = sign("get_object", Params={"Bucket": bucket, "Key": "presigned-alone/model.safetensors"}, ExpiresIn=600)
     signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    one_shard = sign("get_object", Params={"Bucket": bucket, "Key": f"tiny/{tiny.shard_files[0]}"}, ExpiresIn=600)
     import shardkit
 
     local, remote = work / "shard-local.safetensors", work / "shard-remote.safetensors"
@@ -554,13 +559,16 @@ def test_a_presigned_https_url_is_read_with_ranges_and_never_printed(
     inspected = run_cli("inspect", url, "--json")
     merged = run_cli("merge", url, "-o", remote)
     expired = run_cli("inspect", url.replace(signature, "0" * len(signature)))
+    partial = run_cli("merge", one_shard, "-o", work / "partial.safetensors")
 
     assert inspected.exit_code == 0, inspected.stderr
     assert json.loads(inspected.stdout)["tensors"] == len(shard_tensors(shard))
     assert merged.exit_code == 0, merged.stderr
     assert remote.read_bytes() == local.read_bytes()
     assert_clean_failure(expired, 2, "access denied (HTTP 403)")
-    for result in (inspected, merged, expired):
+    assert_clean_failure(partial, 2, "is shard 1 of 4, and a web server cannot list its folder")
+    assert not (work / "partial.safetensors").exists()
+    for result in (inspected, merged, expired, partial):
         assert "X-Amz" not in result.stdout + result.stderr and signature not in result.stdout + result.stderr
 
 
