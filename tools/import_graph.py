@@ -44,6 +44,7 @@ PLACED = {
     "checkpoint": "checkpoint",
     "variants": "checkpoint",
     "pipeline": "checkpoint",
+    "layouts": "checkpoint",
     "layers": "checkpoint",
     "hub_cache": "checkpoint",
     "plan": "plan",

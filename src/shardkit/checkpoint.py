@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import header_json, layouts, manifest, storage, variants
+from . import header_json, layouts, storage, variants
 from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotFoundError, ShardkitError, option
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
@@ -490,11 +490,12 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
     """Non-weight files of the checkpoint's folder (config, generation config, tokenizer,
     chat template, README, LICENSE, ...) as (path, relative name).
 
-    Weight files of any format, indexes, checksum manifests that name weight files
-    (stale once the weights are rewritten), hidden entries, shardkit's temporaries and
+    Weight files of any format, indexes, hidden entries, shardkit's temporaries and
     `exclude` (an output placed inside the source folder) are left out, and so are
     subfolders: a loader reads the folder's own files, and a subfolder (an earlier
     `resharded/` output, Llama's `original/`) is another checkpoint, not part of this one.
+    Checksum manifests are still among them (:func:`shardkit.manifest.companions` leaves
+    out those that name weight files).
     """
     root = checkpoint.root
     if checkpoint.index_path is None and len(checkpoint.shards) == 1 and not (root / "config.json").is_file():
@@ -512,7 +513,6 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
             or name.endswith(".bin.index.json")
             or (excluded is not None and path.resolve() == excluded)
             or not path.is_file()
-            or manifest.names_files_of(path, WEIGHT_SUFFIXES)
         ):
             continue
         found.append((path, relative))

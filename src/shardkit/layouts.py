@@ -87,7 +87,8 @@ def no_weights(root: Location) -> str:
                 f"{names(components, 6)}: pass one of them, e.g. {root / components[0].rstrip('/')}"
             )
     found: dict[str, list[str]] = {}
-    for path in sorted(root.glob("*")):
+    entries: list[Location] = list(root.glob("*"))
+    for path in sorted(entries, key=lambda p: p.name):
         suffix = next((s for s in _OTHER_FORMATS if path.name.endswith(s)), None)
         if suffix is not None and path.is_file():
             found.setdefault(_OTHER_FORMATS[suffix], []).append(path.name)

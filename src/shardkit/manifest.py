@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
+from .checkpoint import WEIGHT_SUFFIXES, Checkpoint, companion_files
 from .errors import BadInputError
+from .storage import Location
 
 TENSOR_MANIFEST_FORMAT = "shardkit.tensor-sha256"
 TENSOR_MANIFEST_VERSION = 1
@@ -80,6 +82,14 @@ def format_tensor_manifest(tensors: Mapping[str, TensorDigest]) -> str:
 _MANIFEST_MAX_BYTES = 1 << 20
 _SHA256SUM_NAMES = ("sha256sums", "sha256sums.txt", "sha256sum", "sha256sum.txt", "checksums", "checksums.txt")
 _SHA256SUM_SUFFIXES = (".sha256", ".sha256sum", ".sha256sums")
+
+
+def companions(checkpoint: Checkpoint, exclude: Location | None = None) -> list[tuple[Location, str]]:
+    """The checkpoint's companion files (:func:`~shardkit.checkpoint.companion_files`:
+    config, tokenizer, ...) without the file manifests that name its weight files:
+    what a merge or split copies, what `checksum` covers and `diff` compares."""
+    found = companion_files(checkpoint, exclude)
+    return [(path, name) for path, name in found if not names_files_of(path, WEIGHT_SUFFIXES)]
 
 
 def names_files_of(path: object, suffixes: tuple[str, ...]) -> bool:

@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import atomic, storage
-from ..checkpoint import Checkpoint, companion_files, open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import BadInputError, OutputError, OutputExistsError
 from ..hashing import Streamer
-from ..manifest import TensorDigest, format_file_manifest, format_tensor_manifest, tensor_manifest_document
+from ..manifest import (
+    TensorDigest,
+    companions,
+    format_file_manifest,
+    format_tensor_manifest,
+    tensor_manifest_document,
+)
 from ..pipeline import find_pipeline
 from ..reports import JsonReport
-from ..storage import stream
+from ..storage import Location, stream
 from .writing import ProgressCallback
 
 if TYPE_CHECKING:
@@ -134,12 +140,12 @@ def file_checksums(
 ) -> list[FileChecksum]:
     """SHA-256 of every file a loader reads, named relative to the checkpoint folder
     and sorted by that name: the weight files, the index, and the files a merge
-    copies (:func:`~shardkit.checkpoint.companion_files`; `exclude`, the manifest
+    copies (:func:`~shardkit.manifest.companions`; `exclude`, the manifest
     being written, is not among them)."""
     files = {manifest_name(storage.lookup(h.path), checkpoint.root): storage.lookup(h.path) for h in checkpoint.shards}
     if checkpoint.index_path is not None:
         files[manifest_name(checkpoint.index_path, checkpoint.root)] = checkpoint.index_path
-    for path, relative in companion_files(checkpoint):
+    for path, relative in companions(checkpoint):
         if exclude is None or path.resolve() != exclude.resolve():
             files[relative] = path
     sizes = {name: storage.size(path) for name, path in files.items()}
@@ -168,12 +174,12 @@ def tensor_digests(checkpoint: Checkpoint, progress: ProgressCallback | None = N
     return dict(sorted(digests.items()))
 
 
-def manifest_name(file: Path, root: Path) -> str:
-    """How a manifest names `file`: relative to the checkpoint folder, '/'-separated."""
-    try:
-        return file.relative_to(root).as_posix()
-    except ValueError:
-        return file.as_posix()
+def manifest_name(file: Location, root: Location) -> str:
+    """How a manifest names `file`: relative to the checkpoint folder, '/'-separated
+    (local or remote: both spell a path with '/')."""
+    prefix = str(root).rstrip("/") + "/"
+    text = str(file)
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _check_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
@@ -227,7 +233,10 @@ def checksum_pipeline(
     for weight_set, checkpoint in opened:
         for each in file_checksums(checkpoint, progress):
             entries.append(dataclasses.replace(each, name=f"{weight_set.component}/{each.name}"))
+    listed = {e.name for e in entries}  # file_checksums already covers each component's index and companions
     for file, name in _loader_files(pipeline, opened):
+        if name in listed:
+            continue
         with open(file, "rb") as handle:
             data = handle.read()
         entries.append(FileChecksum(name, len(data), hashlib.sha256(data).hexdigest()))
@@ -243,12 +252,10 @@ def checksum_pipeline(
 
 def _loader_files(pipeline: Pipeline, opened: list[tuple[WeightSet, Checkpoint]]) -> list[tuple[Path, str]]:
     """The pipeline's other files a load reads: its copies, each component's index and config files."""
-    from ..checkpoint import companion_files
-
     found = dict((name, path) for path, name in pipeline.copies)
     for weight_set, checkpoint in opened:
         if checkpoint.index_path is not None:
             found[f"{weight_set.component}/{checkpoint.index_path.name}"] = Path(str(checkpoint.index_path))
-        for path, name in companion_files(checkpoint):
+        for path, name in companions(checkpoint):
             found.setdefault(f"{weight_set.component}/{name}", Path(str(path)))
     return sorted((path, name) for name, path in found.items())

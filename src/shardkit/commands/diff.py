@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint import Checkpoint, SourceTensor, companion_files, open_checkpoint
+from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..compare import compare_checkpoints
 from ..errors import BadInputError, option
+from ..manifest import companions
 from ..pipeline import is_pipeline
 from ..reports import JsonReport
 from .inspect import metadata_union
@@ -192,7 +193,7 @@ def _is_folder(side: str | os.PathLike[str]) -> bool:
 
 def _companion_changes(left: Checkpoint, right: Checkpoint) -> tuple[list[str], list[str], list[str]]:
     """Companion files only in A, only in B, and on both sides with different bytes."""
-    a, b = (dict((name, path) for path, name in companion_files(side)) for side in (left, right))
+    a, b = (dict((name, path) for path, name in companions(side)) for side in (left, right))
     different = [name for name in sorted(a.keys() & b.keys()) if _digest(a[name]) != _digest(b[name])]
     return sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys()), different
 

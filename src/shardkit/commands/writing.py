@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .. import storage
-from ..checkpoint import Checkpoint, companion_files, open_checkpoint, open_file
+from ..checkpoint import Checkpoint, open_checkpoint, open_file
 from ..compare import compare_checkpoints
 from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, parse_config
 from ..destination import Sources, check_name_fits
@@ -16,6 +16,7 @@ from ..dtype_cast import CastStats
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..execute import execute, write_checksum_beside
 from ..fill import CastLog
+from ..manifest import companions
 from ..plan import FileCopy, Plan
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
 from ..storage import Location
@@ -200,7 +201,7 @@ def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoi
     """The source folder's non-weight files for a folder output; with a conversion,
     config.json names the new dtype (every other file is copied unchanged)."""
     copies = []
-    for path, name in companion_files(checkpoint, exclude=output):
+    for path, name in companions(checkpoint, exclude=output):
         data = None
         if dtypes is not None and name == "config.json":
             data = config_with_dtype(storage.read_bytes(path), dtypes.target, path, dtypes.fp8 is not None)
