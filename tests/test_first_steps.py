@@ -484,18 +484,7 @@ def test_inspect_of_a_path_that_is_not_the_checkpoint_names_what_is_there(
     assert_refused(folder, ["inspect", folder / "config.json"], 2,
                    f"{folder / 'config.json'}: the model's config, not a checkpoint; {holds}")
     assert_refused(folder, ["verify", folder / "model.safetensors"], 2, f"no such file or folder; {holds}")
-
-    pipeline = tmp_path / "sdxl"
-    for component in ("unet", "vae", "text_encoder"):
-        write_checkpoint(pipeline / component, max_shard_size=None, companions=False, prefix="diffusion_pytorch_model")
-    (pipeline / "scheduler").mkdir()
-    (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    expected = (
-        f"{pipeline}: a diffusers pipeline (model_index.json); its weights are in the components "
-        f"text_encoder/, unet/, vae/: pass one of them, e.g. {pipeline / 'text_encoder'}"
-    )
-    assert_refused(tmp_path, ["inspect", pipeline], 2, expected)
-    assert_refused(tmp_path, ["inspect", pipeline / "model_index.json"], 2, expected)
+    # A diffusers pipeline's root is a checkpoint of its own now (tests/test_diffusers_pipeline.py).
 
 
 def test_a_flood_is_one_line_per_file_with_a_few_names(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:

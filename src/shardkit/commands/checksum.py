@@ -230,10 +230,13 @@ def checksum_pipeline(
         for _, checkpoint in opened:
             _check_output(Path(output), checkpoint, force)
     entries: list[FileChecksum] = []
+    listed: set[str] = set()  # a component's variants share its config and tokenizer files: listed once
     for weight_set, checkpoint in opened:
         for each in file_checksums(checkpoint, progress):
-            entries.append(dataclasses.replace(each, name=f"{weight_set.component}/{each.name}"))
-    listed = {e.name for e in entries}  # file_checksums already covers each component's index and companions
+            name = f"{weight_set.component}/{each.name}"
+            if name not in listed:
+                entries.append(dataclasses.replace(each, name=name))
+                listed.add(name)
     for file, name in _loader_files(pipeline, opened):
         if name in listed:
             continue
