@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +34,7 @@ class FileSummary(JsonReport):
     size: int
     header_size: int  # the JSON, padding included (the 8-byte length not counted)
     tensors: int
-    metadata: dict[str, str] | None
+    metadata: Mapping[str, str] | None  # the header's own dict, not a copy
 
 
 @dataclass(frozen=True)
