@@ -123,9 +123,27 @@ class Scales:
 
 
 @dataclass(frozen=True)
+class Gather:
+    """Where a strided tensor's elements are: element (i0, i1, ...) in C order is at
+    `source_offset + (i0*stride[0] + i1*stride[1] + ...) * itemsize` of the source.
+    A torch file stores a transposed or sliced view as its whole storage plus this."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements
+
+    def span(self, itemsize: int) -> int:
+        """Bytes from the first element's start to the last one's end."""
+        return (sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1) * itemsize
+
+
+@dataclass(frozen=True)
 class Transform:
     """A tensor's elements re-encoded: `source_length` bytes of `src_dtype` elements at
     `source_offset` of `source` become `length` bytes of `dst_dtype` at `offset`.
+
+    With `gather`, the elements are not one run of source bytes but a strided view
+    (made contiguous, as `tensor.contiguous()` does); `source_length` is still what
+    they would take as one run. Either or both (gather, then cast) may apply.
 
     What it produces (dtype, size, place) is fixed here; the bytes are made while
     writing, a chunk at a time, by :func:`shardkit.fill.fill`. The range covers whole
@@ -141,6 +159,7 @@ class Transform:
     dst_dtype: str
     tensor: str
     scales: Scales | None = None  # set: FP8 elements dequantised by these block scales
+    gather: Gather | None = None  # set: a strided view gathered into C order
 
     def scale_span(self, first_element: int, last_element: int) -> tuple[str, int, int]:
         """The scale bytes that elements first..last (inclusive) are multiplied by."""
@@ -202,6 +221,9 @@ class PlannedFile:
                 yield step.source, step.source_offset + lo, hi - lo
             elif isinstance(step, Transform):
                 src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+                if step.gather is not None:  # any element may be anywhere in the view's span
+                    yield step.source, step.source_offset, step.gather.span(src)
+                    continue
                 first, last = lo // dst, -(-hi // dst)
                 yield step.source, step.source_offset + first * src, (last - first) * src
                 if step.scales is not None:
@@ -352,10 +374,15 @@ def plan_file(
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
-        if spec.dtype != source.info.dtype:
+        view = source.view
+        if spec.dtype != source.info.dtype or view is not None:
+            gather = Gather(view.shape, view.stride) if view is not None else None
+            if gather is not None and spec.name in scales:
+                raise BadInputError(f"{spec.name}: a strided FP8 view with block scales cannot be dequantised; "
+                                    "save the tensor contiguous first")
             steps.append(Transform(
                 dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes,
-                source.info.dtype, spec.dtype, spec.name, _scales(source, scales.get(spec.name)),
+                source.info.dtype, spec.dtype, spec.name, _scales(source, scales.get(spec.name)), gather,
             ))
             continue
         last = steps[-1]
