@@ -27,7 +27,7 @@ from .errors import BadInputError, CheckpointError, PathNotFoundError, ShardkitE
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
 from .storage import Location
-from .torch_checkpoint import TORCH_SUFFIXES, TorchHeader, View, is_torch_file
+from .torch_checkpoint import TORCH_SUFFIXES, TorchHeader, View, is_torch_file, safetensors_name
 from .variants import WeightSet
 
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
@@ -209,6 +209,8 @@ def find_indexes(root: Location) -> list[Location]:
 def single_file_name_for(index_name: str) -> str:
     """`model.safetensors.index.json` → `model.safetensors`; variant `.index.fp16.json`
     → `model.fp16.safetensors` (transformers' `_add_variant`)."""
+    if ".safetensors.index" not in index_name and ".bin.index" in index_name:
+        return safetensors_name(index_name.partition(".bin.index")[0] + ".bin")
     prefix, _, rest = index_name.partition(".safetensors.index")
     variant = rest[: -len(".json")].strip(".")
     return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"

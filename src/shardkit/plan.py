@@ -374,16 +374,9 @@ def plan_file(
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
-        view = source.view
-        if spec.dtype != source.info.dtype or view is not None:
-            gather = Gather(view.shape, view.stride) if view is not None else None
-            if gather is not None and spec.name in scales:
-                raise BadInputError(f"{spec.name}: a strided FP8 view with block scales cannot be dequantised; "
-                                    "save the tensor contiguous first")
-            steps.append(Transform(
-                dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes,
-                source.info.dtype, spec.dtype, spec.name, _scales(source, scales.get(spec.name)), gather,
-            ))
+        if spec.dtype != source.info.dtype or source.view is not None:
+            scale = _scales(source, scales.get(spec.name))
+            steps.append(tensor_transform(source, dest, spec.dtype, spec.nbytes, scale))
             continue
         last = steps[-1]
         if (
@@ -410,6 +403,23 @@ def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:
     return Scales(
         scale.shard.path, scale.offset, scale.info.nbytes, scale.name, grid, of.block, columns,
         scale.info.dtype, of.product_dtype,
+    )
+
+
+def tensor_transform(
+    source: SourceTensor, offset: int, dtype: str, nbytes: int, scales: Scales | None = None
+) -> Transform:
+    """The step that makes `source` contiguous in `dtype` (`nbytes` of it) at `offset`,
+    dequantised by `scales` when given."""
+    view = source.view
+    gather = Gather(view.shape, view.stride) if view is not None else None
+    if gather is not None and scales is not None:
+        raise BadInputError(
+            f"{source.name}: a strided FP8 view with block scales cannot be dequantised; save it contiguous first"
+        )
+    return Transform(
+        offset, nbytes, source.shard.path, source.offset, source.info.nbytes, source.info.dtype, dtype,
+        source.name, scales, gather,
     )
 
 

@@ -50,6 +50,16 @@ def is_torch_file(name: str) -> bool:
     return name.endswith(TORCH_SUFFIXES)
 
 
+def safetensors_name(name: str) -> str:
+    """The Hub converter's name for a torch file's conversion: `pytorch_model.bin` →
+    `model.safetensors`, `pytorch_model-00001-of-00002.bin` → `model-00001-of-00002.safetensors`,
+    any other `NAME.bin` (`diffusion_pytorch_model.bin`) → `NAME.safetensors`."""
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model") :]
+    return f"{stem}.safetensors"
+
+
 @dataclass(frozen=True)
 class View:
     """A tensor whose elements are not one run of bytes: element (i0, i1, ...) is at
