@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from .errors import BadInputError
 
-#: Opcodes executed at most: a state dict costs about 30 per tensor.
-MAX_STEPS = 10_000_000
+#: Opcodes executed at most: a state dict costs about 30 per tensor, so this is 130,000 tensors.
+MAX_STEPS = 4_000_000
 #: Elements held in containers and bytes in strings at most, all values together.
 MAX_MEMORY = 512 * 1024 * 1024
 _MEMORY_PER_ITEM = 16
@@ -164,10 +164,14 @@ class _Machine:
     # ------------------------------------------------------------------ the machine
 
     def run(self) -> object:
+        data, handlers = self.data, _HANDLERS
         for _ in range(self.max_steps):
             at = self.position
-            code = self.take(1)[0]
-            handler = _HANDLERS.get(code)
+            if at >= len(data):
+                raise self.refuse("the pickle ends before its STOP opcode (truncated)")
+            code = data[at]
+            self.position = at + 1
+            handler = handlers.get(code)
             if handler is None:
                 name = _NAMES.get(code, "unknown")
                 raise self.refuse(f"pickle opcode {name} ({code:#04x}) at byte {at}, which no torch state dict uses")
