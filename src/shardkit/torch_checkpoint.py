@@ -181,7 +181,7 @@ def _state_dict(value: object, path: str) -> dict[str, TensorRef]:
             raise BadInputError(
                 f"{path}: {name!r} is a {type(tensor).__name__}, not a tensor; only state dicts of tensors convert"
             )
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _check(archive: TorchZip, name: str, ref: TensorRef) -> _Found:

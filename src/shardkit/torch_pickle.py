@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from .errors import BadInputError
 
@@ -81,7 +82,7 @@ class _Mark:
 _MARK = _Mark()
 
 
-class _OrderedDict(dict):  # type: ignore[type-arg]
+class _OrderedDict(dict[object, object]):
     """A dict made by `collections.OrderedDict()`: BUILD may give it torch's `_metadata`."""
 
 
@@ -238,7 +239,7 @@ def _allowed(target: Global) -> bool:
     return target.module == "torch" and (target.name in STORAGE_TYPES or target.name in TORCH_DTYPES)
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return type(value) is int and 0 <= value < 2**63
 
 
@@ -268,9 +269,9 @@ def _rebuild_tensor(machine: _Machine, target: Global, args: tuple[object, ...])
         dtype = dtype.name
     if not isinstance(storage, StorageRef) or not isinstance(dtype, str):
         raise machine.refuse(f"the pickle calls {target} on {_short(storage)}, not a storage")
-    if not _is_count(offset) or not _is_dims(shape) or not _is_dims(stride) or len(shape) != len(stride):  # type: ignore[arg-type]
+    if not _is_count(offset) or not _is_dims(shape) or not _is_dims(stride) or len(shape) != len(stride):
         raise machine.refuse(f"the pickle calls {target} with a malformed offset, shape or stride")
-    return TensorRef(storage, dtype, offset, shape, stride)  # type: ignore[arg-type]
+    return TensorRef(storage, dtype, offset, shape, stride)
 
 
 def _rebuild_parameter(machine: _Machine, target: Global, args: tuple[object, ...]) -> object:
@@ -291,7 +292,7 @@ def _encode(machine: _Machine, target: Global, args: tuple[object, ...]) -> obje
     return args[0].encode("latin-1")
 
 
-def _is_dims(value: object) -> bool:
+def _is_dims(value: object) -> TypeGuard[tuple[int, ...]]:
     return isinstance(value, tuple) and len(value) <= 64 and all(_is_count(v) for v in value)
 
 
