@@ -190,3 +190,50 @@ def test_a_sharded_bin_checkpoint_merges_and_splits(tmp_path: Path, how: str) ->
     for shard in sorted((tmp_path / "split").glob("*.safetensors")):
         found.update(load_file(shard))
     assert tensor_bytes(found) == tensor_bytes(state)
+
+
+# ---------------------------------------------------------------------- convert
+
+
+def test_convert_makes_the_folder_the_hub_converter_makes(tmp_path: Path) -> None:
+    state = sharded_bin(tmp_path / "source")
+    source = tmp_path / "source"
+    (source / "config.json").write_text('{"model_type": "qwen2"}')
+    (source / "tokenizer.json").write_text("{}")
+    (source / "training_args.bin").write_bytes(b"\x80\x02}.")  # a pickle, never read nor copied
+    result = run_cli("convert", source, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "out"
+    shards = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*shards, "model.safetensors.index.json", "config.json", "tokenizer.json"])
+    for i, shard in enumerate(shards, 1):  # convert.py's convert_file, one shard at a time
+        assert_same_as_reference(out / shard, source / f"pytorch_model-{i:05d}-of-00003.bin")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    bin_index = json.loads((source / "pytorch_model.bin.index.json").read_text())
+    assert index["weight_map"] == {k: v.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+                                   for k, v in bin_index["weight_map"].items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
+
+
+def test_convert_to_one_file_through_the_python_api(tmp_path: Path, bin_file: Path) -> None:
+    import shardkit
+
+    report = shardkit.convert(bin_file, tmp_path / "model.safetensors")
+    assert_same_as_reference(tmp_path / "model.safetensors", bin_file)
+    assert any("lm_head.weight" in w and "model.embed_tokens.weight" in w for w in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_tiny_qwen2_converted_from_bin_gives_the_same_logits(tmp_path: Path, tie: bool) -> None:
+    from hf_models import logits, tiny_qwen2
+
+    model = tiny_qwen2(tie)
+    model.save_pretrained(tmp_path / "reference")  # safetensors, as transformers writes it
+    source = tmp_path / "bin"
+    model.config.save_pretrained(source)
+    torch.save(model.state_dict(), source / "pytorch_model.bin")
+    result = run_cli("convert", source, "-o", tmp_path / "converted")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "converted" / "model.safetensors").is_file()
+    assert torch.equal(logits(tmp_path / "converted"), logits(tmp_path / "reference"))

@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import header_json
-from .checkpoint import Checkpoint, SourceTensor
+from .checkpoint import Checkpoint, SourceTensor, single_file_name_for
 from .errors import BadInputError
 from .format import (
     DTYPES,
@@ -431,6 +431,50 @@ def plan_sources(checkpoint: Checkpoint) -> tuple[Source, ...]:
     return tuple(Source(h.path, h.file_size, h.stat) for h in checkpoint.shards)
 
 
+def tied_warnings(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """One line per torch file whose tied tensors are written once (see
+    :mod:`shardkit.torch_checkpoint`): which names were dropped for which."""
+    lines = []
+    for shard in checkpoint.shards:
+        dropped = getattr(shard, "dropped", None)
+        if dropped:
+            pairs = ", ".join(f"{name} (= {kept})" for name, kept in sorted(dropped.items()))
+            lines.append(
+                f"{Path(shard.path).name}: {len(dropped)} tied tensor name(s) share a storage with a kept "
+                f"tensor and are written once, recorded in the file's metadata as the Hub converter does: {pairs}"
+            )
+    return tuple(lines)
+
+
+def plan_convert(
+    checkpoint: Checkpoint, copies: Sequence[FileCopy] = (), dtype_for: DtypeFor | None = None
+) -> Plan:
+    """The folder the Hub's converter makes of a `.bin` checkpoint: one safetensors file
+    per source file with the same tensors and metadata (`pytorch_model-00001-of-00002.bin`
+    → `model-00001-of-00002.safetensors`), and for several an index
+    `model.safetensors.index.json` keeping the source index's metadata."""
+    from .torch_checkpoint import safetensors_name
+
+    by_shard: dict[str, list[SourceTensor]] = {}
+    for tensor in checkpoint.tensors.values():
+        by_shard.setdefault(tensor.shard.path, []).append(tensor)
+    files = tuple(
+        plan_file(safetensors_name(Path(shard.path).name), by_shard.get(shard.path, []),
+                  {"format": "pt", **(shard.metadata or {})}, dtype_for)
+        for shard in checkpoint.shards
+    )
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{checkpoint.root}: two source files would convert to the same name ({names})")
+    index_name = index = None
+    if len(files) > 1:
+        single = single_file_name_for(checkpoint.index_path.name) if checkpoint.index_path else "model.safetensors"
+        index_name = f"{single}.index.json"
+        index = _hub_index(checkpoint, files)
+    warnings = tuple(checkpoint.warnings) + tied_warnings(checkpoint)
+    return Plan(files, index_name, index, tuple(copies), warnings, plan_sources(checkpoint))
+
+
 def plan_merge(
     checkpoint: Checkpoint,
     file_name: str,
@@ -442,7 +486,8 @@ def plan_merge(
     metadata, warnings = merged_metadata(checkpoint)
     planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
     return Plan(
-        (planned,), copies=tuple(copies), warnings=tuple(checkpoint.warnings) + tuple(warnings),
+        (planned,), copies=tuple(copies),
+        warnings=tuple(checkpoint.warnings) + tuple(warnings) + tied_warnings(checkpoint),
         sources=plan_sources(checkpoint),
     )
 
@@ -558,10 +603,14 @@ def plan_split(
     index_name = index = None
     if len(files) > 1:
         index_name = f"{prefix}.safetensors.index.json"
-        index_metadata = {k: v for k, v in checkpoint.index_metadata.items() if k != "total_size"}
-        index_metadata["total_size"] = sum(f.data_bytes for f in files)
-        weight_map = {t: f.name for f in files for t in f.tensors}
-        index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
-    return Plan(
-        files, index_name, index, tuple(copies), tuple(checkpoint.warnings) + tuple(warnings), plan_sources(checkpoint)
-    )
+        index = _hub_index(checkpoint, files)
+    warnings = [*checkpoint.warnings, *warnings, *tied_warnings(checkpoint)]
+    return Plan(files, index_name, index, tuple(copies), tuple(warnings), plan_sources(checkpoint))
+
+
+def _hub_index(checkpoint: Checkpoint, files: Sequence[PlannedFile]) -> dict[str, object]:
+    """A Hugging Face index of `files`: the source index's metadata, total_size recounted."""
+    metadata = {k: v for k, v in checkpoint.index_metadata.items() if k != "total_size"}
+    metadata["total_size"] = sum(f.data_bytes for f in files)
+    weight_map = {t: f.name for f in files for t in f.tensors}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
