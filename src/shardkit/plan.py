@@ -447,7 +447,10 @@ def tied_warnings(checkpoint: Checkpoint) -> tuple[str, ...]:
 
 
 def plan_convert(
-    checkpoint: Checkpoint, copies: Sequence[FileCopy] = (), dtype_for: DtypeFor | None = None
+    checkpoint: Checkpoint,
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
 ) -> Plan:
     """The folder the Hub's converter makes of a `.bin` checkpoint: one safetensors file
     per source file with the same tensors and metadata (`pytorch_model-00001-of-00002.bin`
@@ -460,7 +463,7 @@ def plan_convert(
         by_shard.setdefault(tensor.shard.path, []).append(tensor)
     files = tuple(
         plan_file(safetensors_name(Path(shard.path).name), by_shard.get(shard.path, []),
-                  {"format": "pt", **(shard.metadata or {})}, dtype_for)
+                  {"format": "pt", **(shard.metadata or {})}, dtype_for, scales)
         for shard in checkpoint.shards
     )
     names = [f.name for f in files]

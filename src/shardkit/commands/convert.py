@@ -59,10 +59,11 @@ def convert(
     checkpoint = open_checkpoint(source_path)
     dtypes = dtype_choice(checkpoint, dtype, keep)
     as_folder = not output_path.name.endswith(".safetensors")
+    scales = dtypes.scales if dtypes else None
     if as_folder:
-        plan = plan_convert(checkpoint, companion_copies(checkpoint, output_path, dtypes), dtypes)
+        plan = plan_convert(checkpoint, companion_copies(checkpoint, output_path, dtypes), dtypes, scales)
     else:
-        plan = plan_merge(checkpoint, output_path.name, (), dtypes)
+        plan = plan_merge(checkpoint, output_path.name, (), dtypes, scales)
     report = run_plan(
         ConvertReport, "convert", checkpoint, source_path, plan, output_path,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
