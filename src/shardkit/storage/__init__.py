@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeGuard, Union
 
 from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
-from ..format import Header
+from ..format import Header, identity
 from ..format import read_header as read_local_header
 from ..torch_checkpoint import is_torch_file, read_torch_file
 from .location import LocalReader as LocalReader
@@ -129,7 +129,7 @@ def _read_torch_header(location: Location) -> Header:
     """A torch zip's tensors as a header (:mod:`shardkit.torch_checkpoint`), read as data."""
     if isinstance(location, Path):
         st = location.stat()
-        stat: tuple[object, ...] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        stat: tuple[object, ...] = identity(st)
         size = st.st_size
         where = str(location)
     else:
