@@ -74,10 +74,10 @@ BAD_NAMES = [
     ("drive-letter-backslash", "C:\\models\\model.safetensors", "Windows paths are refused"),
     ("backslash", "sub\\model-00001-of-00004.safetensors", "Windows paths are refused"),
     ("nul-byte", "model-00001-of-00004.safetensors\0.txt", "NUL byte"),
-    ("not-safetensors", "config.json", "is not a .safetensors file"),
-    ("gguf", "model.gguf", "is not a .safetensors file"),
-    ("pickle-bin", "pytorch_model-00001-of-00002.bin", "pickle-based file: refused, shardkit never unpickles"),
-    ("pickle-pt", "model.pt", "pickle-based file"),
+    ("not-safetensors", "config.json", "is not a .safetensors or torch .bin file"),
+    ("gguf", "model.gguf", "is not a .safetensors or torch .bin file"),
+    ("pickle-ckpt", "model.ckpt", "pickle-based file: refused, shardkit never unpickles"),
+    ("pickle-pkl", "weights.pkl", "pickle-based file"),
     ("empty", "", "must be a file name"),
     ("not-a-string", 7, "must be a file name"),
 ]
@@ -93,7 +93,7 @@ def test_weight_map_names_outside_the_folder_are_refused(
     shutil.copy(checkpoint.folder / SHARD_1, outside)
     if bad == "ABSOLUTE":
         bad = str(outside)
-    if isinstance(bad, str) and bad.endswith((".bin", ".pt")):
+    if isinstance(bad, str) and bad.endswith((".ckpt", ".pkl")):
         (checkpoint.folder / bad).write_bytes(b"\x80\x02}q\x00.")  # a pickle; must never be opened
     tensor = json.loads((checkpoint.folder / INDEX).read_text())["weight_map"]
     name = next(t for t, shard in tensor.items() if shard == SHARD_1)
@@ -107,14 +107,14 @@ def test_weight_map_names_outside_the_folder_are_refused(
                    f"{checkpoint.folder / INDEX}: weight_map entry {name!r}", rule, output=out)
 
 
-def test_bin_index_alone_is_refused(tmp_path: Path) -> None:
-    """A pytorch_model.bin checkpoint: shardkit names why it will not read it."""
+def test_a_bare_pickle_named_bin_is_refused(tmp_path: Path) -> None:
+    """A pytorch_model.bin that is not torch's zip format: shardkit names why it will not read it."""
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
     out = tmp_path / "out.safetensors"
     assert_refused(tmp_path, ["merge", folder / "pytorch_model.bin", "-o", out], 2,
-                   "pickle-based weight files are refused; shardkit never unpickles", output=out)
+                   "not a zip-based torch checkpoint", output=out)
 
 
 def test_tensor_listed_but_missing_from_its_shard(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:

@@ -343,3 +343,55 @@ def test_a_compressed_tensors_scale_of_the_wrong_shape_is_refused(tmp_path: Path
     result = run_cli("merge", source, "-o", tmp_path / "o.safetensors", "--dtype", "bf16")
     assert_clean_failure(result, 2, "weight 'w.weight' and its scale 'w.weight_scale': the scale has shape [130, 1]")
     assert snapshot(tmp_path) == before and temporaries(tmp_path) == []
+
+
+def test_inspect_shows_the_fp8_scheme_and_counts_no_scale_as_a_parameter(tmp_path: Path) -> None:
+    source = tmp_path / "fp8"
+    tensors = deepseek_fp8(source)
+    result = run_cli("inspect", source, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    scales = [n for n in tensors if n.endswith("_scale_inv")]
+    assert report["quantization"] == {
+        "scheme": "fp8", "block_size": [128, 128], "quantised_tensors": 4, "scale_tensors": 4,
+        "scale_parameters": sum(tensors[n].numel() for n in scales),
+    }
+    assert report["parameters"] == sum(t.numel() for n, t in tensors.items() if n not in scales)
+    assert report["parameters"] == sum(report["parameters_by_dtype"].values())
+    text = run_cli("inspect", source).stdout
+    assert "quantisation  fp8 (F8_E4M3, blocks 128×128): 4 quantised tensors, 4 scale tensors" in text
+
+
+def test_inspect_warns_about_a_broken_fp8_layout_instead_of_failing(tmp_path: Path) -> None:
+    weight, scales = fp8_weight(200, 130, 3)
+    source = _broken(tmp_path, {"a.weight": weight, "a.weight_scale_inv": scales[:, :1].contiguous()})
+    result = run_cli("inspect", source, "--json")
+    assert result.exit_code == 0
+    assert "the scale has shape [2, 1], expected [2, 2]" in " ".join(json.loads(result.stdout)["warnings"])
+
+
+@pytest.mark.hf
+def test_verify_accepts_the_scales_of_an_fp8_model(tmp_path: Path) -> None:
+    import shardkit
+    from hf_models import tiny_qwen2
+
+    model = tiny_qwen2(tie=False)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            tensors[name] = value.clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = torch.ones(-(-value.shape[0] // 32), -(-value.shape[1] // 32))
+        else:
+            tensors[name] = value.contiguous()
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]}
+    (folder / "config.json").write_text(json.dumps(config))
+    report = shardkit.verify(folder)
+    assert report.ok, [str(p) for p in report.problems]
+    assert "architecture" in report.checks
+    del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]  # a real problem is still one
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert not shardkit.verify(folder).ok

@@ -207,26 +207,40 @@ def malicious_pickle(marker: Path) -> bytes:
     return pickle.dumps({"weight": Exploit()})
 
 
-REFUSED_IN_INDEX = "pickle-based file: refused, shardkit never unpickles"
+REFUSED = "not a zip-based torch checkpoint"
 
 
-@pytest.mark.parametrize("how", ["index", "source-file", "bin-index"])
+@pytest.mark.parametrize("how", ["index", "source-file", "bin-index", "folder"])
 def test_pickle_is_refused_and_never_loaded(tmp_path: Path, how: str) -> None:
+    """A bare pickle named like a torch checkpoint, reached every way a source can name
+    it: shardkit reads torch's zip format as data (tests/test_torch_hostile.py) and
+    refuses anything else before a byte of it is interpreted."""
     marker = tmp_path / "unpickled"
     folder = tmp_path / "source"
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(malicious_pickle(marker))
     weight_map = {"weight": "pytorch_model.bin"}
+    source = folder
     if how == "index":
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        source, message = folder, REFUSED_IN_INDEX
     elif how == "bin-index":
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        source, message = folder / "pytorch_model.bin.index.json", REFUSED_IN_INDEX
-    else:
-        source, message = folder / "pytorch_model.bin", "pickle-based weight files are refused; shardkit never unpickle"
+        source = folder / "pytorch_model.bin.index.json"
+    elif how == "source-file":
+        source = folder / "pytorch_model.bin"
     before = snapshot(tmp_path)
     result = run_cli("merge", source, "-o", tmp_path / "out.safetensors")
-    assert_clean_failure(result, 2, message)
+    assert_clean_failure(result, 2, REFUSED)
     assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pkl", ".pickle"])
+def test_other_pickles_are_refused_unread(tmp_path: Path, suffix: str) -> None:
+    marker = tmp_path / "unpickled"
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(malicious_pickle(marker))
+    before = snapshot(tmp_path)
+    result = run_cli("merge", path, "-o", tmp_path / "out.safetensors")
+    assert_clean_failure(result, 2, "pickle-based weight files are refused; shardkit never unpickles")
+    assert not marker.exists() and snapshot(tmp_path) == before

@@ -13,6 +13,7 @@ from .version import __version__
 
 _API = {
     "merge": "shardkit.commands.merge",
+    "convert": "shardkit.commands.convert",
     "split": "shardkit.commands.split",
     "inspect": "shardkit.commands.inspect",
     "diff": "shardkit.commands.diff",
@@ -24,6 +25,7 @@ _API = {
 if TYPE_CHECKING:
     from .commands.checksum import checksum
     from .commands.clean import clean
+    from .commands.convert import convert
     from .commands.diff import diff
     from .commands.inspect import inspect
     from .commands.merge import merge

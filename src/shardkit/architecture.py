@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInputError, MissingExtraError
+from .fp8_layout import is_fp8, quantised_names
 
 __all__ = [
     "ArchitectureCheckError",
@@ -151,6 +152,10 @@ def check_architecture(
     """
     torch, transformers = _import_hf()
     present = {str(k): (str(v[0]).upper(), tuple(int(d) for d in v[1])) for k, v in present.items()}
+    # An FP8 checkpoint's scales belong to the FP8 layers transformers swaps in, and its
+    # FP8 weights are that dtype on purpose: neither is a problem of the architecture.
+    scales, quantised = quantised_names(present)
+    present = {k: v for k, v in present.items() if k not in scales}
     with _quiet(transformers):
         skeleton = _build_skeleton(Path(config_path), torch, transformers)
         try:
@@ -162,7 +167,7 @@ def check_architecture(
             classification = _classify_simple(skeleton, present)
 
     problems = list(classification.problems)
-    problems.extend(_dtype_problems(skeleton, present, classification.renamed))
+    problems.extend(p for p in _dtype_problems(skeleton, present, classification.renamed) if p.tensor not in quantised)
     problems.sort(key=lambda p: (_KIND_ORDER.get(p.kind, 9), _natural_key(p.tensor)))
     del skeleton, classification
     _settle_gc()
@@ -436,10 +441,11 @@ def _default_dtype(dtype: Any, torch: Any) -> Iterator[None]:
 def _build_skeleton(config_path: Path, torch: Any, transformers: Any) -> _Skeleton:
     config, raw = _load_config(config_path, transformers)
     quant = raw.get("quantization_config")
-    if quant:
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if quant and not (isinstance(quant, dict) and is_fp8(quant)):
         # Quantized checkpoints store different tensors (qweight/scales/...) that only the
-        # quantizer's module replacement (`hf_quantizer.preprocess_model`) knows about.
-        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        # quantizer's module replacement (`hf_quantizer.preprocess_model`) knows about;
+        # FP8 ones keep the model's names and shapes plus scales, set aside in check_architecture.
         raise ArchitectureCheckError(
             f"{config_path}: quantized checkpoints (quant_method={method!r}) are not supported "
             "by the architecture check"

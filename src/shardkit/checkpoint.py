@@ -27,13 +27,19 @@ from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotF
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
 from .storage import Location
+from .torch_checkpoint import TORCH_SUFFIXES, TorchHeader, View, is_torch_file, safetensors_name
 from .variants import WeightSet
 
 INDEX_PATTERNS = ("*.safetensors.index.json", "*.safetensors.index.*.json")
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Pickles that are not torch's zip checkpoints: never read.
+_PICKLE_SUFFIXES = (".ckpt", ".pkl", ".pickle")
+#: pytorch_model.bin.index.json, pytorch_model.fp16.bin.index.json: the weight map of .bin shards.
+TORCH_INDEX_PATTERNS = ("*.bin.index.json",)
+#: torch files of a training folder that are not the model's weights.
+_NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"})
 #: Files that hold weights in some format; a model-folder output never copies them.
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *_PICKLE_SUFFIXES)
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *TORCH_SUFFIXES, *_PICKLE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,11 @@ class SourceTensor:
     @property
     def offset(self) -> int:
         return self.shard.data_start + self.info.begin
+
+    @property
+    def view(self) -> View | None:
+        """How a strided tensor of a torch file lies in it; None when its bytes are one run."""
+        return self.shard.views.get(self.name) if isinstance(self.shard, TorchHeader) else None
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,8 @@ def open_checkpoint(
     if not path.exists():
         raise PathNotFoundError(path, layouts.missing_path(path))
     if path.is_file():
+        if is_torch_file(path.name):
+            return _single_file(path, strict)
         if path.name.endswith(".safetensors"):
             position = shard_position(path)
             if position is None:
@@ -130,7 +143,7 @@ def open_file(path: Location, *, strict: bool = False) -> Checkpoint:
 def _refuse_non_safetensors(path: Location) -> None:
     if path.name.endswith(_PICKLE_SUFFIXES):
         raise BadInputError(f"{path}: pickle-based weight files are refused; shardkit never unpickles")
-    raise BadInputError(f"{path}: not a .safetensors file, an index .json or a folder")
+    raise BadInputError(f"{path}: not a .safetensors or torch .bin/.pt/.pth file, an index .json or a folder")
 
 
 def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
@@ -156,7 +169,7 @@ def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
 
     files = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not files:
-        raise CheckpointError(layouts.no_weights(root))
+        return _torch_folder(root, strict, allow_unindexed)
     if len(files) == 1:
         return _single_file(files[0], strict)
     return _with_folder_checks(_shard_set(root, files, strict), [], allow_unindexed, [])
@@ -195,6 +208,27 @@ def _default_variant(folder: Location, strict: bool) -> Checkpoint | None:
     return dataclasses.replace(checkpoint, warnings=(note, *checkpoint.warnings))
 
 
+def _torch_folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
+    """A folder without safetensors: its `pytorch_model.bin.index.json`, else its one
+    torch weight file (`pytorch_model.bin` first), as transformers would load it."""
+    indexes = sorted({p for pattern in TORCH_INDEX_PATTERNS for p in root.glob(pattern) if p.is_file()})
+    if len(indexes) > 1:
+        raise CheckpointError(f"{root}: several indexes ({', '.join(p.name for p in indexes)}); pass the one to use")
+    if indexes:
+        return _indexed(indexes[0], strict, allow_unindexed)
+    found = sorted(
+        p for suffix in TORCH_SUFFIXES for p in root.glob(f"*{suffix}") if p.is_file() and p.name not in _NOT_WEIGHTS
+    )
+    preferred = [p for p in found if p.name == "pytorch_model.bin"]
+    if preferred or len(found) == 1:
+        return _single_file((preferred or found)[0], strict)
+    if found:
+        raise CheckpointError(
+            f"{root}: several torch files and no index ({', '.join(p.name for p in found)}); pass the one to use"
+        )
+    raise CheckpointError(f"{root}: no .safetensors file, no torch .bin/.pt/.pth file and no index found")
+
+
 def find_indexes(root: Location) -> list[Location]:
     """Index files of a folder (`model.safetensors.index.json`, variants such as `.fp16`)."""
     found = {p for pattern in INDEX_PATTERNS for p in root.glob(pattern) if p.is_file()}
@@ -204,6 +238,8 @@ def find_indexes(root: Location) -> list[Location]:
 def single_file_name_for(index_name: str) -> str:
     """`model.safetensors.index.json` → `model.safetensors`; variant `.index.fp16.json`
     → `model.fp16.safetensors` (transformers' `_add_variant`)."""
+    if ".safetensors.index" not in index_name and ".bin.index" in index_name:
+        return safetensors_name(index_name.partition(".bin.index")[0] + ".bin")
     prefix, _, rest = index_name.partition(".safetensors.index")
     variant = rest[: -len(".json")].strip(".")
     return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"
@@ -381,8 +417,8 @@ def check_shard_name(shard_name: object, index_path: Location, tensor: str) -> N
         raise CheckpointError(
             f"{where} names {shard_name!r}, a pickle-based file: refused, shardkit never unpickles"
         )
-    if not shard_name.endswith(".safetensors"):
-        raise CheckpointError(f"{where} names {shard_name!r}, which is not a .safetensors file")
+    if not shard_name.endswith(".safetensors") and not is_torch_file(shard_name):
+        raise CheckpointError(f"{where} names {shard_name!r}, which is not a .safetensors or torch .bin file")
 
 
 def _with_folder_checks(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from . import storage
 from .checkpoint import Checkpoint, SourceTensor
 from .format import DTYPES
+from .tensor_bytes import read_tensor
 
 CHUNK = 8 * 1024 * 1024
 
@@ -75,7 +76,7 @@ class _Readers:
 
     def read(self, tensor: SourceTensor, done: int, length: int) -> bytes:
         """`length` bytes of `tensor`'s data from `done` on."""
-        return self.reader(tensor.shard.path).read(tensor.offset + done, length)
+        return read_tensor(tensor, self.reader(tensor.shard.path), done, length)
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -100,6 +100,14 @@ def config_with_dtype(text: bytes, target: str, where: object, dequantised: bool
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def read_config(checkpoint: Checkpoint) -> dict[str, object] | None:
+    """The checkpoint folder's config.json, if it has one."""
+    from . import storage
+
+    path = checkpoint.root / "config.json"
+    return parse_config(storage.read_bytes(path), path) if path.is_file() else None
+
+
 def parse_config(text: bytes, where: object) -> dict[str, object]:
     try:
         config = json.loads(text)

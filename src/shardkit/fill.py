@@ -62,6 +62,8 @@ def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, worke
 
 def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> CastStats | None:
     """Bytes [into, into + len(target)) of a transform's output."""
+    if step.gather is not None:
+        return _gathered(step, into, target, read)
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
     produce = _dequantiser(step, read) if step.scales is not None else _caster(step, read, workers)
     # a dequantised element passes through float32 scratch: 4 bytes of it per element
@@ -142,6 +144,64 @@ def _products_buffer() -> memoryview:
     if buffer is None:
         buffer = _scratch.products = memoryview(bytearray(SCRATCH))
     return buffer
+
+
+#: Elements of a strided view gathered per round: bounds the index arrays (8 bytes each).
+GATHER_ELEMENTS = 256 * 1024
+
+
+def _gathered(step: Transform, into: int, target: memoryview, read: Read) -> CastStats | None:
+    """Bytes [into, into + len(target)) of a strided view made contiguous (then cast
+    when the dtypes differ), a bounded number of elements at a time."""
+    src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+    end = into + len(target)
+    first, last = into // dst_size, -(-end // dst_size)
+    total: CastStats | None = None
+    for lo in range(first, last, GATHER_ELEMENTS):
+        count = min(last, lo + GATHER_ELEMENTS) - lo
+        elements = bytearray(count * src_size)
+        _gather(step, lo, count, memoryview(elements), read)
+        produced = memoryview(elements)
+        if step.src_dtype != step.dst_dtype:
+            produced = memoryview(bytearray(count * dst_size))
+            cut = 1 if lo == first and into % dst_size else 0  # counted by the range holding its first byte
+            cast_into(memoryview(elements)[: cut * src_size], step.src_dtype, step.dst_dtype,
+                                 produced[: cut * dst_size])
+            counted = cast_into(memoryview(elements)[cut * src_size :], step.src_dtype, step.dst_dtype,
+                                           produced[cut * dst_size :])
+            total = counted if total is None else total + counted
+        a, b = max(into, lo * dst_size), min(end, (lo + count) * dst_size)
+        target[a - into : b - into] = produced[a - lo * dst_size : b - lo * dst_size]
+    return total
+
+
+def _gather(step: Transform, first: int, count: int, into: memoryview, read: Read) -> None:
+    """Elements [first, first + count) (C order) of the view into `into`: their source
+    places are computed, sorted, and read a scratch window at a time."""
+    import numpy as np
+
+    assert step.gather is not None
+    itemsize = DTYPES[step.src_dtype].bits // 8
+    index = np.arange(first, first + count, dtype=np.int64)
+    places = np.zeros(count, dtype=np.int64)
+    for size, stride in zip(reversed(step.gather.shape), reversed(step.gather.stride)):
+        index, digit = np.divmod(index, size)
+        places += digit * stride
+    order = np.argsort(places, kind="stable")
+    ordered = places[order]
+    out = np.frombuffer(into, dtype=np.uint8).reshape(count, itemsize)
+    scratch = _scratch_buffer()
+    window = len(scratch) // itemsize
+    done = 0
+    while done < count:
+        low = int(ordered[done])
+        stop = int(np.searchsorted(ordered, low + window, side="left"))
+        span = int(ordered[stop - 1]) - low + 1
+        buffer = scratch[: span * itemsize]
+        read(step.source, step.source_offset + low * itemsize, buffer)
+        source = np.frombuffer(buffer, dtype=np.uint8).reshape(span, itemsize)
+        out[order[done:stop]] = source[ordered[done:stop] - low]
+        done = stop
 
 
 def _scratch_buffer() -> memoryview:

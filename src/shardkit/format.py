@@ -162,8 +162,12 @@ def read_header(path: str | os.PathLike[str], *, strict: bool = False) -> Header
         header = parse_file(read_at, st.st_size, str(path), strict=strict)
     finally:
         os.close(fd)
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return Header(header.path, header.header_size, header.file_size, header.metadata, header.tensors, identity)
+    return Header(header.path, header.header_size, header.file_size, header.metadata, header.tensors, identity(st))
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """Who a local file is when its header is read (`Header.stat`), to notice a change."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def parse_file(

@@ -37,6 +37,7 @@ DEFAULT_BLOCK = (128, 128)
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
+
 @dataclass(frozen=True)
 class Fp8Layout:
     """The FP8 weights of a checkpoint and how each is dequantised."""
@@ -53,6 +54,23 @@ class Fp8Layout:
 def quantization_config(config: Mapping[str, object] | None) -> Mapping[str, object] | None:
     section = (config or {}).get("quantization_config")
     return section if isinstance(section, Mapping) else None
+
+
+def is_fp8(section: Mapping[str, object]) -> bool:
+    """Whether a quantization_config describes FP8 weights: the model's own tensors in
+    F8_E4M3 plus scales (fine-grained fp8, or compressed-tensors with 8-bit float
+    weights in every group)."""
+    method = section.get("quant_method")
+    if method == "fp8":
+        return True
+    groups = section.get("config_groups")
+    if method != "compressed-tensors" or not isinstance(groups, Mapping) or not groups:
+        return False
+    for group in groups.values():
+        weights = group.get("weights") if isinstance(group, Mapping) else None
+        if not isinstance(weights, Mapping) or weights.get("type") != "float" or weights.get("num_bits") != 8:
+            return False
+    return True
 
 
 def find_layout(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> Fp8Layout | None:
@@ -193,3 +211,21 @@ def _check_pair(
             f"{where}: {both}: the scale has shape {shape}, expected {expected} "
             f"for a {rows}×{columns} weight in {block[0]}×{block[1]} blocks (weight_block_size in config.json)"
         )
+
+
+def quantised_names(present: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[set[str], set[str]]:
+    """(scale tensors, FP8 weights) among `present` (name -> (dtype, shape)), by name
+    alone: for the architecture check, which compares names and shapes with a model
+    whose layers transformers would swap for FP8 ones carrying these scales."""
+    scales: set[str] = set()
+    weights: set[str] = set()
+    for name in present:
+        for suffix in (SCALE_SUFFIX, COMPRESSED_SUFFIX):
+            weight = name[: -len(suffix)]
+            if name.endswith(suffix) and weight in present and present[weight][0] == FP8_DTYPE:
+                scales.add(name)
+                weights.add(weight)
+                input_scale = weight[: -len("weight")] + "input_scale"
+                if weight.endswith(".weight") and input_scale in present:
+                    scales.add(input_scale)
+    return scales, weights

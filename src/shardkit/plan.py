@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import header_json
-from .checkpoint import Checkpoint, SourceTensor
+from .checkpoint import Checkpoint, SourceTensor, single_file_name_for
 from .errors import BadInputError
 from .format import (
     DTYPES,
@@ -123,9 +123,27 @@ class Scales:
 
 
 @dataclass(frozen=True)
+class Gather:
+    """Where a strided tensor's elements are: element (i0, i1, ...) in C order is at
+    `source_offset + (i0*stride[0] + i1*stride[1] + ...) * itemsize` of the source.
+    A torch file stores a transposed or sliced view as its whole storage plus this."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements
+
+    def span(self, itemsize: int) -> int:
+        """Bytes from the first element's start to the last one's end."""
+        return (sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1) * itemsize
+
+
+@dataclass(frozen=True)
 class Transform:
     """A tensor's elements re-encoded: `source_length` bytes of `src_dtype` elements at
     `source_offset` of `source` become `length` bytes of `dst_dtype` at `offset`.
+
+    With `gather`, the elements are not one run of source bytes but a strided view
+    (made contiguous, as `tensor.contiguous()` does); `source_length` is still what
+    they would take as one run. Either or both (gather, then cast) may apply.
 
     What it produces (dtype, size, place) is fixed here; the bytes are made while
     writing, a chunk at a time, by :func:`shardkit.fill.fill`. The range covers whole
@@ -141,6 +159,7 @@ class Transform:
     dst_dtype: str
     tensor: str
     scales: Scales | None = None  # set: FP8 elements dequantised by these block scales
+    gather: Gather | None = None  # set: a strided view gathered into C order
 
     def scale_span(self, first_element: int, last_element: int) -> tuple[str, int, int]:
         """The scale bytes that elements first..last (inclusive) are multiplied by."""
@@ -202,6 +221,9 @@ class PlannedFile:
                 yield step.source, step.source_offset + lo, hi - lo
             elif isinstance(step, Transform):
                 src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+                if step.gather is not None:  # any element may be anywhere in the view's span
+                    yield step.source, step.source_offset, step.gather.span(src)
+                    continue
                 first, last = lo // dst, -(-hi // dst)
                 yield step.source, step.source_offset + first * src, (last - first) * src
                 if step.scales is not None:
@@ -352,11 +374,9 @@ def plan_file(
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
-        if spec.dtype != source.info.dtype:
-            steps.append(Transform(
-                dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes,
-                source.info.dtype, spec.dtype, spec.name, _scales(source, scales.get(spec.name)),
-            ))
+        if spec.dtype != source.info.dtype or source.view is not None:
+            scale = _scales(source, scales.get(spec.name))
+            steps.append(tensor_transform(source, dest, spec.dtype, spec.nbytes, scale))
             continue
         last = steps[-1]
         if (
@@ -386,12 +406,76 @@ def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:
     )
 
 
+def tensor_transform(
+    source: SourceTensor, offset: int, dtype: str, nbytes: int, scales: Scales | None = None
+) -> Transform:
+    """The step that makes `source` contiguous in `dtype` (`nbytes` of it) at `offset`,
+    dequantised by `scales` when given."""
+    view = source.view
+    gather = Gather(view.shape, view.stride) if view is not None else None
+    if gather is not None and scales is not None:
+        raise BadInputError(
+            f"{source.name}: a strided FP8 view with block scales cannot be dequantised; save it contiguous first"
+        )
+    return Transform(
+        offset, nbytes, source.shard.path, source.offset, source.info.nbytes, source.info.dtype, dtype,
+        source.name, scales, gather,
+    )
+
+
 def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:
     return tensor.info.nbytes if dtype == tensor.info.dtype else tensor_nbytes(dtype, tensor.info.shape)
 
 
 def plan_sources(checkpoint: Checkpoint) -> tuple[Source, ...]:
     return tuple(Source(h.path, h.file_size, h.stat) for h in checkpoint.shards)
+
+
+def tied_warnings(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """One line per torch file whose tied tensors are written once (see
+    :mod:`shardkit.torch_checkpoint`): which names were dropped for which."""
+    lines = []
+    for shard in checkpoint.shards:
+        dropped = getattr(shard, "dropped", None)
+        if dropped:
+            pairs = ", ".join(f"{name} (= {kept})" for name, kept in sorted(dropped.items()))
+            lines.append(
+                f"{Path(shard.path).name}: {len(dropped)} tied tensor name(s) share a storage with a kept "
+                f"tensor and are written once, recorded in the file's metadata as the Hub converter does: {pairs}"
+            )
+    return tuple(lines)
+
+
+def plan_convert(
+    checkpoint: Checkpoint,
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
+) -> Plan:
+    """The folder the Hub's converter makes of a `.bin` checkpoint: one safetensors file
+    per source file with the same tensors and metadata (`pytorch_model-00001-of-00002.bin`
+    → `model-00001-of-00002.safetensors`), and for several an index
+    `model.safetensors.index.json` keeping the source index's metadata."""
+    from .torch_checkpoint import safetensors_name
+
+    by_shard: dict[str, list[SourceTensor]] = {}
+    for tensor in checkpoint.tensors.values():
+        by_shard.setdefault(tensor.shard.path, []).append(tensor)
+    files = tuple(
+        plan_file(safetensors_name(Path(shard.path).name), by_shard.get(shard.path, []),
+                  {"format": "pt", **(shard.metadata or {})}, dtype_for, scales)
+        for shard in checkpoint.shards
+    )
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{checkpoint.root}: two source files would convert to the same name ({names})")
+    index_name = index = None
+    if len(files) > 1:
+        single = single_file_name_for(checkpoint.index_path.name) if checkpoint.index_path else "model.safetensors"
+        index_name = f"{single}.index.json"
+        index = _hub_index(checkpoint, files)
+    warnings = tuple(checkpoint.warnings) + tied_warnings(checkpoint)
+    return Plan(files, index_name, index, tuple(copies), warnings, plan_sources(checkpoint))
 
 
 def plan_merge(
@@ -405,7 +489,8 @@ def plan_merge(
     metadata, warnings = merged_metadata(checkpoint)
     planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
     return Plan(
-        (planned,), copies=tuple(copies), warnings=checkpoint.notes + checkpoint.warnings + tuple(warnings),
+        (planned,), copies=tuple(copies),
+        warnings=checkpoint.notes + checkpoint.warnings + tuple(warnings) + tied_warnings(checkpoint),
         sources=plan_sources(checkpoint),
     )
 
@@ -521,11 +606,14 @@ def plan_split(
     index_name = index = None
     if len(files) > 1:
         index_name = f"{prefix}.safetensors.index.json"
-        index_metadata = {k: v for k, v in checkpoint.index_metadata.items() if k != "total_size"}
-        index_metadata["total_size"] = sum(f.data_bytes for f in files)
-        weight_map = {t: f.name for f in files for t in f.tensors}
-        index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
-    return Plan(
-        files, index_name, index, tuple(copies), checkpoint.notes + checkpoint.warnings + tuple(warnings),
-        plan_sources(checkpoint),
-    )
+        index = _hub_index(checkpoint, files)
+    warnings = [*checkpoint.notes, *checkpoint.warnings, *warnings, *tied_warnings(checkpoint)]
+    return Plan(files, index_name, index, tuple(copies), tuple(warnings), plan_sources(checkpoint))
+
+
+def _hub_index(checkpoint: Checkpoint, files: Sequence[PlannedFile]) -> dict[str, object]:
+    """A Hugging Face index of `files`: the source index's metadata, total_size recounted."""
+    metadata = {k: v for k, v in checkpoint.index_metadata.items() if k != "total_size"}
+    metadata["total_size"] = sum(f.data_bytes for f in files)
+    weight_map = {t: f.name for f in files for t in f.tensors}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}

@@ -157,6 +157,11 @@ class MergeReport(WriteReport):
 
 
 @dataclass(frozen=True)
+class ConvertReport(WriteReport):
+    """Report of `convert` (tied tensor names written once are in `warnings`)."""
+
+
+@dataclass(frozen=True)
 class SplitReport(WriteReport):
     """Report of `split` / reshard. `layout` maps each output shard to its tensors in
     the order they were packed, so a dry run shows exactly what goes where."""

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
             "size.\n\nExample: shardkit reshard Qwen2.5-7B-Instruct/ -o qwen-2gb/ --max-shard-size 2GB"
         },
     ),
+    "convert": ("convert", "convert_command", {}),
     "inspect": ("inspect", "inspect_command", {}),
     "diff": ("diff", "diff_command", {}),
     "verify": ("verify", "verify_command", {}),

@@ -133,6 +133,15 @@ def print_inspect_report(report: InspectReport) -> None:
         ["parameters", f"{report.parameters:,} ({_count(report.parameters)})" + (f"; {by_dtype}" if by_dtype else "")],
         ["bytes", f"{report.bytes:,} ({format_size(report.bytes)})"],
     ]
+    quantization = report.quantization
+    if quantization is not None:
+        block = "×".join(map(str, quantization.block_size)) if quantization.block_size else "per tensor/channel"
+        lines.append([
+            "quantisation",
+            f"{quantization.scheme} (F8_E4M3, blocks {block}): {quantization.quantised_tensors} quantised tensors, "
+            f"{quantization.scale_tensors} scale tensors ({quantization.scale_parameters:,} values, not counted "
+            "as parameters)",
+        ])
     if report.metadata:
         lines.append(["metadata", ", ".join(f"{k}={v}" for k, v in report.metadata.items())])
     extra = {k: v for k, v in report.index_metadata.items() if k != "total_size"}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import atomic, storage
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from ..errors import BadInputError, OutputError, OutputExistsError
 from ..hashing import Streamer
 from ..manifest import (
@@ -167,11 +167,35 @@ def tensor_digests(checkpoint: Checkpoint, progress: ProgressCallback | None = N
     digests: dict[str, TensorDigest] = {}
     with Streamer() as streamer:
         for header in checkpoint.shards:
-            ranges = [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors]
+            runs = [t for t in header.tensors if checkpoint.tensors[t.name].view is None]
+            ranges = [(header.data_start + t.begin, header.data_start + t.end) for t in runs]
             hashes = stream.digest_file(streamer, header.path, whole=False, ranges=ranges, on_bytes=on_bytes).ranges
-            for info, digest in zip(header.tensors, hashes):
+            for info, digest in zip(runs, hashes):
                 digests[info.name] = TensorDigest(info.dtype, info.shape, digest)
+            for info in header.tensors:
+                if info.name not in digests:
+                    view_digest = _view_digest(checkpoint.tensors[info.name])
+                    digests[info.name] = TensorDigest(info.dtype, info.shape, view_digest)
     return dict(sorted(digests.items()))
+
+
+def _view_digest(tensor: SourceTensor) -> str:
+    """SHA-256 of a strided torch view's bytes made contiguous, as convert writes them."""
+    import hashlib
+
+    from ..tensor_bytes import read_tensor
+
+    digest = hashlib.sha256()
+    reader = storage.open_reader(tensor.shard.path)
+    try:
+        for done in range(0, tensor.info.nbytes, _VIEW_CHUNK):
+            digest.update(read_tensor(tensor, reader, done, min(_VIEW_CHUNK, tensor.info.nbytes - done)))
+    finally:
+        reader.close()
+    return digest.hexdigest()
+
+
+_VIEW_CHUNK = 8 * 1024 * 1024
 
 
 def manifest_name(file: Location, root: Location) -> str:

@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -222,7 +222,7 @@ def _metadata_changes(left: Checkpoint, right: Checkpoint) -> list[MetadataChang
     return changes
 
 
-def _dict_changes(scope: str, a: dict[str, object], b: dict[str, object]) -> list[MetadataChange]:
+def _dict_changes(scope: str, a: Mapping[str, object], b: Mapping[str, object]) -> list[MetadataChange]:
     keys = sorted(a.keys() | b.keys())
     return [MetadataChange(scope, key, a.get(key), b.get(key)) for key in keys if a.get(key) != b.get(key)]
 

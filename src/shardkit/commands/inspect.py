@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint import open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..format import Header
 from ..gc_pause import gc_paused
 from ..layers import group_layers
@@ -34,7 +34,7 @@ class FileSummary(JsonReport):
     size: int
     header_size: int  # the JSON, padding included (the 8-byte length not counted)
     tensors: int
-    metadata: dict[str, str] | None
+    metadata: Mapping[str, str] | None  # the header's own dict, not a copy
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,18 @@ class LayerRow(JsonReport):
 
 
 @dataclass(frozen=True)
+class QuantizationSummary(JsonReport):
+    """An FP8 checkpoint's scheme; its scale tensors are not counted as parameters (as
+    the Hub counts them)."""
+
+    scheme: str  # "fp8" (fine-grained) or "compressed-tensors"
+    block_size: list[int] | None
+    quantised_tensors: int
+    scale_tensors: int
+    scale_parameters: int
+
+
+@dataclass(frozen=True)
 class InspectReport(JsonReport):
     path: str
     index: str | None
@@ -82,6 +94,7 @@ class InspectReport(JsonReport):
     tensor_rows: list[TensorRow] | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. which shard of a larger checkpoint PATH is
+    quantization: QuantizationSummary | None = None
 
 
 @gc_paused()
@@ -118,10 +131,12 @@ def inspect(
         )
     checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=True)
     root = checkpoint.root
+    metadata, warnings = metadata_union(checkpoint.shards)
+    quantization, scales = _quantization(checkpoint, warnings)
     by_dtype: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
-        by_dtype[tensor.info.dtype] = by_dtype.get(tensor.info.dtype, 0) + tensor.info.nelements
-    metadata, warnings = metadata_union(checkpoint.shards)
+        if tensor.name not in scales:
+            by_dtype[tensor.info.dtype] = by_dtype.get(tensor.info.dtype, 0) + tensor.info.nelements
 
     selected = sorted(
         (t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)),
@@ -160,7 +175,7 @@ def inspect(
             for h in sorted(checkpoint.shards, key=lambda h: natural_key(h.path))
         ],
         tensors=len(checkpoint.tensors),
-        parameters=checkpoint.parameters,
+        parameters=checkpoint.parameters - (quantization.scale_parameters if quantization else 0),
         parameters_by_dtype=dict(sorted(by_dtype.items(), key=lambda item: (-item[1], item[0]))),
         bytes=checkpoint.total_bytes,
         metadata=metadata,
@@ -173,7 +188,30 @@ def inspect(
         tensor_rows=rows,
         warnings=[*checkpoint.warnings, *warnings],
         notes=list(checkpoint.notes),
+        quantization=quantization,
     )
+
+
+def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[QuantizationSummary | None, frozenset[str]]:
+    """The FP8 layout, if any, and its scale tensors' names; a layout that does not hold
+    is a warning here (inspecting is how one finds out), the error of a conversion."""
+    from ..conversion import read_config
+    from ..errors import ShardkitError
+    from ..fp8_layout import find_layout
+
+    try:
+        layout = find_layout(checkpoint, read_config(checkpoint))
+    except ShardkitError as error:
+        warnings.append(f"FP8 layout: {error}")
+        return None, frozenset()
+    if layout is None:
+        return None, frozenset()
+    names = layout.scale_names
+    summary = QuantizationSummary(
+        layout.scheme, list(layout.block) if layout.block else None, len(layout.weights), len(names),
+        sum(checkpoint.tensors[n].info.nelements for n in names),
+    )
+    return summary, names
 
 
 def _relative(path: str, root: object) -> str:

@@ -13,6 +13,7 @@ from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import plan_merge
 from ..reports import MergeReport
+from ..torch_checkpoint import is_torch_file, safetensors_name
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
 
 if TYPE_CHECKING:
@@ -137,6 +138,8 @@ def _weight_file_name(index_path: storage.Location | None, first_shard: str) -> 
     if index_path is not None:
         return single_file_name_for(index_path.name)
     name = Path(first_shard).name
+    if is_torch_file(name):
+        name = safetensors_name(name)
     shard = SHARD_NAME.match(name)
     return f"{shard.group('prefix')}.safetensors" if shard else name
 

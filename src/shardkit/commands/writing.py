@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import storage
 from ..checkpoint import Checkpoint, open_checkpoint, open_file
 from ..compare import compare_checkpoints
-from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, parse_config
+from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
 from ..destination import Sources, check_name_fits
 from ..dtype_cast import CastStats
 from ..errors import BadInputError, OutputExistsError, VerificationError
@@ -192,9 +192,7 @@ def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str])
         if keep:
             raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
         return None
-    config_path = checkpoint.root / "config.json"
-    config = parse_config(storage.read_bytes(config_path), config_path) if config_path.is_file() else None
-    return choose_dtypes(checkpoint, dtype, keep, config)
+    return choose_dtypes(checkpoint, dtype, keep, read_config(checkpoint))
 
 
 def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoice | None) -> list[FileCopy]:

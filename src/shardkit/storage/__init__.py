@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, TypeGuard, Union
 
 from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
-from ..format import Header
+from ..format import Header, identity
 from ..format import read_header as read_local_header
+from ..torch_checkpoint import is_torch_file, read_torch_file
 from .location import LocalReader as LocalReader
 from .location import RangeReader as RangeReader
 from .location import SeenFile as SeenFile
@@ -117,9 +118,30 @@ def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
 def read_header(path: str | os.PathLike[str] | RemotePath, *, strict: bool = False) -> Header:
     """Read and validate a header, locally with pread or remotely with ranged GETs."""
     location = lookup(path)
+    if is_torch_file(location.name):
+        return _read_torch_header(location)
     if isinstance(location, Path):
         return read_local_header(location, strict=strict)
     return location.read_header(strict=strict)
+
+
+def _read_torch_header(location: Location) -> Header:
+    """A torch zip's tensors as a header (:mod:`shardkit.torch_checkpoint`), read as data."""
+    if isinstance(location, Path):
+        st = location.stat()
+        stat: tuple[object, ...] = identity(st)
+        size = st.st_size
+        where = str(location)
+    else:
+        from .remote import register
+
+        remote = location.stat()
+        size, stat, where = remote.st_size, ("remote", remote.version, remote.st_size), register(location)
+    reader = open_reader(location)
+    try:
+        return read_torch_file(reader.read, size, where, stat)
+    finally:
+        reader.close()
 
 
 def open_reader(path: str | os.PathLike[str] | RemotePath) -> RangeReader:

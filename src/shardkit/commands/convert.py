@@ -1,0 +1,72 @@
+"""`shardkit convert`: a torch `.bin`/`.pt`/`.pth` checkpoint as safetensors, torch-free.
+
+The torch files are read as data (:mod:`shardkit.torch_checkpoint`: the zip's
+directory and a pickle interpreter that executes nothing), so every tensor is a byte
+range of its file and conversion is a copy at disk speed in constant memory. A folder
+output is what the Hub's converter (safetensors' `convert.py`) makes of it: one
+safetensors file per source file with the same tensors, an index for several, the
+folder's config and tokenizer files copied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .. import storage
+from ..checkpoint import open_checkpoint
+from ..plan import plan_convert, plan_merge
+from ..reports import ConvertReport
+from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+
+
+def convert(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    sha256: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
+    endpoint_url: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> ConvertReport:
+    """Convert the checkpoint at `source` (a `.bin`/`.pt`/`.pth` file, a folder with
+    `pytorch_model.bin` or `pytorch_model.bin.index.json` and its shards, or that index)
+    to safetensors at `output`.
+
+    An `output` ending in `.safetensors` is one file holding every tensor; any other is
+    a folder laid out as the Hub converter lays it out (`pytorch_model-00001-of-00002.bin`
+    → `model-00001-of-00002.safetensors`, `model.safetensors.index.json`, companions
+    copied). Tensors sharing a storage are written as `convert.py` writes them: a tied
+    duplicate once, its name recorded in the metadata and reported in `warnings`; views
+    of a storage that do not overlap each get their own bytes; a transposed or strided
+    view is made contiguous. Nothing of the pickle is ever executed: a file that names
+    any function a state dict does not need is refused before a byte is written.
+
+    `force`, `sha256`, `dry_run`, `verify`, `dtype`, `keep`, `endpoint_url` and `progress`
+    are as for :func:`~shardkit.commands.merge.merge`.
+
+    Example::
+
+        report = shardkit.convert("gpt2-bin/", "gpt2-safetensors/")
+        print(report.files, report.warnings)
+    """
+    source_path = storage.as_path(source, endpoint_url=endpoint_url)
+    output_path = storage.as_path(output, endpoint_url=endpoint_url, output=True)
+    checkpoint = open_checkpoint(source_path)
+    dtypes = dtype_choice(checkpoint, dtype, keep)
+    as_folder = not output_path.name.endswith(".safetensors")
+    scales = dtypes.scales if dtypes else None
+    if as_folder:
+        plan = plan_convert(checkpoint, companion_copies(checkpoint, output_path, dtypes), dtypes, scales)
+    else:
+        plan = plan_merge(checkpoint, output_path.name, (), dtypes, scales)
+    report = run_plan(
+        ConvertReport, "convert", checkpoint, source_path, plan, output_path,
+        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
+        dtypes=dtypes,
+    )
+    return report  # type: ignore[return-value]
