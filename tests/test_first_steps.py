@@ -453,9 +453,7 @@ def test_truncated_file_says_how_many_bytes_are_present(checkpoint: SyntheticChe
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        (["pytorch_model.bin", "config.json"], "found pytorch_model.bin: PyTorch pickle files: shardkit reads only "
-         "safetensors and never unpickles; where you trust their origin, convert them once with transformers"),
-        (["model.pt", "last.ckpt"], "found last.ckpt, model.pt: PyTorch pickle files"),
+        (["model.onnx"], "found model.onnx: an ONNX model: shardkit reads only safetensors"),
         (["qwen2.5-7b-q4_k_m.gguf"], "found qwen2.5-7b-q4_k_m.gguf: GGUF files (llama.cpp's format): merge or split "
          "them with llama.cpp's gguf-split"),
     ],

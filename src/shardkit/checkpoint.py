@@ -226,7 +226,7 @@ def _torch_folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkp
         raise CheckpointError(
             f"{root}: several torch files and no index ({', '.join(p.name for p in found)}); pass the one to use"
         )
-    raise CheckpointError(f"{root}: no .safetensors file, no torch .bin/.pt/.pth file and no index found")
+    raise CheckpointError(layouts.no_weights(root))
 
 
 def find_indexes(root: Location) -> list[Location]:

@@ -17,8 +17,8 @@ from .storage import Location
 SHOWN = 3
 
 _PICKLE_HINT = (
-    "PyTorch pickle files: shardkit reads only safetensors and never unpickles; where you trust their origin, "
-    "convert them once with transformers (from_pretrained, then save_pretrained writes safetensors) and pass the result"
+    "pickle files shardkit does not read (it reads safetensors and zip-format torch files, and never unpickles); "
+    "where you trust their origin, re-save them with torch >= 1.6 or convert them with transformers"
 )
 _OTHER_FORMATS = {
     ".bin": _PICKLE_HINT,
@@ -95,7 +95,7 @@ def no_weights(root: Location) -> str:
     if found:
         described = "; ".join(f"found {names(files)}: {hint}" for hint, files in found.items())
         return f"{root}: no .safetensors weights; {described}"
-    return f"{root}: no .safetensors file and no index found ({contents(root)})"
+    return f"{root}: no .safetensors file, no torch .bin/.pt/.pth file and no index found ({contents(root)})"
 
 
 def not_an_index(path: Location) -> str:
