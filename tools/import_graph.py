@@ -49,6 +49,7 @@ PLACED = {
     "plan": "plan",
     "fill": "plan",
     "conversion": "plan",
+    "selection": "plan",
     "output_path": "plan",
     "dtype_cast": "plan",
     "fp8": "plan",
