@@ -144,3 +144,12 @@ def test_convert_renames_and_drops_a_torch_checkpoint(tmp_path: Path):
     report = shardkit.convert(tmp_path / "pytorch_model.bin", out, drop=["ema.*"], rename=[(r"model\.(.*)", r"\1")])
     assert load_file(out) == {"a.weight": state["model.a.weight"].numpy().tobytes()}
     assert report.renamed == [["model.a.weight", "a.weight"]]
+
+
+def test_a_renamed_strided_torch_view_is_still_gathered(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    torch.save({"w": base.t(), "b": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    out = tmp_path / "out.safetensors"
+    shardkit.convert(tmp_path / "pytorch_model.bin", out, rename=[("w", "renamed.w")], verify=True)
+    assert load_file(out)["renamed.w"] == base.t().contiguous().numpy().tobytes()

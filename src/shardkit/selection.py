@@ -149,7 +149,10 @@ def _refuse_collisions(where: object, old: Sequence[str], new: Sequence[str]) ->
 def _named(tensor: SourceTensor, name: str) -> SourceTensor:
     if tensor.name == name:
         return tensor
-    return dataclasses.replace(tensor, info=dataclasses.replace(tensor.info, name=name))
+    # The shard's own name stays known: a torch file's strided views are found by it.
+    return dataclasses.replace(
+        tensor, info=dataclasses.replace(tensor.info, name=name), shard_name=tensor.shard_name or tensor.name
+    )
 
 
 def _listed(names: Sequence[str]) -> str:
