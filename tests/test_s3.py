@@ -675,3 +675,21 @@ def test_force_on_an_s3_folder_replaces_only_an_earlier_output(store: SeaweedS3,
     forced = run_cli("split", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/mine/", "-s", "2MB", "--force", env=env)
     assert forced.exit_code == 0, forced.stderr
     assert len([k for k in keys(store, bucket, "mine/") if k.endswith(".safetensors")]) == 2
+
+
+def test_s3_to_s3_merge_with_a_rename_stays_server_side(store: SeaweedS3, bucket: str, mid, work: Path) -> None:
+    import shardkit
+
+    env = s3_env(store)
+    rename = (r"model\.(.*)", r"backbone.\1")
+    local = work / "mid-renamed.safetensors"
+    shardkit.merge(mid.folder, local, rename=[rename])
+    merged = run_cli("merge", f"s3://{bucket}/mid/", "-o", f"s3://{bucket}/mid-renamed.safetensors",
+                     "--rename", *rename, "--json", env=env)
+    assert merged.exit_code == 0, merged.stderr
+    assert get_bytes(store, bucket, "mid-renamed.safetensors") == local.read_bytes()
+    report = json.loads(merged.stdout)
+    transfer = report["transfer"]
+    assert transfer["server_side"] and transfer["bytes_sent"] == 5 * MiB  # as for a plain merge
+    assert transfer["bytes_copied"] >= local.stat().st_size - 5 * MiB
+    assert len(report["renamed"]) == len(mid.tensors) - 1  # all but lm_head.weight

@@ -48,6 +48,8 @@ class SourceTensor:
 
     info: TensorInfo
     shard: Header
+    #: The name it has in `shard` when a selection renamed it (`info.name` is the output name).
+    shard_name: str | None = None
 
     @property
     def name(self) -> str:
@@ -60,7 +62,7 @@ class SourceTensor:
     @property
     def view(self) -> View | None:
         """How a strided tensor of a torch file lies in it; None when its bytes are one run."""
-        return self.shard.views.get(self.name) if isinstance(self.shard, TorchHeader) else None
+        return self.shard.views.get(self.shard_name or self.name) if isinstance(self.shard, TorchHeader) else None
 
 
 @dataclass(frozen=True)

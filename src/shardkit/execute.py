@@ -61,7 +61,7 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 def execute(
     plan: Plan,
-    dest: Path,
+    dest: storage.Location,
     *,
     as_folder: bool,
     force: bool = False,
@@ -83,11 +83,11 @@ def execute(
         raise ValueError("a single-file destination needs a plan with exactly one file")
     log = log if log is not None else CastLog()
     sources = plan.sources
-    if storage.is_remote(dest):
+    if not isinstance(dest, Path):
         from .execute_s3 import execute_s3
 
         return execute_s3(
-            plan, dest, as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log,
+            plan, storage.as_remote(dest), as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log,
             protect=_everything_read(plan, protect),
         )
     protect = _everything_read(plan, protect)

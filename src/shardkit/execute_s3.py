@@ -31,7 +31,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from . import storage
 from .atomic import TEMP_MARK
@@ -84,7 +84,7 @@ def execute_s3(
     check_s3_destination(dest, protect, force=force, as_folder=as_folder, writes=writes)
     targets = [dest / f.name for f in plan.files] if as_folder else [dest]
     for target in targets:
-        clean_stale(target)  # type: ignore[arg-type]
+        clean_stale(target)
     server_side = is_server_side(sources, dest)
     write = assemble if server_side else upload_streamed
     completed: list[S3Path] = []
@@ -95,9 +95,9 @@ def execute_s3(
             # replaced after its last byte was read, as a local run would.
             check = lambda: check_sources_unchanged(sources)  # noqa: E731
             written.append(
-                write(planned, target, sha256=sha256, progress=progress, before_commit=check, log=log)  # type: ignore[arg-type]
+                write(planned, target, sha256=sha256, progress=progress, before_commit=check, log=log)
             )
-            completed.append(target)  # type: ignore[arg-type]
+            completed.append(target)
         if as_folder:
             completed += _write_extras(plan, dest, written)
             if force:  # what the old output held beside the new files; anything else stays
@@ -237,7 +237,7 @@ class MultipartUpload:
 
     def copy_part(self, number: int, source: S3Path, offset: int, length: int) -> None:
         stat = source._stat
-        condition = {"CopySourceIfMatch": stat.version} if stat and getattr(stat, "version", None) else {}
+        condition: dict[str, Any] = {"CopySourceIfMatch": stat.version} if stat and stat.version else {}
         response = self.target.store.call(
             "upload_part_copy", str(source),
             Bucket=self.target.bucket, Key=self.target.key, UploadId=self.upload_id, PartNumber=number,
@@ -469,7 +469,7 @@ class _Assembly:
                 source = self.staged[span.source]
             else:
                 source = storage.lookup(span.source)  # type: ignore[assignment]
-            upload.copy_part(number, source, span.offset, span.length)  # type: ignore[arg-type]
+            upload.copy_part(number, source, span.offset, span.length)
         else:
             upload.upload_part(number, self.make(part))
         if final and self.progress is not None:
@@ -486,23 +486,23 @@ def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile]) -> list[
         target = dest / copy.name
         source = storage.as_path(copy.source) if isinstance(copy.source, str) else copy.source
         if copy.data is not None:
-            put_bytes(target, copy.data)  # type: ignore[arg-type]
+            put_bytes(target, copy.data)
         elif isinstance(source, S3Path) and source.store is dest.store:
             dest.store.call(
-                "copy_object", str(source), Bucket=dest.bucket, Key=target.key,  # type: ignore[attr-defined]
+                "copy_object", str(source), Bucket=dest.bucket, Key=target.key,
                 CopySource={"Bucket": source.bucket, "Key": source.key},
             )
             dest.store.count(copied=source.stat().st_size)
         else:
-            put_bytes(target, storage.read_bytes(source))  # type: ignore[arg-type]
-        done.append(target)  # type: ignore[arg-type]
+            put_bytes(target, storage.read_bytes(source))
+        done.append(target)
     if plan.index is not None and plan.index_name is not None:
         target = dest / plan.index_name
-        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode())  # type: ignore[arg-type]
-        done.append(target)  # type: ignore[arg-type]
+        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode())
+        done.append(target)
     sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
     if sums:
         target = dest / checksum_file_name(plan)
-        put_bytes(target, "".join(sums).encode())  # type: ignore[arg-type]
-        done.append(target)  # type: ignore[arg-type]
+        put_bytes(target, "".join(sums).encode())
+        done.append(target)
     return done

@@ -135,6 +135,8 @@ class WriteReport(JsonReport):
     #: complete) and `--verify`'s comparison (None when not asked or a dry run).
     copy_seconds: float | None = None
     verify_seconds: float | None = None
+    #: [old, new] for each tensor written under a new name (`rename`), in source order.
+    renamed: list[list[str]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:

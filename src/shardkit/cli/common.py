@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, cast
 
+import click
 import typer
 
 from ..errors import EXIT_BAD_INPUT
@@ -95,6 +96,43 @@ KeepOpt = Annotated[
         show_default=False,
     ),
 ]
+SelectOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--select",
+        help="Write only the tensors whose name matches this glob (repeatable: any of them), e.g. "
+        "--select 'model.visual.*'. Applied first, then --drop, then --rename.",
+        show_default=False,
+    ),
+]
+DropOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--drop",
+        help="Leave out the tensors whose name matches this glob (repeatable), e.g. --drop lm_head.weight.",
+        show_default=False,
+    ),
+]
+RenameOpt = Annotated[
+    list[str] | None,  # each a (FROM, TO) pair: typer takes no list of tuples, click does
+    typer.Option(
+        "--rename",
+        click_type=click.Tuple([str, str]),
+        metavar="FROM TO",
+        help="FROM TO: rename every tensor whose whole name matches the regular expression FROM to TO "
+        "(Python re replacement, \\1 for groups); repeatable, applied in order, e.g. "
+        "--rename '^model\\.(.*)' '\\1'. Two tensors renamed to one name are refused.",
+        show_default=False,
+    ),
+]
+
+
+def rename_pairs(values: list[str] | None) -> list[tuple[str, str]]:
+    """--rename's values as the (FROM, TO) pairs click parsed them into (typer's
+    annotation cannot say list of pairs)."""
+    return cast("list[tuple[str, str]]", values or [])
+
+
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 

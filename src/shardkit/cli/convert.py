@@ -8,6 +8,7 @@ import typer
 
 from .common import (
     DebugOpt,
+    DropOpt,
     DryRunOpt,
     DtypeOpt,
     EndpointOpt,
@@ -16,11 +17,14 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RenameOpt,
+    SelectOpt,
     Sha256Opt,
     SourceArg,
     VerifyOpt,
     byte_progress,
     chosen_output,
+    rename_pairs,
     run,
     warn,
 )
@@ -49,6 +53,9 @@ def convert_command(
     verify: VerifyOpt = False,
     dtype: DtypeOpt = None,
     keep: KeepOpt = None,
+    select: SelectOpt = None,
+    drop: DropOpt = None,
+    rename: RenameOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -73,7 +80,8 @@ def convert_command(
         report = run(
             lambda: convert(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify, dtype=dtype,
-                keep=keep or (), endpoint_url=endpoint_url, progress=progress,
+                keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename),
+                endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,
         )

@@ -9,6 +9,7 @@ import typer
 from .common import (
     AllowUnindexedOpt,
     DebugOpt,
+    DropOpt,
     DryRunOpt,
     DtypeOpt,
     EndpointOpt,
@@ -17,11 +18,14 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RenameOpt,
+    SelectOpt,
     Sha256Opt,
     SourceArg,
     StrictOpt,
     VerifyOpt,
     chosen_output,
+    rename_pairs,
 )
 from .output import Output
 from .render_pipeline import print_written
@@ -52,6 +56,9 @@ def merge_command(
     verify: VerifyOpt = False,
     dtype: DtypeOpt = None,
     keep: KeepOpt = None,
+    select: SelectOpt = None,
+    drop: DropOpt = None,
+    rename: RenameOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -75,6 +82,7 @@ def merge_command(
         lambda bar: merge(
             source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
             allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
+            select=select or (), drop=drop or (), rename=rename_pairs(rename),
             endpoint_url=endpoint_url, progress=bar("merging"), verify_progress=bar("verifying") if verify else None,
         )
     )

@@ -62,6 +62,8 @@ def print_write_report(report: WriteReport) -> None:
     if report.dtype is not None:
         for line in report.dtype.notes():
             out.print(line)
+    for line in _renames(report):
+        print(line)
     if report.verified:
         same = "its conversion of the source, recomputed" if report.dtype is not None else "the source, byte for byte"
         out.print(f"verified: every tensor equals {same}")
@@ -105,6 +107,18 @@ def print_split_report(report: SplitReport) -> None:
     )
     if report.copied_files:
         print("would copy: " + ", ".join(report.copied_files))
+    for line in _renames(report):
+        print(line)
+
+
+def _renames(report: WriteReport) -> list[str]:
+    """A dry run lists every old → new name (what the run would write, to check before
+    it does); a real run says how many were renamed."""
+    if not report.renamed:
+        return []
+    if not report.dry_run:
+        return [f"renamed: {len(report.renamed)} tensor(s) (--dry-run lists them)"]
+    return [f"renamed {len(report.renamed)} tensor(s):"] + [f"  {old} → {new}" for old, new in report.renamed]
 
 
 def _count(value: int) -> str:

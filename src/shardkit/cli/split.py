@@ -10,6 +10,7 @@ from ..sizes import DEFAULT_MAX_SHARD_SIZE
 from .common import (
     AllowUnindexedOpt,
     DebugOpt,
+    DropOpt,
     DryRunOpt,
     DtypeOpt,
     EndpointOpt,
@@ -18,11 +19,14 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RenameOpt,
+    SelectOpt,
     Sha256Opt,
     SourceArg,
     StrictOpt,
     VerifyOpt,
     chosen_output,
+    rename_pairs,
 )
 from .output import Output
 from .render_pipeline import print_written
@@ -69,6 +73,9 @@ def split_command(
     verify: VerifyOpt = False,
     dtype: DtypeOpt = None,
     keep: KeepOpt = None,
+    select: SelectOpt = None,
+    drop: DropOpt = None,
+    rename: RenameOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -94,7 +101,8 @@ def split_command(
         lambda bar: split(
             source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
             dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
-            dtype=dtype, keep=keep or (), endpoint_url=endpoint_url, progress=bar("splitting"),
+            dtype=dtype, keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename),
+            endpoint_url=endpoint_url, progress=bar("splitting"),
             verify_progress=bar("verifying") if verify else None,
         )
     )

@@ -17,6 +17,7 @@ from .. import storage
 from ..checkpoint import open_checkpoint
 from ..plan import plan_convert, plan_merge
 from ..reports import ConvertReport
+from ..selection import apply_selection, parse_selection
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
 
 
@@ -30,6 +31,9 @@ def convert(
     verify: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConvertReport:
@@ -46,17 +50,19 @@ def convert(
     view is made contiguous. Nothing of the pickle is ever executed: a file that names
     any function a state dict does not need is refused before a byte is written.
 
-    `force`, `sha256`, `dry_run`, `verify`, `dtype`, `keep`, `endpoint_url` and `progress`
-    are as for :func:`~shardkit.commands.merge.merge`.
+    `force`, `sha256`, `dry_run`, `verify`, `dtype`, `keep`, `select`, `drop`, `rename`,
+    `endpoint_url` and `progress` are as for :func:`~shardkit.commands.merge.merge`.
 
     Example::
 
         report = shardkit.convert("gpt2-bin/", "gpt2-safetensors/")
         print(report.files, report.warnings)
     """
+    selection = parse_selection(select, drop, rename)
     source_path = storage.as_path(source, endpoint_url=endpoint_url)
     output_path = storage.as_path(output, endpoint_url=endpoint_url, output=True)
-    checkpoint = open_checkpoint(source_path)
+    selected = apply_selection(open_checkpoint(source_path), selection)
+    checkpoint = selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     as_folder = not output_path.name.endswith(".safetensors")
     scales = dtypes.scales if dtypes else None
@@ -67,6 +73,6 @@ def convert(
     report = run_plan(
         ConvertReport, "convert", checkpoint, source_path, plan, output_path,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes,
+        dtypes=dtypes, renamed=selected.renamed,
     )
     return report  # type: ignore[return-value]

@@ -13,8 +13,9 @@ from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import plan_merge
 from ..reports import MergeReport
+from ..selection import apply_selection, parse_selection
 from ..torch_checkpoint import is_torch_file, safetensors_name
-from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+from .writing import ProgressCallback, companion_copies, dtype_choice, refuse_selection_of_pipeline, run_plan
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -34,6 +35,9 @@ def merge(
     verify: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
     verify_progress: ProgressCallback | None = None,
@@ -55,6 +59,13 @@ def merge(
     `dtype` ("bf16", "fp16", "fp32" or "bfloat16", "float16", "float32") converts every
     floating-point tensor while writing, bit-identical to torch's `.to()`, except those
     whose name matches a `keep` glob; values that overflow or underflow are reported.
+
+    `select` keeps only the tensors matching one of its globs, `drop` then leaves out
+    those matching one of its globs, and each `(pattern, replacement)` of `rename` then
+    renames the tensors whose whole name the regular expression matches (`re` syntax,
+    `\\1` groups), in order; `keep` and the report use the new names. A glob or pattern
+    that matches nothing, a selection that leaves nothing, or two tensors renamed to one
+    name is refused before anything is written.
 
     `output` may be a name template (`{slug}_v{date}.safetensors`, see
     :mod:`shardkit.output_path`); missing parent folders are created. A diffusers
@@ -78,11 +89,13 @@ def merge(
         print(report.bytes, report.seconds, report.sha256)
     """
     output_path.placeholders(os.fspath(output))
+    selection = parse_selection(select, drop, rename)
     location = storage.as_path(source, endpoint_url=endpoint_url)
     from ..pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
+        refuse_selection_of_pipeline(location, selection)
         if dtype is not None or keep:
             raise BadInputError(
                 f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
@@ -92,14 +105,16 @@ def merge(
             pipeline, source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
             verify=verify, progress=progress,
         )
-    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
+    opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
+    selected = apply_selection(opened, selection)
+    checkpoint = selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)
     with output_path.parents_created(destination, enabled=not dry_run):
         return merge_checkpoint(
             checkpoint, location, destination, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
-            progress=progress, dtypes=dtypes, verify_progress=verify_progress,
+            progress=progress, dtypes=dtypes, verify_progress=verify_progress, renamed=selected.renamed,
         )
 
 
@@ -115,6 +130,7 @@ def merge_checkpoint(
     progress: ProgressCallback | None,
     dtypes: DtypeChoice | None = None,
     verify_progress: ProgressCallback | None = None,
+    renamed: Sequence[tuple[str, str]] = (),
 ) -> MergeReport:
     """Merge an opened checkpoint into `output` (a file, or a folder unless it ends in .safetensors)."""
     as_folder = not output.name.endswith(".safetensors")
@@ -127,8 +143,7 @@ def merge_checkpoint(
     report = run_plan(
         MergeReport, "merge", checkpoint, source, plan, output,
         as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes,
-        verify_progress=verify_progress,
+        dtypes=dtypes, verify_progress=verify_progress, renamed=renamed,
     )
     return report  # type: ignore[return-value]
 

@@ -129,7 +129,7 @@ def write_pipeline(
         )
     total = sum(c.total_bytes for _, c in opened)
     on_bytes = (lambda step, _total: progress(step, total)) if progress is not None else None
-    read = [storage.lookup(h.path) for _, c in opened for h in c.shards]
+    read: list[storage.Location] = [storage.lookup(h.path) for _, c in opened for h in c.shards]
     read += [c.index_path for _, c in opened if c.index_path is not None] + [p for p, _ in pipeline.copies]
     # what --force may replace: an earlier output's component folders and copied files
     writes = {name for _, name in pipeline.copies} | {f"{s.component}/" for s, _ in opened} | {CHECKSUM_FILE}

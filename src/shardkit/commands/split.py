@@ -19,8 +19,9 @@ from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import natural_key, plan_split
 from ..reports import SplitReport
+from ..selection import apply_selection, parse_selection
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+from .writing import ProgressCallback, companion_copies, dtype_choice, refuse_selection_of_pipeline, run_plan
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -42,6 +43,9 @@ def split(
     verify: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    select: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
     verify_progress: ProgressCallback | None = None,
@@ -57,6 +61,8 @@ def split(
     index or shard of a replaced `output_dir` can never survive next to the new ones.
     Source and output may be remote, and `dtype` and `keep` convert, as for
     :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
+    `select`, `drop` and `rename` choose and rename tensors as for merge; shards are
+    packed and the index's weight_map written by the new names.
     `output_dir` may be a name template, as there. `prefix` names the shards
     (`diffusion_pytorch_model` for diffusers); a diffusers pipeline is split component
     by component, each with its own prefix. With `verify`, the staged folder is
@@ -82,10 +88,12 @@ def split(
     location = storage.as_path(source, endpoint_url=endpoint_url)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
+    selection = parse_selection(select, drop, rename)
     from ..pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
+        refuse_selection_of_pipeline(location, selection)
         if prefix != "model" or dtype is not None or keep:
             option = "--prefix" if prefix != "model" else "--dtype"
             raise BadInputError(
@@ -96,7 +104,9 @@ def split(
             pipeline, source, output_dir, max_shard_size=limit, force=force, sha256=sha256, dry_run=dry_run,
             strict=strict, verify=verify, progress=progress,
         )
-    checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
+    opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
+    selected = apply_selection(opened, selection)
+    checkpoint = selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)
@@ -104,6 +114,7 @@ def split(
         return split_checkpoint(
             checkpoint, location, destination, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
             dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes, verify_progress=verify_progress,
+            renamed=selected.renamed,
         )
 
 
@@ -122,6 +133,7 @@ def split_checkpoint(
     progress: ProgressCallback | None = None,
     dtypes: DtypeChoice | None = None,
     verify_progress: ProgressCallback | None = None,
+    renamed: Sequence[tuple[str, str]] = (),
 ) -> SplitReport:
     """Split an opened checkpoint into `output_dir`. With `variant` (`fp16`), names are
     those transformers and diffusers give a variant: `{prefix}.fp16-00001-of-00002.safetensors`
@@ -139,8 +151,7 @@ def split_checkpoint(
     report = run_plan(
         SplitReport, "split", checkpoint, source, plan, output_dir,
         as_folder=True, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes,
-        verify_progress=verify_progress,
+        dtypes=dtypes, verify_progress=verify_progress, renamed=renamed,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
     assert isinstance(report, SplitReport)

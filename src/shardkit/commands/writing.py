@@ -19,6 +19,7 @@ from ..fill import CastLog
 from ..manifest import companions
 from ..plan import FileCopy, Plan
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
+from ..selection import Selection
 from ..storage import Location
 
 #: Called as `progress(advance, total)` with bytes just written and the bytes to write.
@@ -41,12 +42,14 @@ def run_plan(
     verify: bool = False,
     dtypes: DtypeChoice | None = None,
     verify_progress: ProgressCallback | None = None,
+    renamed: Sequence[tuple[str, str]] = (),
 ) -> WriteReport:
     """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the staged
     output with the source tensor by tensor before it is committed, and discard it if
     they differ (an earlier output at `output` stays as it was). `dtypes` is the
     conversion the plan was made with: its losses are reported, and `verify`
-    recomputes it."""
+    recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
+    checkpoint already holds the new names), shown in the report."""
     if verify and dtypes is not None and dtypes.fp8 is not None:
         raise BadInputError(
             "--verify recomputes conversions from the source, which FP8 dequantisation does not support yet; "
@@ -118,6 +121,7 @@ def run_plan(
         dtype=converted,
         copy_seconds=_rounded(timings.get("copy")),
         verify_seconds=_rounded(timings.get("verify")),
+        renamed=[list(pair) for pair in renamed],
     )
 
 
@@ -184,6 +188,15 @@ def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
         spent.requests, spent.bytes_sent, spent.bytes_received, spent.bytes_copied,
         server_side=is_server_side(plan.sources, output),
     )
+
+
+def refuse_selection_of_pipeline(location: Location, selection: Selection) -> None:
+    """Tensor names differ from component to component: a selection names one."""
+    if selection:
+        raise BadInputError(
+            f"{location}: a diffusers pipeline's components have tensors of their own; --select, --drop and "
+            f"--rename apply to one component (e.g. {location}/transformer)"
+        )
 
 
 def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str]) -> DtypeChoice | None:

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeGuard, Union
+from typing import TYPE_CHECKING, TypeGuard
 
 from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
@@ -29,6 +29,7 @@ from ..format import Header, identity
 from ..format import read_header as read_local_header
 from ..torch_checkpoint import is_torch_file, read_torch_file
 from .location import LocalReader as LocalReader
+from .location import Location as Location
 from .location import RangeReader as RangeReader
 from .location import SeenFile as SeenFile
 from .location import Traffic as Traffic
@@ -36,8 +37,6 @@ from .location import Traffic as Traffic
 if TYPE_CHECKING:
     from .remote import RemotePath
 
-#: A local path or a remote one; both offer the small path API checkpoint.py uses.
-Location = Union[Path, "RemotePath"]
 
 HF_PREFIX = "hf://"
 #: Location strings that name remote files (a `Header.path` of a Hub file is `hf://…`).
@@ -68,8 +67,8 @@ def is_remote(path: object) -> bool:
 
 
 def as_path(
-    path: str | os.PathLike[str] | RemotePath, *, endpoint_url: str | None = None, output: bool = False
-) -> Location:
+    path: str | os.PathLike[str] | Location, *, endpoint_url: str | None = None, output: bool = False
+) -> Path | RemotePath:
     """The location `path` names: `s3://…`, `http(s)://…`, `hf://org/name[@rev]` or a local path.
 
     `endpoint_url` points `s3://` paths at an S3-compatible store (default: the
@@ -95,10 +94,10 @@ def as_path(
             from .hf import resolve_hf
 
             return resolve_hf(path)
-    return Path(path)
+    return Path(_local(path))
 
 
-def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
+def lookup(location: str | os.PathLike[str] | Location) -> Path | RemotePath:
     """The location behind a `Header.path` / `ByteRange.source` string."""
     from .remote import RemotePath
 
@@ -109,13 +108,29 @@ def lookup(location: str | os.PathLike[str] | RemotePath) -> Location:
 
         known = registered(location)
         return known if known is not None else as_path(location)
-    return Path(location)
+    return Path(_local(location))
+
+
+def as_remote(location: Location) -> RemotePath:
+    """`location` once it is known not to be local: every Location is a Path or a RemotePath."""
+    from .remote import RemotePath
+
+    if not isinstance(location, RemotePath):
+        raise TypeError(f"not a remote location: {location!r}")
+    return location
+
+
+def _local(path: str | os.PathLike[str] | Location) -> str | os.PathLike[str]:
+    """`path` once it is known not to be remote: a local path is a str or a PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"not a location: {path!r}")
+    return path
 
 
 # --------------------------------------------------------------------------- operations
 
 
-def read_header(path: str | os.PathLike[str] | RemotePath, *, strict: bool = False) -> Header:
+def read_header(path: str | os.PathLike[str] | Location, *, strict: bool = False) -> Header:
     """Read and validate a header, locally with pread or remotely with ranged GETs."""
     location = lookup(path)
     if is_torch_file(location.name):
@@ -125,7 +140,7 @@ def read_header(path: str | os.PathLike[str] | RemotePath, *, strict: bool = Fal
     return location.read_header(strict=strict)
 
 
-def _read_torch_header(location: Location) -> Header:
+def _read_torch_header(location: Path | RemotePath) -> Header:
     """A torch zip's tensors as a header (:mod:`shardkit.torch_checkpoint`), read as data."""
     if isinstance(location, Path):
         st = location.stat()
@@ -144,7 +159,7 @@ def _read_torch_header(location: Location) -> Header:
         reader.close()
 
 
-def open_reader(path: str | os.PathLike[str] | RemotePath) -> RangeReader:
+def open_reader(path: str | os.PathLike[str] | Location) -> RangeReader:
     location = lookup(path)
     if isinstance(location, Path):
         return LocalReader(location)
@@ -175,7 +190,7 @@ def walk_files(root: Location, *, exclude: Location | None = None) -> Iterator[t
                     yield path, path.relative_to(root).as_posix()
         return
     inside = str(exclude).rstrip("/") + "/" if exclude is not None else None
-    for remote, relative in root.walk_files():
+    for remote, relative in as_remote(root).walk_files():
         if inside is None or not str(remote).startswith(inside):
             yield remote, relative
 

@@ -8,8 +8,64 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import PurePath
+from typing import Any, Protocol
+
+
+class FileStat(Protocol):
+    """What `Location.stat()` answers: `os.stat_result` locally, a `RemoteStat` remotely."""
+
+    @property
+    def st_size(self) -> int: ...
+
+
+class Location(Protocol):
+    """A place a checkpoint's files are: a local :class:`pathlib.Path` or a
+    :class:`~shardkit.storage.remote.RemotePath` (`s3://`, `http(s)://`, `hf://`).
+
+    This is the part of the path API that discovery, the cross-checks, comparison and
+    the executors use; both kinds implement it, so the code above storage is written
+    once. What only one kind can do (open a descriptor, list a bucket) is asked after
+    `isinstance(location, Path)` or `storage.is_remote(location)`.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parent(self) -> Location: ...
+
+    def __truediv__(self, name: str, /) -> Location: ...
+
+    def with_name(self, name: str, /) -> Location: ...
+
+    def relative_to(self, other: str, /) -> PurePath: ...
+
+    def as_posix(self) -> str: ...
+
+    def resolve(self) -> Location: ...
+
+    def exists(self) -> bool: ...
+
+    def is_file(self) -> bool: ...
+
+    def is_dir(self) -> bool: ...
+
+    def is_symlink(self) -> bool: ...
+
+    def stat(self) -> FileStat: ...
+
+    def iterdir(self) -> Iterator[Location]: ...
+
+    def glob(self, pattern: str, /) -> Iterator[Location]: ...
+
+    def read_bytes(self) -> bytes: ...
+
+    def read_text(self, encoding: str = ...) -> str: ...
+
+    def __lt__(self, other: Any, /) -> bool: ...  # locations sort (by name)
 
 
 @dataclass(frozen=True)

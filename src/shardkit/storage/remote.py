@@ -19,6 +19,8 @@ from ..errors import ShardkitError
 from ..format import Header, parse_file
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from .location import SeenFile
 
 #: The first read of a header fetches this much: one request covers almost every header.
@@ -51,23 +53,23 @@ class RemotePath:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
-    def parent(self) -> RemotePath:
+    def parent(self) -> Self:
         return self._parent()
 
-    def __truediv__(self, name: str) -> RemotePath:
+    def __truediv__(self, name: str) -> Self:
         path = self
         for part in name.split("/"):
             if part:
                 path = path._child(part)
         return path
 
-    def _child(self, name: str) -> RemotePath:
+    def _child(self, name: str) -> Self:
         raise NotImplementedError
 
-    def _parent(self) -> RemotePath:
+    def _parent(self) -> Self:
         raise NotImplementedError
 
-    def with_name(self, name: str) -> RemotePath:
+    def with_name(self, name: str) -> Self:
         return self.parent / name
 
     def relative_to(self, other: object) -> PurePosixPath:
