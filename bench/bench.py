@@ -14,6 +14,9 @@ The conversion rows (`--only convert`) merge an F32 copy of the checkpoint with
 `--dtype bf16` (against the plain merge of the same F32 files, safetensors
 load_file + .to(bf16) + save_file, and transformers from_pretrained(dtype=bf16) +
 save_pretrained) and the BF16 checkpoint with `--dtype fp16` (against its plain merge).
+The `.bin` rows (`--only torchbin`) convert a `pytorch_model.bin` that torch.save wrote
+from the BF16 checkpoint: `shardkit convert` against `cat`+`sync` of the same bytes and
+against torch.load(weights_only=True, mmap=True) + save_file (time and peak RSS ratios).
 
     python bench/bench.py [--shapes 0.5B,1.5B,3B,7B] [--pairs 5] [--other-pairs 3] [--only merge,sha256,...]
 """
@@ -61,6 +64,24 @@ import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
 model.save_pretrained(sys.argv[1], max_shard_size="100GB")
 import os; os.sync()
+"""
+
+
+TORCH_LOAD = """
+import sys, torch
+from safetensors.torch import save_file
+state = torch.load(sys.argv[2], map_location="cpu", weights_only=True, mmap=True)
+save_file({k: v.contiguous() for k, v in state.items()}, sys.argv[1], metadata={"format": "pt"})
+import os; os.sync()
+"""
+
+TORCH_SAVE = """
+import sys, torch
+from safetensors.torch import load_file
+state = {}
+for shard in sys.argv[2:]:
+    state.update(load_file(shard))
+torch.save(state, sys.argv[1])
 """
 
 
@@ -181,12 +202,13 @@ def pairs(
         "ratio": round(ours_median / base_median, 3),
         "pair_ratios": [round(r, 3) for r in ratios],
         "ours_peak_rss_mb": round(max(r.peak_rss_mb for r in mine), 1),
+        "baseline_peak_rss_mb": round(max(r.peak_rss_mb for r in base), 1),
     }
     print(json.dumps(result), flush=True)
     return result
 
 
-MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive", "convert")
+MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive", "convert", "torchbin")
 
 
 def device_floor(shape: str, sources: list[Path], output_size: int, scratch: Path, count: int) -> dict[str, object]:
@@ -254,6 +276,36 @@ def bench_conversion(shape: str, count: int, others: int) -> list[dict[str, obje
     return results
 
 
+def torch_bin(shape: str, shards: list[Path]) -> Path:
+    """The checkpoint's tensors as one pytorch_model.bin, written once by torch.save."""
+    folder = DATA / f"qwen2.5-{shape}-bin"
+    path = folder / "pytorch_model.bin"
+    if not (folder / ".complete").exists():
+        remove(folder)
+        folder.mkdir(parents=True)
+        print(f"writing {path} with torch.save ...", flush=True)
+        subprocess.run([sys.executable, "-c", TORCH_SAVE, str(path), *map(str, shards)], check=True)
+        subprocess.run(["sync"], check=True)
+        (folder / ".complete").write_text("ok\n")
+    return path
+
+
+def bench_torch_bin(shape: str, shards: list[Path], count: int, others: int) -> list[dict[str, object]]:
+    """`shardkit convert` of a .bin against the bytes' floor and against the torch way."""
+    source = torch_bin(shape, shards)
+    out = DATA / "out" / "converted.safetensors"
+    convert = [*SHARDKIT, "convert", str(source), "-o", str(out), "--quiet"]
+    cat_sync = ["sh", "-c", 'cat "$1" > "$0" && sync', str(out), str(source)]
+    results = [
+        pairs(f"{shape} convert pytorch_model.bin vs cat+sync", convert, cat_sync, out, count),
+        pairs(f"{shape} convert pytorch_model.bin vs torch.load(weights_only, mmap)+save_file", convert,
+              [sys.executable, "-c", TORCH_LOAD, str(out), str(source)], out, others),
+    ]
+    for row in results:
+        row["gigabytes"] = round(source.stat().st_size / 1e9, 2)
+    return results
+
+
 def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> list[dict[str, object]]:
     """Merge, merge --sha256 and reshard (the ones with targets) get `count` pairs; the rest `others`."""
     folder, shards, total = make_checkpoint(shape)
@@ -311,6 +363,8 @@ def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> 
         results.append(result)
     if "convert" in measurements:
         results += bench_conversion(shape, count, others)
+    if "torchbin" in measurements:
+        results += bench_torch_bin(shape, shards, count, others)
     for r in results:
         r["shape"] = shape
         r.setdefault("gigabytes", round(total / 1e9, 2))
@@ -320,20 +374,21 @@ def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> 
 def write_table(results: list[dict[str, object]]) -> str:
     lines = [
         "| measurement | GB | pairs | shardkit s | baseline s | ratio (median) | per-pair ratios "
-        "| shardkit peak RSS MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| shardkit peak RSS MB | baseline peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in results:
         if "floor_s" in r:
             lines.append(
                 f"| {r['what']} | {r['gigabytes']} | 3 | | read {r['read_s']}, write {r['write_s']} "
-                f"| floor {r['floor_s']} s | | |"
+                f"| floor {r['floor_s']} s | | | |"
             )
             continue
         per_pair = ", ".join(f"{x:.2f}" for x in r.get("pair_ratios", []))  # type: ignore[union-attr]
         lines.append(
             f"| {r['what']} | {r['gigabytes']} | {len(r.get('pair_ratios', []))} | {r['ours_s']} | "  # type: ignore[arg-type]
-            f"{r['baseline_s']} | {r['ratio']:.2f}× | {per_pair} | {r['ours_peak_rss_mb']} |"
+            f"{r['baseline_s']} | {r['ratio']:.2f}× | {per_pair} | {r['ours_peak_rss_mb']} | "
+            f"{r.get('baseline_peak_rss_mb', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -354,7 +409,8 @@ def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, obje
 
 
 def _kind(what: str) -> str:
-    for word, kind in (("--dtype", "convert"), ("inspect", "inspect"), ("--sha256", "sha256"),
+    for word, kind in (("pytorch_model.bin", "torchbin"), ("--dtype", "convert"), ("inspect", "inspect"),
+                       ("--sha256", "sha256"),
                        ("reshard", "reshard"), ("device floor", "merge"),
                        ("checksum", "checksum"), ("verify", "verify"), ("naive", "naive"), ("merge", "merge")):
         if word in what:

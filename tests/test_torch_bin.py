@@ -144,6 +144,9 @@ def test_inspect_diff_checksum_and_verify_read_a_bin(tmp_path: Path, bin_file: P
     assert (tmp_path / "0.json").read_text() == (tmp_path / "1.json").read_text()
     verify = run_cli("verify", out, "--against", bin_file)
     assert verify.exit_code == 0, verify.stdout + verify.stderr
+    for source in (bin_file, bin_file.parent):  # the .bin itself, as a file and as a folder
+        alone = run_cli("verify", source)
+        assert alone.exit_code == 0 and f" {len(expected)} tensors" in alone.stdout, alone.stdout + alone.stderr
 
 
 def test_diff_sees_a_changed_element_of_a_transposed_view(tmp_path: Path) -> None:

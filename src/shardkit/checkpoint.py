@@ -218,9 +218,7 @@ def _torch_folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkp
         raise CheckpointError(f"{root}: several indexes ({', '.join(p.name for p in indexes)}); pass the one to use")
     if indexes:
         return _indexed(indexes[0], strict, allow_unindexed)
-    found = sorted(
-        p for suffix in TORCH_SUFFIXES for p in root.glob(f"*{suffix}") if p.is_file() and p.name not in _NOT_WEIGHTS
-    )
+    found = torch_weight_files(root)
     preferred = [p for p in found if p.name == "pytorch_model.bin"]
     if preferred or len(found) == 1:
         return _single_file((preferred or found)[0], strict)
@@ -229,6 +227,13 @@ def _torch_folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkp
             f"{root}: several torch files and no index ({', '.join(p.name for p in found)}); pass the one to use"
         )
     raise CheckpointError(layouts.no_weights(root))
+
+
+def torch_weight_files(root: Location) -> list[Location]:
+    """The folder's torch `.bin`/`.pt`/`.pth` files that may be weights (not training state)."""
+    return sorted(
+        p for suffix in TORCH_SUFFIXES for p in root.glob(f"*{suffix}") if p.is_file() and p.name not in _NOT_WEIGHTS
+    )
 
 
 def find_indexes(root: Location) -> list[Location]:

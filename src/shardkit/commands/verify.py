@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import layouts, storage
-from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint
+from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint, torch_weight_files
 from ..compare import compare_checkpoints
 from ..errors import (
     BadInputError,
@@ -51,6 +51,7 @@ from ..manifest import Manifest, read_manifest
 from ..pipeline import find_pipeline
 from ..reports import JsonReport
 from ..storage import stream
+from ..torch_checkpoint import is_torch_file
 from .checksum import manifest_name
 from .writing import ProgressCallback, dtype_choice
 
@@ -216,15 +217,17 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     indexes name, so a file the index forgot and a shard the folder lacks both show up.
     """
     if path.is_file():
-        if path.name.endswith(".safetensors"):
+        if path.name.endswith(".safetensors") or is_torch_file(path.name):
             return [path], []
         if path.name.endswith(".json"):
             return sorted(_index_shards(path)), [path]
-        raise BadInputError(f"{path}: not a .safetensors file, an index .json or a folder")
+        raise BadInputError(f"{path}: not a .safetensors or torch .bin/.pt/.pth file, an index .json or a folder")
     indexes = find_indexes(path)
     files = {p for p in path.glob("*.safetensors") if p.is_file()}
     for index in indexes:
         files |= _index_shards(index)
+    if not files and not indexes:  # a .bin checkpoint: the files its discovery would read
+        files = set(torch_weight_files(path))
     if not files and not indexes:
         raise BadInputError(layouts.no_weights(path) + ": nothing to verify")
     return sorted(files), indexes
