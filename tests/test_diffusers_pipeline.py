@@ -324,6 +324,21 @@ def test_output_inside_the_pipeline_is_refused(pipe: Path, tmp_path: Path) -> No
     assert snapshot(pipe) == before and temporaries(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["merge", "split"])
+@pytest.mark.parametrize("inside", ["scheduler", "tokenizer", "new", "unet/new"])
+def test_output_in_a_folder_of_the_pipeline_is_refused(pipe: Path, tmp_path: Path, command: str, inside: str) -> None:
+    """The scheduler and tokenizer folders hold no shard, yet are sources: `-o
+    pipe/scheduler --force` replaced the scheduler with the whole output. Also through
+    an alias of the pipeline's folder."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(pipe)
+    before = snapshot(pipe)
+    for out in (pipe / inside, alias / inside):
+        result = run_cli(command, pipe, "-o", out, "--force")
+        assert_clean_failure(result, 2, f"{out}: output lies inside the source folder {pipe}")
+        assert snapshot(pipe) == before and temporaries(tmp_path) == []
+
+
 def test_pickle_only_component_is_refused(pipe: Path, tmp_path: Path) -> None:
     for file in (pipe / "vae").glob("*.safetensors*"):
         file.unlink()
