@@ -317,6 +317,24 @@ def test_existing_output_needs_force(pipe: Path, tmp_path: Path) -> None:
     assert "unet/diffusion_pytorch_model.safetensors" in _files(out)
 
 
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_force_never_deletes_a_users_files_in_the_output(pipe: Path, tmp_path: Path, command: str) -> None:
+    """--force replaces an earlier pipeline output; notes, `.git/` or a component this
+    pipeline lacks are named and the run refused, the folder left as it was."""
+    out = tmp_path / "merged"
+    assert run_cli("merge", pipe, "-o", out).exit_code == 0
+    mine = {"notes.txt": "mine\n", ".git/config": "[core]\n", "unet/lora.txt": "rank 4\n",
+            "controlnet/config.json": "{}"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    before, source = snapshot(out), snapshot(pipe)
+    result = run_cli(command, pipe, "-o", out, "--force")
+    assert_clean_failure(result, 2, "--force replaces only an earlier output")
+    assert all(name in result.stderr for name in (".git/", "controlnet/", "notes.txt", "unet/lora.txt")), result.stderr
+    assert snapshot(out) == before and snapshot(pipe) == source and temporaries(tmp_path) == []
+
+
 def test_output_inside_the_pipeline_is_refused(pipe: Path, tmp_path: Path) -> None:
     before = snapshot(pipe)
     result = run_cli("merge", pipe, "-o", pipe)
