@@ -152,3 +152,12 @@ def test_shard_names_that_are_not_url_safe_are_quoted(tiny: SyntheticCheckpoint,
 
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes() == local_merge
+
+
+@pytest.mark.parametrize("port", ["80x", "99999"])
+def test_a_url_with_a_bad_port_is_a_one_line_error(port: str, tmp_path: Path) -> None:
+    for command in ("inspect", "merge"):
+        args = ("-o", tmp_path / "out.safetensors") if command == "merge" else ()
+        result = run_cli(command, f"http://127.0.0.1:{port}/models/model.safetensors", *args)
+        assert_clean_failure(result, 2, f"the port in '127.0.0.1:{port}' is not a number from 0 to 65535")
+    assert list(tmp_path.iterdir()) == []

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit, urlunsplit
 
 from ..errors import BadInputError, SourceChangedError, TransportError
 from .remote import RemotePath, RemoteStat
@@ -39,9 +39,20 @@ _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$")
 def display_url(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
+    if port_of(parts, url):
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def port_of(parts: SplitResult, url: str) -> int | None:
+    """The URL's port; a one-line error, not urllib's ValueError, for `host:80x` or
+    `host:99999` (typed by a user, or sent by a server in a redirect)."""
+    try:
+        return parts.port
+    except ValueError:
+        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        raise BadInputError(f"{shown}: the port in {parts.netloc.rpartition('@')[2]!r} is not a number from 0 "
+                            "to 65535") from None
 
 
 @dataclass(frozen=True)
@@ -303,7 +314,7 @@ class HttpReader:
             headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one retry
-            connection = self._connection(parts.scheme, parts.hostname, parts.port)
+            connection = self._connection(parts.scheme, parts.hostname, port_of(parts, url))
             try:
                 connection.request("GET", target, headers=headers)
                 response = connection.getresponse()
