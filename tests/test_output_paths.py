@@ -227,3 +227,19 @@ def test_a_subfolder_of_the_checkpoint_folder_is_left_alone(qwen: SyntheticCheck
     assert run_cli("split", qwen.folder, "-o", split, "-s", "100GB").exit_code == 0
     assert not (split / "resharded").exists() and not (split / "original").exists()
     assert snapshot(qwen.folder) == before
+
+
+def test_name_of_a_url_ending_in_dot_dot_is_refused(qwen: SyntheticCheckpoint, tmp_path: Path) -> None:
+    """`http://host/models/x/../model.safetensors.index.json`: `{name}` would be `..`,
+    and `out/{name}/model.safetensors` would be written beside `out/`, not in it."""
+    from web_server import WebServer
+
+    with WebServer() as web:
+        web.put_folder("/models/x/..", qwen.folder)
+        url = web.url("/models/x/../model.safetensors.index.json")
+        for command in ("merge", "split"):
+            result = run_cli(command, url, tmp_path / "out" / "{name}" / "model.safetensors")
+            assert_clean_failure(result, 2, "{name} of source http://")
+            assert "is '..', not a folder name" in result.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["Qwen2.5-7B-Instruct"]
+    assert temporaries(tmp_path) == []

@@ -81,6 +81,12 @@ def expand(template: str, *, source: str | os.PathLike[str], tensors: Iterable[t
     for placeholder in ("name", "slug"):
         if placeholder in used and not values[placeholder]:
             raise BadInputError(f"output {template!r}: {{{placeholder}}} is empty for source {source}")
+    if "name" in used and not is_plain_name(name):
+        # A URL's last segment may be `..` or `.`: `out/{name}/` would leave `out/`.
+        raise BadInputError(
+            f"output {template!r}: {{name}} of source {source} is {name!r}, not a folder name; "
+            "write the output name instead"
+        )
     return template.format(**values)
 
 
@@ -117,6 +123,11 @@ def source_name(source: str | os.PathLike[str]) -> str:
             return stem
         parts.pop()
     return parts[-1] if parts else ""
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether `name` names one entry in a folder: not `.`, `..`, the root or a path."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def slug(name: str) -> str:
