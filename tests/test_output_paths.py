@@ -229,6 +229,25 @@ def test_a_subfolder_of_the_checkpoint_folder_is_left_alone(qwen: SyntheticCheck
     assert snapshot(qwen.folder) == before
 
 
+def test_a_parent_another_process_made_meanwhile_is_not_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`mkdir` loses a race: the folder is someone else's, and stays when this run fails."""
+    from shardkit.output_path import parents_created
+
+    theirs = tmp_path / "shared"
+    real_mkdir = Path.mkdir
+
+    def mkdir_after_them(self: Path, *args: object, **kwargs: object) -> None:
+        if self == theirs:
+            real_mkdir(self)  # the other process wins
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_after_them)
+    with pytest.raises(BadInputError), parents_created(theirs / "mine" / "out.safetensors"):
+        assert (theirs / "mine").is_dir()
+        raise BadInputError("the run fails")
+    assert theirs.is_dir() and not (theirs / "mine").exists()
+
+
 def test_name_of_a_url_ending_in_dot_dot_is_refused(qwen: SyntheticCheckpoint, tmp_path: Path) -> None:
     """`http://host/models/x/../model.safetensors.index.json`: `{name}` would be `..`,
     and `out/{name}/model.safetensors` would be written beside `out/`, not in it."""

@@ -187,18 +187,20 @@ def parents_created(output: object, *, enabled: bool = True) -> Iterator[None]:
     while not parent.exists() and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
+    created: list[Path] = []  # only these are ours to remove: a folder another process made is not
     for folder in reversed(missing):
         try:
             folder.mkdir()
         except FileExistsError:
-            pass  # made by someone else meanwhile
+            continue  # made by someone else meanwhile
         except OSError as exc:
-            _remove_empty(missing)
+            _remove_empty(created[::-1])
             raise OutputError(f"{output}: cannot create the parent folder {folder}: {exc.strerror}") from None
+        created.append(folder)
     try:
         yield
     except BaseException:
-        _remove_empty(missing)
+        _remove_empty(created[::-1])
         raise
 
 
