@@ -190,3 +190,17 @@ def test_an_unreachable_hub_falls_back_to_the_cache(hub: Hub, tiny: SyntheticChe
     assert offline.exit_code == 0, offline.stderr
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == expected
     assert_clean_failure(missing, 2, "hf://acme/other: not in the local Hugging Face cache")
+
+
+def test_dot_dot_in_a_hub_path_is_refused(hub: Hub, tmp_path: Path) -> None:
+    """Offline, the subfolder was joined to the cached snapshot's path, so
+    `hf://acme/tiny/../../../../elsewhere` read a folder outside the cache, exit 0."""
+    hub.python("import huggingface_hub as h; h.snapshot_download('acme/tiny')")
+    elsewhere = write_checkpoint(tmp_path / "elsewhere")
+    before = snapshot(elsewhere.folder)
+    offline = {**hub.env, "HF_HUB_OFFLINE": "1"}
+    for source in ("hf://acme/tiny/../../../../elsewhere", "hf://acme/tiny@../x", "hf://acme/../tiny"):
+        for args in (("inspect", source), ("merge", source, tmp_path / "out.safetensors")):
+            result = run_cli(*args, env=offline)
+            assert_clean_failure(result, 2, f"{source}: '.' and '..' are not names in a Hub path")
+    assert not (tmp_path / "out.safetensors").exists() and snapshot(elsewhere.folder) == before

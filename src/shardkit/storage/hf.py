@@ -42,6 +42,10 @@ def parse_hf(text: str) -> tuple[str, str | None, str]:
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise BadInputError(f"{text}: a Hub path is hf://org/name, hf://org/name@revision or hf://org/name/subfolder")
     name, _, revision = parts[1].partition("@")
+    # Offline the subfolder is joined to the cache snapshot's path: `..` would leave it
+    # (and the repository) for any folder on the machine.
+    if any(part in (".", "..") for part in (parts[0], name, revision, *parts[2:])):
+        raise BadInputError(f"{text}: '.' and '..' are not names in a Hub path; name the repository's folder itself")
     return f"{parts[0]}/{name}", revision or None, "/".join(parts[2:])
 
 
