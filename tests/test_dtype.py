@@ -281,3 +281,29 @@ def test_s3_to_s3_conversion_writes_the_local_bytes_copying_unchanged_tensors_in
     assert transfer["bytes_copied"] >= kept * 0.9
     assert converted <= transfer["bytes_sent"] < converted + 20 * 2**20 * len(report["files"])
     assert report["dtype"]["converted"] > 0 and report["dtype"]["lossless"] is True
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors", None])
+def test_a_checkpoint_quantised_otherwise_than_fine_grained_fp8_is_refused(tmp_path: Path, method: str | None):
+    """GPTQ-style: int32 qweight/qzeros beside fp16 scales. --dtype bf16 rounded the
+    scales (every dequantised weight moved) and wrote torch_dtype bfloat16 under the
+    unchanged quantization_config, exit 0, reporting no loss."""
+    source = tmp_path / "llama-gptq"
+    source.mkdir()
+    prefix = "model.layers.0.mlp.down_proj"
+    safetensors_torch.save_file({
+        f"{prefix}.qweight": torch.randint(0, 2**31 - 1, (16, 64), dtype=torch.int32),
+        f"{prefix}.qzeros": torch.randint(0, 2**31 - 1, (1, 8), dtype=torch.int32),
+        f"{prefix}.scales": (torch.rand(1, 64) * 0.01 + 1e-3).half(),
+        "model.embed_tokens.weight": torch.randn(32, 64).half(),
+    }, source / "model.safetensors", metadata={"format": "pt"})
+    section = {"bits": 4, "group_size": 128} | ({"quant_method": method} if method else {})
+    (source / "config.json").write_text(json.dumps({"torch_dtype": "float16", "quantization_config": section}))
+    before = snapshot(source)
+    for command, out in (("merge", tmp_path / "merged"), ("split", tmp_path / "split")):
+        result = run_cli(command, source, out, "--dtype", "bf16")
+        assert_clean_failure(result, 2, f"config.json: the checkpoint is quantised (quantization_config.quant_method "
+                                        f"{method!r}) and has no FP8 weights to dequantise; --dtype would round")
+        assert not out.exists()
+    assert snapshot(source) == before and temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-gptq"]

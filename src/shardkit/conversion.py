@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, SourceTensor
 from .errors import BadInputError
-from .fp8_layout import Fp8Layout, find_layout
+from .fp8_layout import Fp8Layout, find_layout, quantization_config
 from .plan import ScaleOf
 
 #: config.json spells dtypes as torch does.
@@ -64,6 +64,8 @@ def choose_dtypes(
         if not pattern:
             raise BadInputError("--keep '': give a glob of tensor names, e.g. --keep '*norm*'")
     fp8 = find_layout(checkpoint, config)
+    if fp8 is None:
+        _refuse_other_quantisation(checkpoint, config)
     scale_names = fp8.scale_names if fp8 is not None else frozenset()
     dtypes: dict[str, str] = {}
     kept: list[str] = []
@@ -82,6 +84,21 @@ def choose_dtypes(
         else:
             dtypes[name] = target
     return DtypeChoice(target, dtypes, tuple(kept), tuple(not_float), fp8)
+
+
+def _refuse_other_quantisation(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> None:
+    """A quantised checkpoint with no FP8 weights to dequantise (GPTQ, AWQ, bitsandbytes,
+    compressed-tensors' int and FP4 schemes) keeps float scales beside its packed
+    weights: converting them would round every scale (fp16 → bf16 drops 3 mantissa
+    bits, so every dequantised weight moves) under a config that still names the
+    quantisation, with exit 0 and a "lossless" report."""
+    section = quantization_config(config)
+    if section is not None:
+        raise BadInputError(
+            f"{checkpoint.root / 'config.json'}: the checkpoint is quantised (quantization_config.quant_method "
+            f"{section.get('quant_method')!r}) and has no FP8 weights to dequantise; --dtype would round its "
+            "scales; convert the unquantised checkpoint instead"
+        )
 
 
 def config_with_dtype(text: bytes, target: str, where: object, dequantised: bool = False) -> bytes:
