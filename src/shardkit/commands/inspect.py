@@ -199,6 +199,8 @@ def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[Quantiza
     from ..errors import ShardkitError
     from ..fp8_layout import find_layout
 
+    if not any(name.endswith(("_scale_inv", ".weight_scale")) for name in checkpoint.tensors):
+        return None, frozenset()  # no scales: not an FP8 layout, and no config.json read (headers only)
     try:
         layout = find_layout(checkpoint, read_config(checkpoint))
     except ShardkitError as error:
