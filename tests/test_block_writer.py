@@ -23,6 +23,7 @@ from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit import block_writer, execute
 from shardkit.fill import CastLog
 from shardkit.plan import Copy, Literal, PlannedFile
+from shardkit.source_files import SourceFiles
 from shardkit.synthetic import write_checkpoint
 from test_merge import reference_serialize
 
@@ -52,16 +53,13 @@ def random_layout(folder: Path, seed: int) -> tuple[list[tuple[Path, int, int]],
     return ranges, header, expected
 
 
-def layout_output(layout, out: int, fds: list[int], hasher=None) -> block_writer.Output:
+def layout_output(layout, out: int, sources: SourceFiles, hasher=None) -> block_writer.Output:
     """One output of `random_layout` as the executor builds it: a planned file whose
-    blocks `fill` makes from its steps; opened sources go into `fds`."""
+    blocks `fill` makes from its steps, reading through `sources`."""
     ranges, header, _ = layout
-    steps, position, sources = [Literal(0, header)], len(header), {}
+    steps, position = [Literal(0, header)], len(header)
     for path, offset, length in ranges:
         if length:
-            if str(path) not in sources:
-                sources[str(path)] = os.open(path, os.O_RDONLY)
-                fds.append(sources[str(path)])
             steps.append(Copy(position, length, str(path), offset))
         position += length
     planned = PlannedFile("out", tuple(steps), (), position, len(header))
@@ -70,14 +68,13 @@ def layout_output(layout, out: int, fds: list[int], hasher=None) -> block_writer
 
 def write_layout(dest: Path, ranges: list[tuple[Path, int, int]], header: bytes, hasher=None, on_progress=None) -> None:
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    fds = [out]
     try:
         assert block_writer.enable(out)
-        output = layout_output((ranges, header, b""), out, fds, hasher)
-        block_writer.write_files([output], on_progress=on_progress)
+        with SourceFiles() as sources:
+            output = layout_output((ranges, header, b""), out, sources, hasher)
+            block_writer.write_files([output], on_progress=on_progress)
     finally:
-        for fd in fds:
-            os.close(fd)
+        os.close(out)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -277,6 +274,7 @@ def test_several_outputs_are_one_stream_byte_exact_and_each_hashed(small_blocks,
     hashers = [hashlib.sha256() for _ in layouts]
     reported: list[int] = []
     fds: list[int] = []
+    sources = SourceFiles()
     try:
         outputs = []
         for number, layout in enumerate(layouts):
@@ -284,12 +282,13 @@ def test_several_outputs_are_one_stream_byte_exact_and_each_hashed(small_blocks,
             fds.append(fd)
             assert block_writer.enable(fd)
             if layout:
-                outputs.append(layout_output(layout, fd, fds, hashers[number]))
+                outputs.append(layout_output(layout, fd, sources, hashers[number]))
             else:
                 empty = PlannedFile("empty", (), (), 0)
-                outputs.append(execute.direct_output(fd, empty, hashers[number], {}, CastLog()))
+                outputs.append(execute.direct_output(fd, empty, hashers[number], sources, CastLog()))
         block_writer.write_files(outputs, on_progress=reported.append)
     finally:
+        sources.close()
         for fd in fds:
             os.close(fd)
     monkeypatch.undo()

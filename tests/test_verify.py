@@ -60,12 +60,13 @@ def test_clean_checkpoint_passes_reading_headers_only(checkpoint: SyntheticCheck
     result = run_cli("verify", checkpoint.folder, NO_ARCH)
     assert result.exit_code == 0, result.stdout + result.stderr
     tensors = len(checkpoint.tensors)
-    assert result.stdout.startswith(f"verify: OK: 4 file(s), {tensors} tensors; checks: format, index, json;")
+    checks = "checks: format, index, json, companions;"
+    assert result.stdout.startswith(f"verify: OK: 4 file(s), {tensors} tensors; {checks}")
     assert result.stderr == ""
     code, report = verify_json(checkpoint.folder, NO_ARCH)
     assert code == 0
     assert report["ok"] is True and report["problems"] == []
-    assert report["checks"] == ["format", "index", "json"]
+    assert report["checks"] == ["format", "index", "json", "companions"]
     assert report["bytes_read"] == 0  # no reference, so no data read
     assert [Path(f).name for f in report["files"]] == checkpoint.shard_files
 
@@ -291,7 +292,7 @@ def test_hub_cache_snapshot_blobs_are_checked(checkpoint: SyntheticCheckpoint, t
     snap = hub_snapshot(tmp_path / "hub", checkpoint.folder)
     code, report = verify_json(snap, NO_ARCH)
     assert code == 0, report["problems"]
-    assert report["checks"] == ["format", "index", "json", "hub"]
+    assert report["checks"] == ["format", "index", "json", "companions", "hub"]
     assert report["bytes_read"] == sum((checkpoint.folder / s).stat().st_size for s in checkpoint.shard_files)
 
 
@@ -416,7 +417,7 @@ def test_tied_embeddings_check_clean_without_lm_head(tmp_path: Path) -> None:
     assert "lm_head.weight" not in read_header(folder / "model.safetensors").by_name
     report = shardkit.verify(folder)
     assert report.ok, [str(p) for p in report.problems]
-    assert report.checks == ["format", "index", "json", "architecture"]
+    assert report.checks == ["format", "index", "json", "companions", "architecture"]
     assert report.config == str(folder / "config.json")
 
 
@@ -450,4 +451,4 @@ def test_synthetic_checkpoint_with_its_config_checks_clean(tmp_path: Path) -> No
     made = write_checkpoint(tmp_path / "m")
     code, report = verify_json(made.folder)
     assert code == 0, report["problems"]
-    assert report["checks"] == ["format", "index", "json", "architecture"]
+    assert report["checks"] == ["format", "index", "json", "companions", "architecture"]

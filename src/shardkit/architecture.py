@@ -334,8 +334,8 @@ def _load_config(config_path: Path, transformers: Any) -> tuple[Any, dict]:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ArchitectureCheckError(f"config not found: {config_path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchitectureCheckError(f"cannot read {config_path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArchitectureCheckError(f"cannot read {config_path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ArchitectureCheckError(f"{config_path}: expected a JSON object")
     model_type = raw.get("model_type")

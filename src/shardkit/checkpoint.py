@@ -26,6 +26,7 @@ from . import header_json, layouts, storage, variants
 from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotFoundError, ShardkitError, option
 from .format import Header, TensorInfo
 from .gc_pause import gc_paused
+from .readability import check_folder_readable, file_problem
 from .storage import Location
 from .torch_checkpoint import TORCH_SUFFIXES, TorchHeader, View, is_torch_file, safetensors_name
 from .variants import WeightSet
@@ -149,6 +150,8 @@ def _refuse_non_safetensors(path: Location) -> None:
 
 
 def _folder(root: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
+    if isinstance(root, Path):
+        check_folder_readable(root)
     default = _default_variant(root, strict)
     if default is not None:
         return default
@@ -539,13 +542,35 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
     `resharded/` output, Llama's `original/`) is another checkpoint, not part of this one.
     Checksum manifests are still among them (:func:`shardkit.manifest.companions` leaves
     out those that name weight files).
+    A file that cannot be read (a dangling or looping symlink, no permission) is an
+    error: a "ready-to-load" output without it would not load.
     """
+    found, broken = _companions(checkpoint, exclude)
+    if broken:
+        path, problem = broken[0]
+        also = f" (also unreadable: {', '.join(str(p) for p, _ in broken[1:])})" if len(broken) > 1 else ""
+        raise CheckpointError(f"{path}: the output needs this file, but it {problem}{also}")
+    return found
+
+
+def broken_companions(checkpoint: Checkpoint) -> list[tuple[Location, str]]:
+    """Companion files that cannot be read (a dangling or looping symlink, no read
+    permission), each with what is wrong with it."""
+    return _companions(checkpoint, None)[1]
+
+
+def _companions(
+    checkpoint: Checkpoint, exclude: Location | None
+) -> tuple[list[tuple[Location, str]], list[tuple[Location, str]]]:
     root = checkpoint.root
     if checkpoint.index_path is None and len(checkpoint.shards) == 1 and not (root / "config.json").is_file():
         # A lone file in e.g. ~/Downloads: its neighbours are not a model's files.
-        return []
+        return [], []
     excluded = exclude.resolve() if exclude is not None else None
     found: list[tuple[Location, str]] = []
+    broken: list[tuple[Location, str]] = []
+    if isinstance(root, Path):
+        check_folder_readable(root)  # else its files would silently be missing
     for path, relative in storage.walk_files(root, exclude=excluded):
         name = path.name
         if (
@@ -554,9 +579,12 @@ def companion_files(checkpoint: Checkpoint, exclude: Location | None = None) -> 
             or path in checkpoint.weight_files
             or ".safetensors.index" in name
             or name.endswith(".bin.index.json")
-            or (excluded is not None and path.resolve() == excluded)
-            or not path.is_file()
         ):
             continue
-        found.append((path, relative))
-    return found
+        # A file that cannot be read is not silently left out of a "ready-to-load" output.
+        problem = file_problem(path) if isinstance(path, Path) else None
+        if problem is not None:
+            broken.append((path, problem))
+        elif path.is_file() and (excluded is None or path.resolve() != excluded):
+            found.append((path, relative))
+    return found, broken

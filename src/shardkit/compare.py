@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from . import storage
 from .checkpoint import Checkpoint, SourceTensor
 from .format import DTYPES
+from .source_files import SourceFiles
 from .tensor_bytes import read_tensor
 
 CHUNK = 8 * 1024 * 1024
@@ -64,24 +64,18 @@ class Comparison:
 
 
 class _Readers:
-    """Readers of the files being compared, opened once each."""
+    """Readers of the files being compared, through :class:`SourceFiles`: thousands of
+    local shards stay within the descriptor limit, remote files are opened once each."""
 
     def __init__(self) -> None:
-        self._readers: dict[str, storage.RangeReader] = {}
-
-    def reader(self, path: str) -> storage.RangeReader:
-        if path not in self._readers:
-            self._readers[path] = storage.open_reader(path)
-        return self._readers[path]
+        self._files = SourceFiles()
 
     def read(self, tensor: SourceTensor, done: int, length: int) -> bytes:
         """`length` bytes of `tensor`'s data from `done` on."""
-        return read_tensor(tensor, self.reader(tensor.shard.path), done, length)
+        return read_tensor(tensor, self._files.reader(tensor.shard.path), done, length)
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        self._files.close()
 
 
 def same_bytes(

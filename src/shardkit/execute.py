@@ -34,7 +34,9 @@ from .byte_copy import RangeCopier
 from .destination import Sources, check_destination, refuse_unexpected, unexpected_entries
 from .errors import OutputError, OutputExistsError, ShardkitError, SourceChangedError, WriteError
 from .fill import CastLog, Read, fill, ordered_chunks
+from .manifest import format_file_manifest
 from .plan import Copy, Plan, PlannedFile, Source
+from .source_files import SourceFiles
 from .storage import stream
 from .storage.location import read_exactly
 
@@ -190,18 +192,12 @@ def _write_group(
     log: CastLog,
 ) -> list[WrittenFile]:
     fds: list[int] = []
-    sources: dict[str, int] = {}
     with contextlib.ExitStack() as closing:  # every fd is closed even if one close() fails
+        sources = closing.enter_context(SourceFiles())  # opened as read: thousands of shards fit
         for path in paths:
             fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
             closing.callback(os.close, fds[-1])
-        remote = False
-        for source in {path for f in planned for path, _, _ in f.source_spans(0, f.size)}:
-            if storage.is_remote(source):
-                remote = True
-            else:
-                sources[source] = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                closing.callback(os.close, sources[source])
+        remote = any(storage.is_remote(source) for f in planned for source, _, _ in f.source_spans(0, f.size))
         digests = None if remote else _write_direct(fds, planned, sources, sha256, progress, log)
         if digests is None:  # remote sources, or a destination that refuses O_DIRECT
             digests = [_copy_with_kernel(fd, f, sources, sha256, progress, log) for fd, f in zip(fds, planned)]
@@ -229,7 +225,7 @@ CAST_WORKERS = max(1, (os.cpu_count() or 1) // block_writer.WORKERS)
 def _write_direct(
     fds: Sequence[int],
     planned: Sequence[PlannedFile],
-    sources: dict[str, int],
+    sources: SourceFiles,
     sha256: bool,
     progress: Callable[[int], None] | None,
     log: CastLog,
@@ -253,17 +249,18 @@ def _write_direct(
     return [hasher.hexdigest() if hasher else None for hasher in hashers]
 
 
-def local_read(sources: dict[str, int]) -> Read:
-    """The `read` of :func:`shardkit.fill.fill` over open source descriptors."""
+def local_read(sources: SourceFiles) -> Read:
+    """The `read` of :func:`shardkit.fill.fill` over local source descriptors."""
 
     def read(source: str, offset: int, into: memoryview) -> None:
-        read_exactly(sources[source], into, offset)
+        with sources.use(source) as fd:
+            read_exactly(fd, into, offset)
 
     return read
 
 
 def direct_output(
-    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: dict[str, int], log: CastLog
+    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: SourceFiles, log: CastLog
 ) -> block_writer.Output:
     """A planned file as a block-writer output: every block made by `fill` from its steps."""
     read = local_read(sources)
@@ -274,7 +271,8 @@ def direct_output(
     def read_ahead(start: int, end: int) -> None:
         if hasattr(os, "posix_fadvise"):
             for source, offset, length in planned.source_spans(start, end):
-                os.posix_fadvise(sources[source], offset, length, os.POSIX_FADV_WILLNEED)
+                with sources.use(source) as source_fd:
+                    os.posix_fadvise(source_fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     return block_writer.Output(fd, planned.size, fill_block, hasher, read_ahead)
 
@@ -282,7 +280,7 @@ def direct_output(
 def _copy_with_kernel(
     fd: int,
     planned: PlannedFile,
-    sources: dict[str, int],
+    sources: SourceFiles,
     sha256: bool,
     progress: Callable[[int], None] | None,
     log: CastLog,
@@ -300,7 +298,8 @@ def _copy_with_kernel(
             for run_start, run_end, copies in _runs(planned):
                 if copies:
                     for step in copies:
-                        copier.copy(sources[step.source], step.source_offset, step.offset, step.length)
+                        with sources.use(step.source) as source_fd:
+                            copier.copy(source_fd, step.source_offset, step.offset, step.length)
                 else:
                     _write_made(copier, planned, read, run_start, run_end, log)
     finally:
@@ -340,29 +339,20 @@ def stream_workers(remote: bool) -> int:
 
 class RangeSources:
     """Ranged readers (pread locally, ranged GETs remotely) of the sources of planned
-    files, opened once each; `read` is the `read` of :func:`shardkit.fill.fill`."""
+    files, opened as needed (:class:`SourceFiles`: local ones within a bounded number of
+    descriptors); `read` is the `read` of :func:`shardkit.fill.fill`."""
 
     def __init__(self, planned: Sequence[PlannedFile]) -> None:
-        self._readers: dict[str, storage.RangeReader] = {}
-        try:
-            for each in planned:
-                for source, _, _ in each.source_spans(0, each.size):
-                    if source not in self._readers:
-                        self._readers[source] = storage.open_reader(source)
-        except BaseException:
-            self.close()
-            raise
+        self._files = SourceFiles()
 
     def read(self, source: str, offset: int, into: memoryview) -> None:
-        data = self._readers[source].read(offset, len(into))
+        data = self._files.reader(source).read(offset, len(into))
         if len(data) != len(into):
             raise OSError(errno.EIO, f"{source}: ended early at offset {offset + len(data)} (file shrank?)")
         into[:] = data
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        self._files.close()
 
     def __enter__(self) -> RangeSources:
         return self
@@ -386,9 +376,9 @@ def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
     if plan.index is not None and plan.index_name is not None:
         text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
         _write_text(staged / plan.index_name, text)
-    sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
+    sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:
-        _write_text(staged / checksum_file_name(plan), "".join(sums))
+        _write_text(staged / checksum_file_name(plan), format_file_manifest(sums))
 
 
 def checksum_file_name(plan: Plan) -> str:
@@ -400,14 +390,16 @@ def write_checksum_beside(dest: Path, written: WrittenFile, *, force: bool = Tru
     """`model.safetensors.sha256` next to a single-file output, atomically; without
     `force` it never replaces one that appeared meanwhile."""
     path = dest.with_name(dest.name + ".sha256")
+    assert written.sha256 is not None, "only a hashed output has a checksum file"
+    manifest = format_file_manifest([(dest.name, written.sha256)])
     if storage.is_remote(path):
         from .execute_s3 import put_bytes
 
-        put_bytes(path, f"{written.sha256}  {dest.name}\n".encode())  # type: ignore[arg-type]
+        put_bytes(path, manifest.encode())  # type: ignore[arg-type]
         return path
     staged = atomic.temp_name(path)
     try:
-        _write_text(staged, f"{written.sha256}  {dest.name}\n")
+        _write_text(staged, manifest)
         _commit(staged, path, force, set())
     except BaseException:
         atomic.remove(staged)

@@ -46,6 +46,7 @@ from .execute import (
     written_names,
 )
 from .fill import CastLog, fill, ordered_chunks
+from .manifest import format_file_manifest
 from .multipart_plan import CopyPart, ObjectPlan, Part, UploadPart, plan_object
 from .plan import Plan, PlannedFile, Source
 from .storage import stream
@@ -500,9 +501,9 @@ def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile]) -> list[
         target = dest / plan.index_name
         put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode())
         done.append(target)
-    sums = [f"{w.sha256}  {w.name}\n" for w in written if w.sha256]
+    sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:
         target = dest / checksum_file_name(plan)
-        put_bytes(target, "".join(sums).encode())
+        put_bytes(target, format_file_manifest(sums).encode())
         done.append(target)
     return done

@@ -47,3 +47,12 @@ def _revision_folder(path: Path) -> Path | None:
         if folder.parent.name == "snapshots":
             return folder
     return None
+
+
+def repo_id(path: Path) -> str | None:
+    """`org/name` of the cache folder `models--org--name` that holds `path`, if any:
+    what to pass to `hf download` to fetch a broken file again."""
+    for folder in path.parents:
+        if folder.name.startswith("models--") and (folder / "snapshots").is_dir():
+            return folder.name[len("models--") :].replace("--", "/")
+    return None

@@ -27,6 +27,9 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 #: GNU (`HASH  name`, `HASH *name` in binary mode) and BSD tag (`SHA256 (name) = HASH`) lines.
 _GNU_LINE = re.compile(r"^(?P<hash>[0-9a-fA-F]+) [ *](?P<name>.+)$")
 _TAG_LINE = re.compile(r"^SHA256 \((?P<name>.+)\) = (?P<hash>[0-9a-fA-F]+)$")
+#: What GNU sha256sum escapes in names, and how (`filename_unescape` in coreutils' digest.c).
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,13 @@ class Manifest:
 
 
 def format_file_manifest(entries: Iterable[tuple[str, str]]) -> str:
-    """`sha256sum` output for (name, sha256) pairs, escaping names as coreutils does."""
+    """`sha256sum` output for (name, sha256) pairs, escaping names as GNU coreutils (9.x)
+    does: a name holding a backslash, newline or carriage return gets a line starting
+    with a backslash, and those three characters written as `\\\\`, `\\n` and `\\r`."""
     lines = []
     for name, digest in entries:
-        if "\\" in name or "\n" in name:
-            lines.append("\\" + digest + "  " + name.replace("\\", "\\\\").replace("\n", "\\n"))
+        if any(c in name for c in _ESCAPES):
+            lines.append("\\" + digest + "  " + "".join(_ESCAPES.get(c, c) for c in name))
         else:
             lines.append(f"{digest}  {name}")
     return "".join(line + "\n" for line in lines)
@@ -139,7 +144,10 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def _read_sha256sum(path: Path, text: str) -> Manifest:
     files: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines() would also cut a name at "\x85" or "\u2028",
+    # which sha256sum leaves as they are. A CRLF file (written on Windows) is read too.
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip() or line.startswith("#"):
             continue
         escaped = line.startswith("\\")
@@ -153,17 +161,25 @@ def _read_sha256sum(path: Path, text: str) -> Manifest:
                 f"{path}:{number}: a {len(digest) * 4}-bit hash, not SHA-256 (use a sha256sum manifest)"
             )
         if escaped:
-            name = _unescape(name)
+            name = _unescape(name, path, number)
         if files.get(name, digest) != digest:
-            raise BadInputError(f"{path}:{number}: {name} is listed twice with different hashes")
+            raise BadInputError(f"{path}:{number}: {name!r} is listed twice with different hashes")
         files[name] = digest
     if not files:
         raise BadInputError(f"{path}: the checksum manifest lists no file")
     return Manifest(str(path), "files", files=files)
 
 
-def _unescape(name: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), name)
+def _unescape(name: str, path: Path, number: int) -> str:
+    def one(match: re.Match[str]) -> str:
+        escaped = _UNESCAPES.get(match.group(1))
+        if escaped is None:
+            raise BadInputError(
+                f"{path}:{number}: {match.group(0)!r} in an escaped name: sha256sum writes only \\\\, \\n and \\r"
+            )
+        return escaped
+
+    return re.sub(r"\\(.?)", one, name)
 
 
 def _read_json(path: Path, text: str) -> Manifest:
@@ -171,6 +187,8 @@ def _read_json(path: Path, text: str) -> Manifest:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInputError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: not a checksum manifest: JSON nested too deeply to read") from None
     if not isinstance(document, dict):
         raise BadInputError(f"{path}: not a checksum manifest (JSON is not an object)")
     if document.get("format") == TENSOR_MANIFEST_FORMAT or document.get("kind") == "tensors":

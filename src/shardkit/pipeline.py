@@ -26,6 +26,7 @@ from pathlib import Path
 from . import storage
 from .checkpoint import WEIGHT_SUFFIXES
 from .errors import CheckpointError
+from .readability import check_folder_readable
 from .storage import Location
 from .variants import WeightSet, weight_sets
 
@@ -52,7 +53,10 @@ class Pipeline:
 def is_pipeline(path: object) -> bool:
     """A local folder with `model_index.json` (remote folders are not asked: every
     question is a request, and a remote pipeline is not supported)."""
-    return isinstance(path, Path) and path.is_dir() and (path / MODEL_INDEX).is_file()
+    if not (isinstance(path, Path) and path.is_dir()):
+        return False
+    check_folder_readable(path)  # else the question below fails with "model_index.json: Permission denied"
+    return (path / MODEL_INDEX).is_file()
 
 
 def find_pipeline(path: object, *, allow_unindexed: bool = False) -> Pipeline | None:

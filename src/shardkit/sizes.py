@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import BadInputError
 
@@ -26,6 +27,11 @@ _UNITS = {
     "TIB": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+#: The largest file Linux and the format's u64 offsets allow both (off_t is signed).
+MAX_SIZE = 2**63 - 1
+#: More digits than any size up to MAX_SIZE needs; longer numbers are refused before
+#: they are converted (Python refuses to convert more than 4,300 digits at all).
+_MAX_DIGITS = 40
 
 
 def parse_size(text: str | int) -> int:
@@ -40,10 +46,20 @@ def parse_size(text: str | int) -> int:
                 f"cannot read size {text!r}: use bytes or a number with KB, MB, GB, TB "
                 "(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. 5GB"
             )
-        size = int(float(match.group(1)) * _UNITS[unit])
+        number = match.group(1)
+        if len(number) > _MAX_DIGITS:
+            raise BadInputError(f"size {_shorten(text)} is larger than any file can be (at most {MAX_SIZE:,} bytes)")
+        size = int(Fraction(number) * _UNITS[unit])  # exact: a float loses bytes past 2**53
+    if size > MAX_SIZE:
+        raise BadInputError(f"size {_shorten(str(text))} is larger than any file can be (at most {MAX_SIZE:,} bytes)")
     if size <= 0:
         raise BadInputError(f"size {text!r} must be greater than zero")
     return size
+
+
+def _shorten(text: str) -> str:
+    """A size as the user typed it, cut to fit on the error's one line."""
+    return repr(text) if len(text) <= 40 else repr(text[:20] + "…" + text[-12:]) + f" ({len(text)} characters)"
 
 
 def format_size(size: int) -> str:

@@ -40,6 +40,9 @@ app = typer.Typer(
     # click suggests a close command name itself; typer's own suggestion would repeat it.
     suggest_commands=False,
     pretty_exceptions_enable=False,
+    # Help is printed as written: rich markup would eat `[numeric]` from
+    # `pip install 'shardkit[numeric]'` and `[@revision]` from `hf://org/name[@revision]`.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

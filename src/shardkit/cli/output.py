@@ -171,7 +171,7 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str], Progress]]:
     )
 
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

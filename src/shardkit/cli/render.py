@@ -24,7 +24,9 @@ def console():  # noqa: ANN201 - rich is imported lazily to keep start-up fast
 
     # Piped output goes to files and CI logs: never truncate paths or digests there.
     width = None if sys.stdout.isatty() else 1000
-    return Console(highlight=False, soft_wrap=True, width=width)
+    # markup=False: what is printed holds file and tensor names, which may contain
+    # `[v2]` or `[/`; rich would eat the first as a style and fail on the second.
+    return Console(highlight=False, soft_wrap=True, width=width, markup=False, emoji=False)
 
 
 def print_write_report(report: WriteReport) -> None:

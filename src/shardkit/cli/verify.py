@@ -46,7 +46,7 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="A config.json to check tensor names, shapes and dtypes against (needs shardkit\\[hf]). "
+        help="A config.json to check tensor names, shapes and dtypes against (needs shardkit[hf]). "
         "Default: PATH's own config.json when transformers is installed.",
         show_default=False,
     ),

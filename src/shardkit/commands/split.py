@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,6 +167,13 @@ def _check_prefix(prefix: str) -> None:
         )
     if prefix.endswith(".safetensors"):
         raise BadInputError(f"prefix {prefix!r} must not end in .safetensors: it is added to every shard name")
+    control = next((c for c in prefix if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if control is not None:
+        # A newline or escape in a file name breaks line-based tools, logs and terminals.
+        raise BadInputError(
+            f"prefix {prefix!r} holds the control character {control!r}: shard names may not; "
+            "use letters, digits, '-', '_' or '.'"
+        )
 
 
 def split_pipeline(

@@ -32,8 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import layouts, storage
-from ..checkpoint import Checkpoint, check_shard_name, find_indexes, open_checkpoint, torch_weight_files
+from .. import header_json, layouts, storage
+from ..checkpoint import (
+    Checkpoint,
+    broken_companions,
+    check_shard_name,
+    find_indexes,
+    open_checkpoint,
+    torch_weight_files,
+)
 from ..compare import compare_checkpoints
 from ..errors import (
     BadInputError,
@@ -49,6 +56,7 @@ from ..hashing import Streamer
 from ..hub_cache import HubBlob, hub_blob
 from ..manifest import Manifest, read_manifest
 from ..pipeline import find_pipeline
+from ..readability import check_folder_readable
 from ..reports import JsonReport
 from ..storage import stream
 from ..torch_checkpoint import is_torch_file
@@ -67,7 +75,7 @@ INSTALL_HINT = "pip install 'shardkit[hf]'"
 class Problem(JsonReport):
     """One thing wrong, with where it is. `check` is the check that found it."""
 
-    check: str  # format | index | hub | checksums | tensor-checksums | against | architecture | read
+    check: str  # format | index | companions | hub | checksums | tensor-checksums | against | architecture | read
     message: str
     file: str | None = None
     tensor: str | None = None
@@ -158,6 +166,8 @@ def verify(
     path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
         raise PathNotFoundError(path, layouts.missing_path(path))  # type: ignore[arg-type]
+    if isinstance(path, Path) and path.is_dir():
+        check_folder_readable(path)  # else it looks empty, or its config.json unreadable
     pipeline = find_pipeline(path, allow_unindexed=allow_unindexed)
     if pipeline is not None:  # a diffusers pipeline: each component verified on its own
 
@@ -186,6 +196,7 @@ def verify(
     headers = run.check_files(files)
     checkpoint = run.check_checkpoint()
     run.check_companions()
+    run.check_companion_files(checkpoint)
     reading = time.perf_counter()
     run.check_bytes(files + indexes, checkpoint, manifest, reference, progress)
     read_seconds = time.perf_counter() - reading
@@ -234,9 +245,13 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _index_shards(index: Path) -> set[Path]:
-    """Existing shard files an index names; a broken index is reported by the cross-checks."""
+    """Existing shard files an index names; a broken index is reported by the cross-checks,
+    but one nested deeper than any JSON reader goes is refused outright (exit 2)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        text = index.read_text(encoding="utf-8")
+        if header_json.depth(text) > header_json.MAX_DEPTH:
+            raise BadInputError(f"{index}: not an index: JSON nested deeper than {header_json.MAX_DEPTH} levels")
+        weight_map = json.loads(text).get("weight_map")
         names = set(weight_map.values())
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
         return set()
@@ -380,6 +395,15 @@ class _Run:
                              file)
             except OSError as exc:
                 self.problem("json", f"cannot read: {exc.strerror or exc}", file)
+
+    def check_companion_files(self, checkpoint: Checkpoint | None) -> None:
+        """The files a loader reads beside the weights (config, tokenizer, ...) must be
+        readable: a dangling symlink is a download that did not finish."""
+        if checkpoint is None or self.path.name.endswith(".safetensors"):
+            return  # a lone weight file has no companions to check
+        self.checks.append("companions")
+        for path, problem in broken_companions(checkpoint):
+            self.problem("companions", problem, path)
 
     # ------------------------------------------------------------------ bytes
 

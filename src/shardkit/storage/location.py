@@ -118,18 +118,23 @@ class LocalReader:
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) == length:
-            return data
-        buffer = bytearray(length)  # a short read: the rest read into place, as everywhere
-        buffer[: len(data)] = data
-        read_exactly(self.fd, memoryview(buffer)[len(data) :], offset + len(data), self.path)
-        return bytes(buffer)
+        return pread_exactly(self.fd, offset, length, self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def pread_exactly(fd: int, offset: int, length: int, path: str | None = None) -> bytes:
+    """`length` bytes of `fd` at `offset`, as :func:`read_exactly` reads them."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    buffer = bytearray(length)  # a short read: the rest read into place, as everywhere
+    buffer[: len(data)] = data
+    read_exactly(fd, memoryview(buffer)[len(data) :], offset + len(data), path)
+    return bytes(buffer)
 
 
 def read_exactly(fd: int, target: memoryview, offset: int, path: str | None = None) -> None:
