@@ -44,7 +44,6 @@ PLACED = {
     "torch_checkpoint": "format",
     "torch_pickle": "format",
     "torch_zip": "format",
-    "manifest": "format",  # the checksum file formats: the engine writes them, the checks read them
     "checkpoint": "checkpoint",
     "variants": "checkpoint",
     "pipeline": "checkpoint",
@@ -52,6 +51,7 @@ PLACED = {
     "layers": "checkpoint",
     "hub_cache": "checkpoint",
     "readability": "checkpoint",
+    "manifest": "checkpoint",  # the checksum files of a checkpoint: the engine writes them, the checks read them
     "plan": "plan",
     "fill": "plan",
     "tensor_bytes": "plan",
