@@ -57,6 +57,8 @@ PLACED = {
     "tensor_bytes": "plan",
     "conversion": "plan",
     "selection": "plan",
+    "recipe": "plan",
+    "flux_recipes": "plan",
     "output_path": "plan",
     "dtype_cast": "plan",
     "fp8": "plan",

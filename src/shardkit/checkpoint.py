@@ -51,6 +51,9 @@ class SourceTensor:
     shard: Header
     #: The name it has in `shard` when a selection renamed it (`info.name` is the output name).
     shard_name: str | None = None
+    #: A tensor a recipe made by concatenating dim-0 ranges of others (`fuse`, a half
+    #: swap): its bytes are these pieces' bytes, in order; `shard` is the first piece's.
+    pieces: tuple[SourceTensor, ...] = ()
 
     @property
     def name(self) -> str:
@@ -59,6 +62,17 @@ class SourceTensor:
     @property
     def offset(self) -> int:
         return self.shard.data_start + self.info.begin
+
+    def piece_spans(self, done: int, length: int) -> list[tuple[SourceTensor, int, int]]:
+        """The (piece, start, length) ranges that bytes [done, done + length) of a
+        composite tensor come from."""
+        spans, start = [], 0
+        for piece in self.pieces:
+            lo, hi = max(done, start), min(done + length, start + piece.info.nbytes)
+            if lo < hi:
+                spans.append((piece, lo - start, hi - lo))
+            start += piece.info.nbytes
+        return spans
 
     @property
     def view(self) -> View | None:

@@ -72,6 +72,8 @@ class _Readers:
 
     def read(self, tensor: SourceTensor, done: int, length: int) -> bytes:
         """`length` bytes of `tensor`'s data from `done` on."""
+        if tensor.pieces:
+            return b"".join(self.read(piece, start, size) for piece, start, size in tensor.piece_spans(done, length))
         return read_tensor(tensor, self._files.reader(tensor.shard.path), done, length)
 
     def close(self) -> None:

@@ -374,24 +374,39 @@ def plan_file(
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
-        if spec.dtype != source.info.dtype or source.view is not None:
-            scale = _scales(source, scales.get(spec.name))
-            steps.append(tensor_transform(source, dest, spec.dtype, spec.nbytes, scale))
+        if not source.pieces:
+            _add_steps(steps, source, dest, spec.dtype, spec.nbytes, _scales(source, scales.get(spec.name)))
             continue
-        last = steps[-1]
-        if (
-            isinstance(last, Copy)
-            and last.source == source.shard.path
-            and last.source_offset + last.length == source.offset
-            and last.offset + last.length == dest
-        ):
-            steps[-1] = Copy(last.offset, last.length + spec.nbytes, last.source, last.source_offset)
-        else:
-            steps.append(Copy(dest, spec.nbytes, source.shard.path, source.offset))
+        if spec.name in scales:
+            raise BadInputError(f"{spec.name}: a fused tensor cannot be dequantised by block scales")
+        for piece in source.pieces:  # a recipe's fuse or swap: each piece copied (or cast) in turn
+            nbytes = _output_nbytes(piece, spec.dtype)
+            _add_steps(steps, piece, dest, spec.dtype, nbytes, None)
+            dest += nbytes
     data = sum(spec.nbytes for spec, _ in placed)
     if not header:
         steps.pop(0)
     return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
+
+
+def _add_steps(
+    steps: list[Step], source: SourceTensor, dest: int, dtype: str, nbytes: int, scale: Scales | None
+) -> None:
+    """The step(s) that put one contiguous source tensor at `dest`: a copy, coalesced
+    with the copy before it when the bytes follow on in the same file, or a transform."""
+    if dtype != source.info.dtype or source.view is not None:
+        steps.append(tensor_transform(source, dest, dtype, nbytes, scale))
+        return
+    last = steps[-1] if steps else None
+    if (
+        isinstance(last, Copy)
+        and last.source == source.shard.path
+        and last.source_offset + last.length == source.offset
+        and last.offset + last.length == dest
+    ):
+        steps[-1] = Copy(last.offset, last.length + nbytes, last.source, last.source_offset)
+    else:
+        steps.append(Copy(dest, nbytes, source.shard.path, source.offset))
 
 
 def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:

@@ -89,7 +89,7 @@ def apply_selection(checkpoint: Checkpoint, selection: Selection) -> Selected:
         )
     new_names = _renamed(where, names, selection.rename)
     tensors = {
-        new: _named(checkpoint.tensors[old], new) for old, new in sorted(zip(names, new_names), key=lambda p: p[1])
+        new: named(checkpoint.tensors[old], new) for old, new in sorted(zip(names, new_names), key=lambda p: p[1])
     }
     kept = set(names)
     return Selected(
@@ -146,7 +146,7 @@ def _refuse_collisions(where: object, old: Sequence[str], new: Sequence[str]) ->
         raise BadInputError(f"{where}: --rename gives several tensors one name: {shown}{more}")
 
 
-def _named(tensor: SourceTensor, name: str) -> SourceTensor:
+def named(tensor: SourceTensor, name: str) -> SourceTensor:
     if tensor.name == name:
         return tensor
     # The shard's own name stays known: a torch file's strided views are found by it.

@@ -125,6 +125,16 @@ RenameOpt = Annotated[
         show_default=False,
     ),
 ]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        help="Re-cut tensors by a recipe: a .json/.toml file (renames, dim-0 fuse, split and half swap; see "
+        "the README) or a built-in: flux-bfl-to-diffusers, flux-diffusers-to-bfl. Applied after "
+        "--select/--drop/--rename; every source tensor must be used once or dropped.",
+        show_default=False,
+    ),
+]
 
 
 def rename_pairs(values: list[str] | None) -> list[tuple[str, str]]:

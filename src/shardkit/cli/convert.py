@@ -17,6 +17,7 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RecipeOpt,
     RenameOpt,
     SelectOpt,
     Sha256Opt,
@@ -56,6 +57,7 @@ def convert_command(
     select: SelectOpt = None,
     drop: DropOpt = None,
     rename: RenameOpt = None,
+    recipe: RecipeOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -80,7 +82,7 @@ def convert_command(
         report = run(
             lambda: convert(
                 source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify, dtype=dtype,
-                keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename),
+                keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename), recipe=recipe,
                 endpoint_url=endpoint_url, progress=progress,
             ),
             debug=debug,

@@ -18,6 +18,7 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RecipeOpt,
     RenameOpt,
     SelectOpt,
     Sha256Opt,
@@ -59,6 +60,7 @@ def merge_command(
     select: SelectOpt = None,
     drop: DropOpt = None,
     rename: RenameOpt = None,
+    recipe: RecipeOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -82,7 +84,7 @@ def merge_command(
         lambda bar: merge(
             source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
             allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
-            select=select or (), drop=drop or (), rename=rename_pairs(rename),
+            select=select or (), drop=drop or (), rename=rename_pairs(rename), recipe=recipe,
             endpoint_url=endpoint_url, progress=bar("merging"), verify_progress=bar("verifying") if verify else None,
         )
     )

@@ -19,6 +19,7 @@ from .common import (
     KeepOpt,
     OutputArg,
     QuietOpt,
+    RecipeOpt,
     RenameOpt,
     SelectOpt,
     Sha256Opt,
@@ -76,6 +77,7 @@ def split_command(
     select: SelectOpt = None,
     drop: DropOpt = None,
     rename: RenameOpt = None,
+    recipe: RecipeOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -102,6 +104,7 @@ def split_command(
             source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
             dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
             dtype=dtype, keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename),
+            recipe=recipe,
             endpoint_url=endpoint_url, progress=bar("splitting"),
             verify_progress=bar("verifying") if verify else None,
         )

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .. import storage
 from ..checkpoint import open_checkpoint
 from ..plan import plan_convert, plan_merge
+from ..recipe import apply_recipe, load_recipe
 from ..reports import ConvertReport
 from ..selection import apply_selection, parse_selection
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
@@ -34,6 +35,7 @@ def convert(
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
+    recipe: str | None = None,
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
 ) -> ConvertReport:
@@ -59,10 +61,11 @@ def convert(
         print(report.files, report.warnings)
     """
     selection = parse_selection(select, drop, rename)
+    recut = load_recipe(recipe) if recipe is not None else None
     source_path = storage.as_path(source, endpoint_url=endpoint_url)
     output_path = storage.as_path(output, endpoint_url=endpoint_url, output=True)
     selected = apply_selection(open_checkpoint(source_path), selection)
-    checkpoint = selected.checkpoint
+    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     as_folder = not output_path.name.endswith(".safetensors")
     scales = dtypes.scales if dtypes else None

@@ -12,6 +12,7 @@ from ..checkpoint import SHARD_NAME, Checkpoint, open_checkpoint, single_file_na
 from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import plan_merge
+from ..recipe import apply_recipe, load_recipe
 from ..reports import MergeReport
 from ..selection import apply_selection, parse_selection
 from ..torch_checkpoint import is_torch_file, safetensors_name
@@ -38,6 +39,7 @@ def merge(
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
+    recipe: str | None = None,
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
     verify_progress: ProgressCallback | None = None,
@@ -90,12 +92,13 @@ def merge(
     """
     output_path.placeholders(os.fspath(output))
     selection = parse_selection(select, drop, rename)
+    recut = load_recipe(recipe) if recipe is not None else None
     location = storage.as_path(source, endpoint_url=endpoint_url)
     from ..pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
-        refuse_selection_of_pipeline(location, selection)
+        refuse_selection_of_pipeline(location, selection, recut)
         if dtype is not None or keep:
             raise BadInputError(
                 f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
@@ -107,7 +110,7 @@ def merge(
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
     selected = apply_selection(opened, selection)
-    checkpoint = selected.checkpoint
+    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)

@@ -19,6 +19,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..conversion import DtypeChoice
 from ..errors import BadInputError
 from ..plan import natural_key, plan_split
+from ..recipe import apply_recipe, load_recipe
 from ..reports import SplitReport
 from ..selection import apply_selection, parse_selection
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -47,6 +48,7 @@ def split(
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
+    recipe: str | None = None,
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
     verify_progress: ProgressCallback | None = None,
@@ -90,11 +92,12 @@ def split(
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
     selection = parse_selection(select, drop, rename)
+    recut = load_recipe(recipe) if recipe is not None else None
     from ..pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
-        refuse_selection_of_pipeline(location, selection)
+        refuse_selection_of_pipeline(location, selection, recut)
         if prefix != "model" or dtype is not None or keep:
             option = "--prefix" if prefix != "model" else "--dtype"
             raise BadInputError(
@@ -107,7 +110,7 @@ def split(
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
     selected = apply_selection(opened, selection)
-    checkpoint = selected.checkpoint
+    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
     dtypes = dtype_choice(checkpoint, dtype, keep)
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)

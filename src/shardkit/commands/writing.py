@@ -18,6 +18,7 @@ from ..execute import execute, write_checksum_beside
 from ..fill import CastLog
 from ..manifest import companions
 from ..plan import FileCopy, Plan
+from ..recipe import Recipe
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
 from ..selection import Selection
 from ..storage import Location
@@ -190,12 +191,12 @@ def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
     )
 
 
-def refuse_selection_of_pipeline(location: Location, selection: Selection) -> None:
-    """Tensor names differ from component to component: a selection names one."""
-    if selection:
+def refuse_selection_of_pipeline(location: Location, selection: Selection, recipe: Recipe | None = None) -> None:
+    """Tensor names differ from component to component: a selection or recipe names one."""
+    if selection or recipe is not None:
         raise BadInputError(
-            f"{location}: a diffusers pipeline's components have tensors of their own; --select, --drop and "
-            f"--rename apply to one component (e.g. {location}/transformer)"
+            f"{location}: a diffusers pipeline's components have tensors of their own; --select, --drop, "
+            f"--rename and --recipe apply to one component (e.g. {location}/transformer)"
         )
 
 
