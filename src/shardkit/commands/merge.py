@@ -67,7 +67,10 @@ def merge(
     renames the tensors whose whole name the regular expression matches (`re` syntax,
     `\\1` groups), in order; `keep` and the report use the new names. A glob or pattern
     that matches nothing, a selection that leaves nothing, or two tensors renamed to one
-    name is refused before anything is written.
+    name is refused before anything is written. `recipe` (a .json/.toml file or a
+    built-in name such as `flux-diffusers-to-bfl`) then makes the output tensors from
+    the source tensors by rename and dim-0 fuse, split and half swap, checked first
+    (see :mod:`shardkit.recipe`).
 
     `output` may be a name template (`{slug}_v{date}.safetensors`, see
     :mod:`shardkit.output_path`); missing parent folders are created. A diffusers

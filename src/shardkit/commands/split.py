@@ -65,7 +65,7 @@ def split(
     Source and output may be remote, and `dtype` and `keep` convert, as for
     :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
     `select`, `drop` and `rename` choose and rename tensors as for merge; shards are
-    packed and the index's weight_map written by the new names.
+    packed and the index's weight_map written by the new names; so is `recipe`.
     `output_dir` may be a name template, as there. `prefix` names the shards
     (`diffusion_pytorch_model` for diffusers); a diffusers pipeline is split component
     by component, each with its own prefix. With `verify`, the staged folder is
