@@ -13,9 +13,11 @@ from .common import (
     EndpointOpt,
     JsonOpt,
     QuietOpt,
+    RenameOpt,
     StrictOpt,
     byte_progress,
     note,
+    rename_pairs,
     run,
     warn,
 )
@@ -46,6 +48,7 @@ def diff_command(
     quiet: QuietOpt = False,
     strict: StrictOpt = False,
     allow_unindexed: AllowUnindexedOpt = False,
+    rename: RenameOpt = None,
     endpoint_url: EndpointOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -68,7 +71,8 @@ def diff_command(
             report = run(
                 lambda: diff(
                     a, b, data=not no_data, max_abs_diff=max_abs_diff, strict=strict,
-                    allow_unindexed=allow_unindexed, endpoint_url=endpoint_url, progress=progress,
+                    allow_unindexed=allow_unindexed, rename=rename_pairs(rename), endpoint_url=endpoint_url,
+                    progress=progress,
                 ),
                 debug=debug,
             )

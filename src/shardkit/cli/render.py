@@ -216,6 +216,8 @@ def print_diff_report(report: DiffReport) -> None:
     for sign, names, what in companions:
         for name in names:
             print(f"{sign} file {name}  {what}")
+    for old, new in report.renamed:
+        print(f"= {old} ↔ {new}, same bytes")
     for name in report.data_different:
         line = f"≠ {name}  data differs"
         if report.max_abs_diff is not None:

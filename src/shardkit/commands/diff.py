@@ -8,11 +8,12 @@ metadata is compared as a loader sees it, regardless of which file holds what.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from ..errors import BadInputError, option
 from ..manifest import companions
 from ..pipeline import is_pipeline
 from ..reports import JsonReport
+from ..selection import apply_selection, parse_selection
 from .inspect import metadata_union
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ class DiffReport(JsonReport):
     files_only_a: list[str] = field(default_factory=list)
     files_only_b: list[str] = field(default_factory=list)
     files_different: list[str] = field(default_factory=list)
+    #: [name in A, name in B] of tensors that differ only by name (same dtype, shape, bytes).
+    renamed: list[list[str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """A report is true when the two sides are identical, as `diff`'s exit code 0 is."""
@@ -113,6 +117,7 @@ def diff(
     max_abs_diff: bool = False,
     strict: bool = False,
     allow_unindexed: bool = False,
+    rename: Sequence[tuple[str, str]] = (),
     endpoint_url: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DiffReport:
@@ -124,7 +129,10 @@ def diff(
     difference, and so do the companion files (config, tokenizer, ...) when both sides
     are folders or indexes: `identical` means a loader could not tell the two apart,
     and the report is true exactly then. `strict`, `allow_unindexed` and `endpoint_url` apply
-    to both sides as for :func:`~shardkit.commands.merge.merge`;
+    to both sides as for :func:`~shardkit.commands.merge.merge`; `rename` renames A's
+    tensors before the comparison, as merge's `rename` does. A tensor only in A with the
+    same dtype, shape and bytes as one only in B is reported in `renamed` as that pair
+    (`= a.weight ↔ b.weight, same bytes`) rather than as missing and added;
     `progress(advance, total)` is called with the bytes just compared.
 
     Example::
@@ -141,15 +149,19 @@ def diff(
 
         require_numeric(option("max_abs_diff"))
     if any(is_pipeline(storage.as_path(p, endpoint_url=endpoint_url)) for p in (a, b)):
+        if rename:
+            raise BadInputError(f"{a}: --rename applies to one component of a pipeline (e.g. {a}/transformer)")
 
         return diff_pipelines(  # type: ignore[return-value]
             str(a), str(b), data=data, max_abs_diff=max_abs_diff, strict=strict, progress=progress
         )
     started = time.perf_counter()
+    selection = parse_selection(rename=rename)
     left, right = (
         open_checkpoint(storage.as_path(p, endpoint_url=endpoint_url), strict=strict, allow_unindexed=allow_unindexed)
         for p in (a, b)
     )
+    left = apply_selection(left, selection).checkpoint
     measured: dict[str, float | None] | None = {} if max_abs_diff else None
 
     def on_difference(ta: SourceTensor, tb: SourceTensor, readers: object) -> None:
@@ -161,14 +173,16 @@ def diff(
     comparison = compare_checkpoints(left, right, data=data, on_bytes=on_bytes, on_difference=on_difference)
     metadata_changed = _metadata_changes(left, right)
     only_a, only_b, different = _companion_changes(left, right) if _is_folder(a) and _is_folder(b) else ([], [], [])
+    moved = same_bytes_renamed(left, right, comparison.only_a, comparison.only_b) if data else []
+    gone, came = {pair[0] for pair in moved}, {pair[1] for pair in moved}
     return DiffReport(
         a=storage.display(a),
         b=storage.display(b),
         identical=comparison.identical and not metadata_changed and not (only_a or only_b or different),
         tensors_a=len(left.tensors),
         tensors_b=len(right.tensors),
-        only_a=comparison.only_a,
-        only_b=comparison.only_b,
+        only_a=[n for n in comparison.only_a if n not in gone],
+        only_b=[n for n in comparison.only_b if n not in came],
         dtype_changed=[Change(c.name, c.a, c.b) for c in comparison.dtype_changed],
         shape_changed=[Change(c.name, c.a, c.b) for c in comparison.shape_changed],
         metadata_changed=metadata_changed,
@@ -183,7 +197,47 @@ def diff(
         files_only_a=only_a,
         files_only_b=only_b,
         files_different=different,
+        renamed=moved,
     )
+
+
+def same_bytes_renamed(
+    left: Checkpoint, right: Checkpoint, only_a: Sequence[str], only_b: Sequence[str]
+) -> list[list[str]]:
+    """[a, b] for each tensor only in A whose dtype, shape and bytes are those of a
+    tensor only in B: the same tensor under another name. Bytes are hashed only for
+    tensors whose dtype and shape have a counterpart on the other side."""
+    candidates: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for name in only_b:
+        info = right.tensors[name].info
+        candidates.setdefault((info.dtype, info.shape), []).append(name)
+    digests: dict[tuple[int, str], str] = {}
+    pairs = []
+    for name in only_a:
+        info = left.tensors[name].info
+        unmatched = candidates.get((info.dtype, info.shape), [])
+        if not unmatched:
+            continue
+        digest = _tensor_digest(digests, 0, left.tensors[name])
+        for other in unmatched:
+            if _tensor_digest(digests, 1, right.tensors[other]) == digest:
+                unmatched.remove(other)
+                pairs.append([name, other])
+                break
+    return pairs
+
+
+def _tensor_digest(cache: dict[tuple[int, str], str], side: int, tensor: SourceTensor) -> str:
+    key = (side, tensor.name)
+    if key not in cache:
+        from ..tensor_bytes import read_tensor
+
+        hasher = hashlib.sha256()
+        with contextlib.closing(storage.open_reader(tensor.shard.path)) as reader:
+            for done in range(0, tensor.info.nbytes, NUMERIC_CHUNK * 8):
+                hasher.update(read_tensor(tensor, reader, done, min(NUMERIC_CHUNK * 8, tensor.info.nbytes - done)))
+        cache[key] = hasher.hexdigest()
+    return cache[key]
 
 
 def _is_folder(side: str | os.PathLike[str]) -> bool:
