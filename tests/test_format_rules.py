@@ -326,23 +326,26 @@ def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(tmp_path: Pa
     refused header; a caller that had it off keeps it off."""
     import gc
 
-    from shardkit import header_json
+    from shardkit import format, header_json
     from shardkit.errors import FormatError
     from shardkit.format import read_header
     from shardkit.gc_pause import gc_paused
 
     seen: list[bool] = []
-    real_loads = header_json.loads
 
-    def recording_loads(text: str) -> object:
-        seen.append(gc.isenabled())
-        return real_loads(text)
+    def recording(real):  # both readers: the usual header's and the exact one
+        def record(*args: object) -> object:
+            seen.append(gc.isenabled())
+            return real(*args)
+
+        return record
 
     good = tmp_path / "good.safetensors"
     good.write_bytes(file_bytes(one(entry()), ABCD))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(file_bytes(one(entry(x=Raw("[" * 200 + "]" * 200))), ABCD))
-    monkeypatch.setattr(header_json, "loads", recording_loads)
+    monkeypatch.setattr(header_json, "loads", recording(header_json.loads))
+    monkeypatch.setattr(format, "_read_usual", recording(format._read_usual))
     assert gc.isenabled()
     read_header(good)
     assert gc.isenabled()
@@ -356,4 +359,4 @@ def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(tmp_path: Pa
         assert not gc.isenabled()
     finally:
         gc.enable()
-    assert seen == [False, False]
+    assert seen == [False, False, False]  # good: usual reader; bad: usual reader, then exact

@@ -27,6 +27,7 @@ import safetensors
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from shardkit import format as shardkit_format
 from shardkit.errors import FormatError
 from shardkit.format import DTYPES, parse_file, tensor_nbytes
 
@@ -361,8 +362,8 @@ def test_json_mutations_are_judged_like_the_reference(made: ValidFile, data: st.
 
 
 @st.composite
-def byte_mutations(draw: st.DrawFn) -> bytes:
-    made = draw(valid_files())
+def byte_mutations(draw: st.DrawFn, files: st.SearchStrategy[ValidFile] | None = None) -> bytes:
+    made = draw(valid_files() if files is None else files)
     raw = bytearray(made.render())
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["flip", "set", "length", "truncate", "append", "insert"]))
@@ -417,3 +418,134 @@ def test_arbitrary_bytes_only_ever_raise_format_error(raw: bytes) -> None:
         shardkit(raw, strict)
     shardkit(struct.pack("<Q", len(raw)) + raw, strict=False)
     assert_agree(struct.pack("<Q", len(raw)) + raw)
+
+
+# ----------------------------------------------------------------- the usual header's reader
+#
+# Headers laid out as writers lay them out (compact, fields in the reference's order,
+# `__metadata__` first) are read by a fast reader; anything else by the exact one. The
+# properties above hold whichever reads; these make sure the fast one is really used,
+# and that on usual files and their mutations both readers give the same answer.
+
+
+def as_usual(made: ValidFile) -> ValidFile:
+    """The same file in the layout of the reference writer."""
+    order = {"dtype": 0, "shape": 1, "data_offsets": 2}
+    for _, entry in made.entries:
+        entry.sort(key=lambda field: order[field[0]])
+    made.space, made.lead = "", ""
+    made.pad = made.pad.replace("\n", " ")
+    return made
+
+
+USUAL_FILES = valid_files().map(as_usual)
+
+
+def readers_agree(raw: bytes) -> None:
+    """parse_header (fast reader, exact one as fallback) and the exact reader alone:
+    the same metadata and tensors, or the same error."""
+    if len(raw) < 8:
+        return
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + length]
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    for strict in (False, True):
+        outcomes = []
+        for read, argument in ((shardkit_format.parse_header, header), (shardkit_format._read_exact, text)):
+            try:
+                outcomes.append(read(argument, "fuzz", strict=strict))  # type: ignore[operator]
+            except FormatError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1], header[:300]
+
+
+@FUZZ
+@given(USUAL_FILES)
+def test_usual_files_are_read_by_the_fast_reader_like_the_reference(made: ValidFile) -> None:
+    raw = made.render()
+    assert_agree(raw)
+    readers_agree(raw)
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + length].decode("utf-8")
+    escaped = any("\\" in json.dumps(name, ensure_ascii=False) for name, _ in made.entries)
+    if made.entries and made.metadata is not None and not escaped:
+        assert shardkit_format._read_usual(text, "fuzz", False) is not None, text[:300]
+
+
+@FUZZ
+@given(USUAL_FILES, st.data())
+def test_json_mutations_of_usual_files_are_judged_like_the_reference(made: ValidFile, data: st.DataObject) -> None:
+    doc = made.document()
+    for _ in range(data.draw(st.integers(1, 2))):
+        doc = mutate_json(data.draw, doc)
+    raw = made.render(doc)
+    assert_agree(raw)
+    readers_agree(raw)
+
+
+BOUNDARY_NUMBERS = [2**64 - 1, 2**64, 10**19 - 1, 10**19, 10**20 - 1, 10**20, 2**63, 0, 1]
+
+
+def near_usual(draw: st.DrawFn, doc: Obj) -> Obj:
+    """A change that keeps the layout usual but may break a rule only the readers see:
+    numbers at the edge of 64 bits and 19 digits, a repeated name, a tensor named
+    `__metadata__`, an unknown dtype, repeated metadata keys."""
+    chosen = pick(draw, doc)
+    kind = draw(st.sampled_from(["number", "number", "repeat-entry", "metadata-name", "dtype", "metadata"]))
+    if kind == "metadata":
+        doc[:] = [(k, v) for k, v in doc if k != "__metadata__"]
+        doc.insert(0, ("__metadata__", Obj([("k", "v"), ("k", draw(st.sampled_from(["v", "w"])))])))
+        return doc
+    if chosen is None:
+        return doc
+    index, name, entry = chosen
+    if kind == "number":
+        key = draw(st.sampled_from(["shape", "data_offsets"]))
+        values = next((list(v) for k, v in entry if k == key), [])
+        if values:
+            values[draw(st.integers(0, len(values) - 1))] = draw(st.sampled_from(BOUNDARY_NUMBERS))
+            entry[:] = [(k, values if k == key else v) for k, v in entry]
+    elif kind == "repeat-entry":
+        doc.insert(draw(st.integers(0, len(doc))), (name, Obj(entry)))
+    elif kind == "metadata-name":
+        doc[index] = ("__metadata__", entry)
+    elif kind == "dtype":
+        entry[:] = [(k, draw(st.sampled_from(["F33", "Q4_K", "BF16X", "F", "U1"])) if k == "dtype" else v)
+                    for k, v in entry]
+    return doc
+
+
+@FUZZ
+@given(USUAL_FILES, st.data())
+def test_rule_breaking_usual_files_are_judged_like_the_reference(made: ValidFile, data: st.DataObject) -> None:
+    doc = made.document()
+    for _ in range(data.draw(st.integers(1, 2))):
+        doc = near_usual(data.draw, doc)
+    raw = made.render(doc)
+    assert_agree(raw)
+    readers_agree(raw)
+
+
+@FUZZ
+@given(byte_mutations(USUAL_FILES))
+def test_byte_mutations_of_usual_files_are_judged_like_the_reference(raw: bytes) -> None:
+    assert_agree(raw)
+    readers_agree(raw)
+
+
+def test_writers_output_is_read_by_the_fast_reader() -> None:
+    """What safetensors and shardkit write takes the fast path (else the benchmark lies)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from shardkit.format import TensorSpec, serialize_header
+
+    made = save({"b": np.zeros((2, 3), np.float32), "a.weight": np.ones(4, np.int8), "é": np.zeros((), np.float16)},
+                metadata={"format": "np", "quote": 'a "b" \\ c'})
+    (length,) = struct.unpack("<Q", made[:8])
+    assert shardkit_format._read_usual(made[8 : 8 + length].decode(), "x", True) is not None
+    prefix, _ = serialize_header([TensorSpec("w", "BF16", (2, 2), 8), TensorSpec("v", "F32", (), 4)], None)
+    assert shardkit_format._read_usual(prefix[8:].decode(), "x", True) is not None
