@@ -20,7 +20,9 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from . import header_json, layouts, storage, variants
 from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotFoundError, ShardkitError, option
@@ -43,9 +45,9 @@ _NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *TORCH_SUFFIXES, *_PICKLE_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class SourceTensor:
-    """A tensor and where its bytes are: `offset` is absolute in `shard.path`."""
+class SourceTensor(NamedTuple):
+    """A tensor and where its bytes are: `offset` is absolute in `shard.path`.
+    (A named tuple: a checkpoint may hold a million.)"""
 
     info: TensorInfo
     shard: Header
@@ -269,9 +271,12 @@ def single_file_name_for(index_name: str) -> str:
     return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"
 
 
+_NAME = attrgetter("name")
+
+
 def _single_file(path: Location, strict: bool) -> Checkpoint:
     header = storage.read_header(path, strict=strict)
-    tensors = {t.name: SourceTensor(t, header) for t in sorted(header.tensors, key=lambda t: t.name)}
+    tensors = {t.name: SourceTensor(t, header) for t in sorted(header.tensors, key=_NAME)}
     return Checkpoint(
         root=path.parent,
         index_path=None,
@@ -338,27 +343,9 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
             raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
         headers[shard_name] = storage.read_header(shard_path, strict=strict)
 
-    tensors: dict[str, SourceTensor] = {}
-    for shard_name, header in headers.items():
-        for info in header.tensors:
-            listed_in = weight_map.get(info.name)
-            if listed_in is None:
-                raise CheckpointError(
-                    f"{index_path}: tensor {info.name!r} is in {shard_name} but not in weight_map"
-                )
-            if listed_in != shard_name:
-                raise CheckpointError(
-                    f"{index_path}: tensor {info.name!r} is in {shard_name} and in {listed_in} "
-                    f"(weight_map names {listed_in})"
-                    if info.name in headers[listed_in].by_name
-                    else f"{index_path}: tensor {info.name!r} is in {shard_name} but weight_map names {listed_in}"
-                )
-            tensors[info.name] = SourceTensor(info, header)
-    for tensor, shard_name in weight_map.items():
-        if tensor not in tensors:
-            raise CheckpointError(
-                f"{index_path}: tensor {tensor!r} is listed in weight_map for {shard_name} but that shard lacks it"
-            )
+    if not _shards_match_index(headers, by_shard):
+        _refuse_mismatch(index_path, headers, weight_map)
+    tensors = {info.name: SourceTensor(info, header) for header in headers.values() for info in header.tensors}
 
     warnings = []
     total_bytes = sum(t.info.nbytes for t in tensors.values())
@@ -378,6 +365,44 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
     return _with_folder_checks(checkpoint, find_indexes(root), allow_unindexed, warnings)
 
 
+def _shards_match_index(headers: dict[str, Header], by_shard: dict[str, list[str]]) -> bool:
+    """Each shard holds exactly the tensors weight_map gives it (names within a header
+    are unique, and weight_map's keys are): then no tensor is missing, unlisted or in
+    two shards. One set per shard instead of a lookup per tensor."""
+    for shard_name, header in headers.items():
+        names = {info.name for info in header.tensors}
+        listed = by_shard[shard_name]
+        if len(names) != len(listed) or not names.issuperset(listed):
+            return False
+    return True
+
+
+def _refuse_mismatch(index_path: Location, headers: dict[str, Header], weight_map: dict[str, str]) -> None:
+    """Name the first disagreement between the index and the shards."""
+    seen: set[str] = set()
+    for shard_name, header in headers.items():
+        for info in header.tensors:
+            listed_in = weight_map.get(info.name)
+            if listed_in is None:
+                raise CheckpointError(
+                    f"{index_path}: tensor {info.name!r} is in {shard_name} but not in weight_map"
+                )
+            if listed_in != shard_name:
+                raise CheckpointError(
+                    f"{index_path}: tensor {info.name!r} is in {shard_name} and in {listed_in} "
+                    f"(weight_map names {listed_in})"
+                    if info.name in headers[listed_in].by_name
+                    else f"{index_path}: tensor {info.name!r} is in {shard_name} but weight_map names {listed_in}"
+                )
+            seen.add(info.name)
+    for tensor, shard_name in weight_map.items():
+        if tensor not in seen:
+            raise CheckpointError(
+                f"{index_path}: tensor {tensor!r} is listed in weight_map for {shard_name} but that shard lacks it"
+            )
+    raise AssertionError("unreachable: the shards disagree with the index somewhere")
+
+
 def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]]:
     try:
         document = header_json.loads(index_path.read_text(encoding="utf-8"))
@@ -392,11 +417,7 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
     if not isinstance(raw_map, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index has no weight_map object")
     weight_map = _unique(raw_map, index_path, "weight_map")
-    checked: set[str] = set()  # a MoE index names the same 16 shards 20,000 times over
-    for tensor, shard_name in weight_map.items():
-        if not (isinstance(shard_name, str) and shard_name in checked):
-            check_shard_name(shard_name, index_path, tensor)
-            checked.add(shard_name)  # type: ignore[arg-type]
+    _check_shard_names(weight_map, index_path)
     raw_metadata = top.get("metadata", header_json.Pairs())
     if not isinstance(raw_metadata, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index metadata is not an object")
@@ -404,13 +425,35 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
     return metadata, weight_map  # type: ignore[return-value]
 
 
+def _check_shard_names(weight_map: dict[str, object], index_path: Location) -> None:
+    """Every weight_map value names a shard inside the folder. A MoE index names the
+    same few shards hundreds of thousands of times: each distinct name is checked once,
+    and only when one is bad are the entries walked, to name the first that uses it."""
+    try:
+        distinct = set(weight_map.values())
+    except TypeError:  # a list or object among the values
+        distinct = None
+    if distinct is not None:
+        try:
+            for shard_name in distinct:
+                check_shard_name(shard_name, index_path, "")
+            return
+        except CheckpointError:
+            pass
+    for tensor, shard_name in weight_map.items():
+        check_shard_name(shard_name, index_path, tensor)
+
+
 def _unique(pairs: header_json.Pairs, index_path: Location, what: str) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
             raise CheckpointError(f"{index_path}: {what} lists {key!r} twice")
-        result[key] = value
-    return result
+        seen.add(key)
+    raise AssertionError("unreachable: fewer keys than pairs means a key repeats")
 
 
 def _plain(value: object) -> object:
@@ -453,6 +496,8 @@ def _with_folder_checks(
     covered = set(checkpoint.weight_files)
     for index in indexes:
         covered.add(index)
+        if index == checkpoint.index_path:
+            continue  # read already; its shards are among the weight files
         try:
             _, other_map = _read_index(index)
         except CheckpointError:

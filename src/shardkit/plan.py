@@ -361,11 +361,14 @@ def plan_file(
     in `scales` is dequantised by its scale tensor, which is left out."""
     scales = scales or {}
     dropped = not_written(scales)
-    by_name = {t.name: t for t in tensors if t.name not in dropped}
-    dtypes = {n: (dtype_for(t) if dtype_for is not None else t.info.dtype) for n, t in by_name.items()}
-    specs = (
-        TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items()
-    )
+    by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
+    if dtype_for is None:
+        specs: Iterable[TensorSpec] = (
+            TensorSpec(info.name, info.dtype, info.shape, info.end - info.begin) for info, _ in by_name.values()
+        )
+    else:
+        dtypes = {n: dtype_for(t) for n, t in by_name.items()}
+        specs = (TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items())
     header, placed = serialize_header(specs, metadata)
     refuse_oversized_header(name, header, metadata or {}, len(placed))
     steps: list[Step] = [Literal(0, header)]
