@@ -16,10 +16,13 @@ are the same code for both.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -97,13 +100,14 @@ class Checkpoint:
     #: Facts about a well-known layout (which file loaders use), never a failure, even --strict.
     notes: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
-        return sum(t.info.nbytes for t in self.tensors.values())
+        return sum(info.end - info.begin for info, _ in self.tensors.values())
 
-    @property
+    @cached_property
     def parameters(self) -> int:
-        return sum(t.info.nelements for t in self.tensors.values())
+        shapes = Counter(info.shape for info, _ in self.tensors.values())  # a few dozen for a million tensors
+        return sum(math.prod(shape) * count for shape, count in shapes.items())
 
     @property
     def source_files(self) -> tuple[Location, ...]:

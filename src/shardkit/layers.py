@@ -13,10 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 
 from .plan import natural_key
 
-_INDEXED = re.compile(r"(?:^|(?<=\.))((?:\w*_)?(?:layers|layer|blocks|block)|h|experts)\.(\d+)(?=\.|$)")
+#: Split on, it gives [text, "layers.", "3", text, "experts.", "7", text]: the folded
+#: segment (dot included) and its number, between the literal text.
+_INDEXED = re.compile(r"(?:^|(?<=\.))((?:(?:\w*_)?(?:layers|layer|blocks|block)|h|experts)\.)(\d+)(?=\.|$)")
 PLACEHOLDER = "{}"
 
 
@@ -26,15 +29,11 @@ def _pieces(name: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     Keeping the text as pieces (never as a string with placeholders) means a tensor
     name that itself contains `{}` cannot be mistaken for a folded one.
     """
-    pieces: list[str] = []
-    indices: list[int] = []
-    start = 0
-    for match in _INDEXED.finditer(name):
-        pieces.append(name[start : match.start(2)])
-        indices.append(int(match.group(2)))
-        start = match.end(2)
-    pieces.append(name[start:])
-    return tuple(pieces), tuple(indices)
+    parts = _INDEXED.split(name)
+    if len(parts) == 1:
+        return (name,), ()
+    pieces = tuple(map(str.__add__, parts[0:-1:3], parts[1::3])) + (parts[-1],)
+    return pieces, tuple(map(int, parts[2::3]))
 
 
 def split_name(name: str) -> tuple[str, tuple[int, ...]]:
@@ -74,16 +73,18 @@ class LayerGroup:
 
 def group_layers(tensors: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[LayerGroup]:
     """Fold (name, dtype, shape) triples; groups come in the natural order of their
-    first tensor, so the view reads top to bottom like the model."""
+    first tensor (then in name order), so the view reads top to bottom like the model.
+    Neither order depends on the order the triples come in."""
     groups: dict[tuple[tuple[str, ...], str, tuple[int, ...]], list[tuple[str, tuple[int, ...]]]] = {}
     for name, dtype, shape in tensors:
         pieces, indices = _pieces(name)
         groups.setdefault((pieces, dtype, shape), []).append((name, indices))
     result = []
     for (pieces, dtype, shape), members in groups.items():
-        members.sort(key=lambda member: natural_key(member[0]))
+        # Members differ only in their numbers, so natural order is the numbers' order.
+        members.sort(key=itemgetter(1))
         ranges = [format_indices(m[1][position] for m in members) for position in range(len(pieces) - 1)]
         pattern = "".join(piece + text for piece, text in zip(pieces, [*ranges, ""]))
         result.append(LayerGroup(pattern, dtype, shape, tuple(m[0] for m in members)))
-    result.sort(key=lambda group: natural_key(group.names[0]))
+    result.sort(key=lambda group: (natural_key(group.names[0]), group.names[0]))
     return result

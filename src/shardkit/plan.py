@@ -558,7 +558,9 @@ _DIGITS = re.compile(r"(\d+)")
 
 def natural_key(name: str) -> list[object]:
     """`model.layers.2.x` before `model.layers.10.x`: digits compare as numbers."""
-    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))]
+    parts: list[object] = _DIGITS.split(name)  # type: ignore[assignment]
+    parts[1::2] = map(int, parts[1::2])  # type: ignore[arg-type]
+    return parts
 
 
 def group_into_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

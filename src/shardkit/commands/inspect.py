@@ -8,7 +8,9 @@ being downloaded elsewhere, as long as their headers are complete.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..format import Header
+from ..format import Header, tensor_nbytes
 from ..gc_pause import gc_paused
 from ..layers import group_layers
 from ..pipeline import find_pipeline
@@ -133,23 +135,20 @@ def inspect(
     root = checkpoint.root
     metadata, warnings = metadata_union(checkpoint.shards)
     quantization, scales = _quantization(checkpoint, warnings)
+    # A million tensors have a few dozen (dtype, shape) kinds: count per kind, multiply once.
+    kinds = Counter((t.info.dtype, t.info.shape) for t in checkpoint.tensors.values() if t.name not in scales)
     by_dtype: dict[str, int] = {}
-    for tensor in checkpoint.tensors.values():
-        if tensor.name not in scales:
-            by_dtype[tensor.info.dtype] = by_dtype.get(tensor.info.dtype, 0) + tensor.info.nelements
+    for (dtype, shape), count in kinds.items():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + count * math.prod(shape)
 
-    selected = sorted(
-        (t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)),
-        key=lambda t: natural_key(t.name),
-    )
+    selected = [t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)]
     if filter is not None and not selected:
         warnings.append(_no_match_hint(filter))
-    groups = group_layers((t.name, t.info.dtype, t.info.shape) for t in selected)
-    infos = {t.name: t.info for t in selected}
+    groups = group_layers((t.name, t.info.dtype, t.info.shape) for t in selected)  # groups sort themselves
     layers = [
         LayerRow(
             g.pattern, g.dtype, list(g.shape), g.count,
-            sum(infos[n].nelements for n in g.names), sum(infos[n].nbytes for n in g.names),
+            g.count * math.prod(g.shape), g.count * tensor_nbytes(g.dtype, g.shape),  # equal in a valid file
         )
         for g in groups
     ]
@@ -160,7 +159,7 @@ def inspect(
                 t.name, t.info.dtype, list(t.info.shape), t.info.nelements, t.info.nbytes,
                 _relative(t.shard.path, root), t.offset,
             )
-            for t in selected
+            for t in sorted(selected, key=lambda t: natural_key(t.name))
         ]
     index_consistent = None
     if checkpoint.index_path is not None:
@@ -183,8 +182,8 @@ def inspect(
         layers=layers,
         filter=filter,
         matched_tensors=len(selected),
-        matched_parameters=sum(t.info.nelements for t in selected),
-        matched_bytes=sum(t.info.nbytes for t in selected),
+        matched_parameters=sum(row.parameters for row in layers),
+        matched_bytes=sum(row.bytes for row in layers),
         tensor_rows=rows,
         warnings=[*checkpoint.warnings, *warnings],
         notes=list(checkpoint.notes),
