@@ -274,3 +274,29 @@ def test_lone_file_does_not_drag_its_neighbours_along(tmp_path: Path) -> None:
     report = shardkit.merge(downloads / made.shard_files[0], tmp_path / "out")
     assert report.copied_files == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_report_seconds_count_the_header_phase(
+    checkpoint: SyntheticCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A 100 MB header takes seconds to read: the report's `seconds` (and so its
+    throughput) must cover the whole run, not only the copy."""
+    import time
+
+    from shardkit.commands import merge as merge_module
+    from shardkit.commands import split as split_module
+
+    module = merge_module if command == "merge" else split_module
+    real = module.open_checkpoint
+
+    def slow_open(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # stands for reading and checking a huge header
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "open_checkpoint", slow_open)
+    if command == "merge":
+        report = shardkit.merge(checkpoint.folder, tmp_path / "out.safetensors")
+    else:
+        report = shardkit.split(checkpoint.folder, tmp_path / "out", max_shard_size="1MB")
+    assert report.seconds >= 0.5

@@ -16,7 +16,14 @@ from ..recipe import apply_recipe, load_recipe
 from ..reports import MergeReport
 from ..selection import apply_selection, parse_selection
 from ..torch_checkpoint import is_torch_file, safetensors_name
-from .writing import ProgressCallback, companion_copies, dtype_choice, refuse_selection_of_pipeline, run_plan
+from .writing import (
+    ProgressCallback,
+    companion_copies,
+    dtype_choice,
+    refuse_selection_of_pipeline,
+    run_plan,
+    whole_run_seconds,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -24,6 +31,7 @@ if TYPE_CHECKING:
     from .pipeline_runs import PipelineReport
 
 
+@whole_run_seconds
 def merge(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],

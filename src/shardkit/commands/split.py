@@ -23,7 +23,14 @@ from ..recipe import apply_recipe, load_recipe
 from ..reports import SplitReport
 from ..selection import apply_selection, parse_selection
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .writing import ProgressCallback, companion_copies, dtype_choice, refuse_selection_of_pipeline, run_plan
+from .writing import (
+    ProgressCallback,
+    companion_copies,
+    dtype_choice,
+    refuse_selection_of_pipeline,
+    run_plan,
+    whole_run_seconds,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from .pipeline_runs import PipelineReport
 
 
+@whole_run_seconds
 def split(
     source: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
