@@ -89,8 +89,10 @@ def entry_json(name: str, dtype: str, shape: tuple[int, ...], begin: int, end: i
 def write_sparse(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]]) -> None:
     """A valid safetensors file laid out as the reference writer lays it out; the data
     section is a hole (the file is sparse), so a 100 MB header costs 100 MB of disk."""
+    from shardkit.format import writer_order
+
     parts, offset = ['"__metadata__":{"format":"pt"}'], 0
-    for name, dtype, shape, nbytes in entries:
+    for name, dtype, shape, nbytes in sorted(entries, key=lambda e: writer_order(e[0], e[1])):
         parts.append(entry_json(name, dtype, shape, offset, offset + nbytes))
         offset += nbytes
     body = ("{" + ",".join(parts) + "}").encode()
@@ -108,7 +110,8 @@ def single_file(header_bytes: int) -> tuple[Path, int]:
     path = DATA / f"header-{header_bytes // 1_000_000 or 1}MB.safetensors"
     entries, size, offset = [], 40, 0
     for entry in moe_tensors():
-        size += len(entry_json(entry[0], entry[1], entry[2], offset, offset + entry[3])) + 1
+        # written at the largest offset: the writer's order moves entries, never past the total
+        size += len(entry_json(entry[0], entry[1], entry[2], 10 * offset, 10 * offset)) + 1
         offset += entry[3]
         if size > header_bytes - 8:
             break
@@ -158,6 +161,7 @@ MEASUREMENTS = ("parse", "inspect", "merge", "split", "verify")
 @dataclass
 class Run:
     seconds: float
+    cpu_seconds: float  # user + system: steadier than wall time on a shared machine
     peak_rss_mb: float
 
 
@@ -168,7 +172,7 @@ def timed(command: list[str]) -> Run:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 def commands(path: Path, scratch: Path) -> dict[str, list[str]]:
@@ -209,12 +213,16 @@ def measure(case: str, runs: int, only: set[str]) -> list[dict[str, object]]:
                     base.append(timed(reference))
         ours_s = statistics.median(r.seconds for r in ours)
         base_s = statistics.median(r.seconds for r in base)
+        ours_cpu = statistics.median(r.cpu_seconds for r in ours)
+        base_cpu = statistics.median(r.cpu_seconds for r in base)
         ours_mb = statistics.median(r.peak_rss_mb for r in ours)
         base_mb = statistics.median(r.peak_rss_mb for r in base)
         result = {
             "case": case, "tensors": tensors, "what": _LABELS[what], "runs": runs,
             "header_mb": round(_header_bytes(path) / 1e6, 1),
             "ours_s": round(ours_s, 2), "reference_s": round(base_s, 2), "time_ratio": round(ours_s / base_s, 2),
+            "ours_cpu_s": round(ours_cpu, 2), "reference_cpu_s": round(base_cpu, 2),
+            "cpu_ratio": round(ours_cpu / base_cpu, 2),
             "ours_rss_mb": round(ours_mb), "reference_rss_mb": round(base_mb),
             "memory_ratio": round(ours_mb / base_mb, 2),
         }
@@ -235,14 +243,15 @@ def _header_bytes(path: Path) -> int:
 
 def write_table(results: list[dict[str, object]]) -> str:
     lines = [
-        "| case | tensors | JSON MB | shardkit | shardkit s | reference s | time ratio "
-        "| shardkit RSS MB | reference RSS MB | memory ratio |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | tensors | JSON MB | shardkit | shardkit s | reference s | time ratio | CPU s (shardkit / ref) "
+        "| CPU ratio | shardkit RSS MB | reference RSS MB | memory ratio |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | {r['tensors']:,} | {r['header_mb']} | {r['what']} | {r['ours_s']} | "
-            f"{r['reference_s']} | {r['time_ratio']:.2f}× | {r['ours_rss_mb']} | {r['reference_rss_mb']} | "
+            f"{r['reference_s']} | {r['time_ratio']:.2f}× | {r['ours_cpu_s']} / {r['reference_cpu_s']} | "
+            f"{r['cpu_ratio']:.2f}× | {r['ours_rss_mb']} | {r['reference_rss_mb']} | "
             f"{r['memory_ratio']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
@@ -263,9 +272,9 @@ def main() -> None:
     header = (
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores by `bench/bench_headers.py "
         f"--runs {args.runs}`: whole processes, start-up included, warm page cache, alternating sides, "
-        "median of the runs, peak RSS from wait4(). Reference: a process that opens the same files with "
-        "`safetensors.safe_open` and lists every tensor and the metadata (for an index: `json.load` of "
-        "the index, then `safe_open` of each shard). Ratios are shardkit / reference.\n\n"
+        "median of the runs; CPU time (user + system) and peak RSS from wait4(). Reference: a process "
+        "that opens the same files with `safetensors.safe_open` and lists every tensor and the metadata "
+        "(for an index: `json.load` of the index, then `safe_open` of each shard). Ratios are shardkit / reference.\n\n"
     )
     (ROOT / "bench" / "RESULTS_HEADERS.md").write_text(header + table)
     print(table)
