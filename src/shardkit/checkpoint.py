@@ -23,13 +23,14 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
 from . import header_json, layouts, storage, variants
 from .errors import BadInputError, CheckpointError, MissingShardsError, PathNotFoundError, ShardkitError, option
-from .format import Header, TensorInfo
+from .format import Header, TensorInfo, record_maker
 from .gc_pause import gc_paused
 from .readability import check_folder_readable, file_problem
 from .storage import Location
@@ -276,11 +277,13 @@ def single_file_name_for(index_name: str) -> str:
 
 
 _NAME = attrgetter("name")
+_make_source = record_maker(SourceTensor)
 
 
 def _single_file(path: Location, strict: bool) -> Checkpoint:
     header = storage.read_header(path, strict=strict)
-    tensors = {t.name: SourceTensor(t, header) for t in sorted(header.tensors, key=_NAME)}
+    ordered = sorted(header.tensors, key=_NAME)
+    tensors = dict(zip(map(_NAME, ordered), map(_make_source, zip(ordered, repeat(header)))))
     return Checkpoint(
         root=path.parent,
         index_path=None,
@@ -349,7 +352,11 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
 
     if not _shards_match_index(headers, by_shard):
         _refuse_mismatch(index_path, headers, weight_map)
-    tensors = {info.name: SourceTensor(info, header) for header in headers.values() for info in header.tensors}
+    tensors = {
+        info.name: source
+        for header in headers.values()
+        for info, source in zip(header.tensors, map(_make_source, zip(header.tensors, repeat(header))))
+    }
 
     warnings = []
     total_bytes = sum(t.info.nbytes for t in tensors.values())

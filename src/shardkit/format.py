@@ -15,10 +15,10 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
-from itertools import chain
-from operator import attrgetter
-from typing import NamedTuple
+from functools import cached_property, partial
+from itertools import accumulate, chain
+from operator import attrgetter, itemgetter
+from typing import NamedTuple, TypeVar
 
 from . import header_json
 from .errors import FormatError
@@ -78,6 +78,15 @@ DTYPES: Mapping[str, DType] = _dtypes(
     ("I64", 64, False),
     ("U64", 64, False),
 )
+
+
+def record_maker(cls: type[T]) -> Callable[[tuple[object, ...]], T]:
+    """`make(fields)` builds the named tuple `cls` from a tuple of its fields in C: the
+    generated `cls(...)` is a Python call per record, which a million tensors notice."""
+    return partial(tuple.__new__, cls)  # type: ignore[arg-type]
+
+
+T = TypeVar("T", bound=tuple)
 
 
 class TensorInfo(NamedTuple):
@@ -298,6 +307,7 @@ _USUAL_METADATA_START = '{"__metadata__":'
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _USUAL_METADATA = re.compile(rf"\{{(?:{_STRING}:{_STRING}(?:,{_STRING}:{_STRING})*)?\}}")
 _DTYPE_CODES = {code: code for code in DTYPES}
+_make_info = record_maker(TensorInfo)
 
 
 def _read_usual(text: str, path: str, strict: bool) -> tuple[dict[str, str] | None, list[TensorInfo]] | None:
@@ -335,7 +345,7 @@ def _read_usual(text: str, path: str, strict: bool) -> tuple[dict[str, str] | No
             shape = shapes.get(dims)
             if shape is None:
                 shape = shapes[dims] = tuple(map(int, dims.split(","))) if dims else ()
-            append(TensorInfo(name, _DTYPE_CODES[dtype], shape, int(begin), int(end)))
+            append(_make_info((name, _DTYPE_CODES[dtype], shape, int(begin), int(end))))
     except KeyError:  # a dtype the format does not have
         return None
     if at != stop:
@@ -470,36 +480,34 @@ def serialize_header(
     building a million small dicts for json.dumps took longer than anything else in
     a `merge --dry-run` of a 100 MB header.
     """
-    ordered = sorted(tensors, key=_writer_key)
-    parts = ["{"]
+    specs = list(tensors)
+    names = list(map(_FIRST, specs))
+    if METADATA_KEY in names:
+        raise ValueError("a tensor cannot be named __metadata__")
+    # writer_order (rank descending, then name), computed by map and zip rather than one
+    # Python call per tensor; names are unique, so the index never decides.
+    keys = zip(map(_NEGATIVE_RANK.__getitem__, map(_SECOND, specs)), names, range(len(specs)))
+    ordered = [specs[i] for _, _, i in sorted(keys)]
+    sizes = list(map(_FOURTH, ordered))
+    offsets = list(accumulate(sizes, initial=0))
+    shapes = list(map(tuple, map(_THIRD, ordered)))
+    dims = {shape: ",".join(map(str, shape)) for shape in set(shapes)}
+    entries = map(
+        _ENTRY_TEXT.format,
+        map(header_json.dumps_string, map(_FIRST, ordered)), map(_SECOND, ordered),
+        map(dims.__getitem__, shapes), offsets, offsets[1:],
+    )
+    parts = []
     if metadata is not None:
         parts.append(header_json.dumps_compact({METADATA_KEY: {key: metadata[key] for key in sorted(metadata)}})[1:-1])
-    placed: list[tuple[TensorSpec, int]] = []
-    dims: dict[tuple[int, ...], str] = {}
-    offset = 0
-    for spec in ordered:
-        name, dtype, shape, nbytes = spec
-        if name == METADATA_KEY:
-            raise ValueError("a tensor cannot be named __metadata__")
-        shape_text = dims.get(shape)
-        if shape_text is None:
-            shape_text = dims[shape] = ",".join(map(str, shape))
-        parts.append(
-            f'{header_json.dumps_string(name)}:{{"dtype":"{dtype}","shape":[{shape_text}],'
-            f'"data_offsets":[{offset},{offset + nbytes}]}}'
-        )
-        placed.append((spec, offset))
-        offset += nbytes
-    body = (parts[0] + ",".join(parts[1:]) + "}").encode("utf-8")
+    body = ("{" + ",".join(chain(parts, entries)) + "}").encode("utf-8")
     body += b" " * (-len(body) % HEADER_ALIGNMENT)
-    return struct.pack("<Q", len(body)) + body, placed
+    return struct.pack("<Q", len(body)) + body, list(zip(ordered, offsets))
 
 
-def _writer_key(spec: TensorSpec) -> tuple[int, str]:
-    return (-_RANKS[spec.dtype], spec.name)  # writer_order's key, without two lookups per tensor
-
-
-_RANKS = {code: dtype.rank for code, dtype in DTYPES.items()}
+_ENTRY_TEXT = '{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}}'
+_FIRST, _SECOND, _THIRD, _FOURTH = (itemgetter(i) for i in range(4))
+_NEGATIVE_RANK = {code: -dtype.rank for code, dtype in DTYPES.items()}
 
 
 def header_excess(header: bytes) -> int:

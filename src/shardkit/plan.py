@@ -28,9 +28,11 @@ from .format import (
     MAX_HEADER_SIZE,
     TensorSpec,
     header_excess,
+    record_maker,
     serialize_header,
     tensor_nbytes,
 )
+from .gc_pause import gc_paused
 
 #: A tensor's dtype in the output: its source dtype unless the run converts it.
 DtypeFor = Callable[[SourceTensor], str]
@@ -363,8 +365,8 @@ def plan_file(
     dropped = not_written(scales)
     by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
     if dtype_for is None:
-        specs: Iterable[TensorSpec] = (
-            TensorSpec(info.name, info.dtype, info.shape, info.end - info.begin) for info, _ in by_name.values()
+        specs: Iterable[TensorSpec] = map(
+            _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info, _ in by_name.values())
         )
     else:
         dtypes = {n: dtype_for(t) for n, t in by_name.items()}
@@ -441,6 +443,9 @@ def tensor_transform(
     )
 
 
+_make_spec = record_maker(TensorSpec)
+
+
 def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:
     return tensor.info.nbytes if dtype == tensor.info.dtype else tensor_nbytes(dtype, tensor.info.shape)
 
@@ -496,6 +501,9 @@ def plan_convert(
     return Plan(files, index_name, index, tuple(copies), warnings, plan_sources(checkpoint))
 
 
+
+
+@gc_paused()  # a million tensors' steps and specs: no cycles, nothing for the collector
 def plan_merge(
     checkpoint: Checkpoint,
     file_name: str,
@@ -593,6 +601,7 @@ def shard_file_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+@gc_paused()
 def plan_split(
     checkpoint: Checkpoint,
     max_shard_size: int,
