@@ -51,6 +51,7 @@ test: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(PY) bench/bench.py
 	$(PY) bench/bench_s3.py
+	$(PY) bench/bench_headers.py
 
 fuzz: $(VENV)/.test-installed
 	SHARDKIT_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz_header.py

@@ -243,18 +243,28 @@ def _header_bytes(path: Path) -> int:
 
 def write_table(results: list[dict[str, object]]) -> str:
     lines = [
-        "| case | tensors | JSON MB | shardkit | shardkit s | reference s | time ratio | CPU s (shardkit / ref) "
-        "| CPU ratio | shardkit RSS MB | reference RSS MB | memory ratio |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | tensors | JSON MB | shardkit | runs | shardkit s | reference s | time ratio "
+        "| CPU s (shardkit / ref) | CPU ratio | shardkit RSS MB | reference RSS MB | memory ratio |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r['case']} | {r['tensors']:,} | {r['header_mb']} | {r['what']} | {r['ours_s']} | "
+            f"| {r['case']} | {r['tensors']:,} | {r['header_mb']} | {r['what']} | {r['runs']} | {r['ours_s']} | "
             f"{r['reference_s']} | {r['time_ratio']:.2f}× | {r['ours_cpu_s']} / {r['reference_cpu_s']} | "
             f"{r['cpu_ratio']:.2f}× | {r['ours_rss_mb']} | {r['reference_rss_mb']} | "
             f"{r['memory_ratio']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
+
+
+def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, object]]:
+    """A partial run (--cases, --only) replaces its rows in bench/results_headers.json, keeps the others."""
+    path = ROOT / "bench" / "results_headers.json"
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    fresh = {(r["case"], r["what"]) for r in results}
+    combined = [r for r in earlier if (r["case"], r["what"]) not in fresh] + results
+    cases, labels = list(CASES), list(_LABELS.values())
+    return sorted(combined, key=lambda r: (cases.index(str(r["case"])), labels.index(str(r["what"]))))
 
 
 def main() -> None:
@@ -267,16 +277,17 @@ def main() -> None:
     if set(cases) - set(CASES) or only - set(MEASUREMENTS):
         parser.error(f"cases are {', '.join(CASES)}; measurements {', '.join(MEASUREMENTS)}")
     DATA.mkdir(parents=True, exist_ok=True)
-    results = [r for case in cases for r in measure(case, args.runs, only)]
+    results = merged_with_earlier([r for case in cases for r in measure(case, args.runs, only)])
     table = write_table(results)
     header = (
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores by `bench/bench_headers.py "
-        f"--runs {args.runs}`: whole processes, start-up included, warm page cache, alternating sides, "
+        "--runs N` (N in the table): whole processes, start-up included, warm page cache, alternating sides, "
         "median of the runs; CPU time (user + system) and peak RSS from wait4(). Reference: a process "
         "that opens the same files with `safetensors.safe_open` and lists every tensor and the metadata "
         "(for an index: `json.load` of the index, then `safe_open` of each shard). Ratios are shardkit / reference.\n\n"
     )
     (ROOT / "bench" / "RESULTS_HEADERS.md").write_text(header + table)
+    (ROOT / "bench" / "results_headers.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
 
 
