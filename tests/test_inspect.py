@@ -311,3 +311,22 @@ def test_literal_braces_in_names_are_text_not_placeholders() -> None:
         ("m.layers.{}.w", 1),
         ("{}.layers.0.{}{}", 1),
     ]
+
+
+def test_layer_folding_is_the_same_whatever_the_order_and_per_skeleton() -> None:
+    """group_layers caches where a name folds by its digit skeleton and sorts its own
+    output: a shuffled MoE listing folds exactly like the sorted one, and every name's
+    cut equals the regex's."""
+    import random
+
+    from shardkit import layers
+
+    names = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in range(12) for e in range(10) for p in "wv"]
+    names += ["model.layers.3.x", "layers.07.x", "h.1.h.22", "x1_layers.5.y", "a-b_layers.3", "blocks.9\n", "e.٣"]
+    triples = [(n, "BF16" if "experts" in n else "F32", (2,)) for n in names]
+    shuffled = triples[:]
+    random.Random(0).shuffle(shuffled)
+    assert layers.group_layers(shuffled) == layers.group_layers(sorted(triples))
+    cuts: dict = {}
+    assert all(layers._cut(n, cuts) == layers._pieces(n) for n in names)
+    assert len(cuts) < len(names) / 10

@@ -429,6 +429,9 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
         raise CheckpointError(f"{index_path}: index has no weight_map object")
     weight_map = _unique(raw_map, index_path, "weight_map")
     _check_shard_names(weight_map, index_path)
+    # JSON gives every value its own string: 500,000 copies of a few shard names (40 MB).
+    names = {name: name for name in weight_map.values()}
+    weight_map = dict(zip(weight_map, map(names.__getitem__, weight_map.values())))
     raw_metadata = top.get("metadata", header_json.Pairs())
     if not isinstance(raw_metadata, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index metadata is not an object")
