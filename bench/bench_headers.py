@@ -11,7 +11,8 @@ the headers) and measures, as whole processes in the same run, side by side:
   and listing its tensors and metadata; for an index, `json.load` of the index, then
   `safe_open` of every shard it names.
 
-Alternating which side goes first, median of N runs each; peak RSS from wait4().
+Alternating which side goes first, median of N runs each; CPU time and peak RSS from
+wait4() in a small launcher process (see LAUNCHER).
 Warm page cache (headers are small and read once). Ratios go to stdout and
 bench/RESULTS_HEADERS.md.
 
@@ -165,14 +166,24 @@ class Run:
     peak_rss_mb: float
 
 
+#: Starts the measured command from a small process: Linux carries a process's peak
+#: RSS across fork and exec, so a child of this (large) process would start with its size.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+print(json.dumps([time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+                  os.waitstatus_to_exitcode(status)]))
+"""
+
+
 def timed(command: list[str]) -> Run:
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    launched = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
+    seconds, cpu_seconds, peak_rss_mb, code = json.loads(launched.stdout)
+    if code != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    return Run(seconds, cpu_seconds, peak_rss_mb)
 
 
 def commands(path: Path, scratch: Path) -> dict[str, list[str]]:
