@@ -103,11 +103,11 @@ class Checkpoint:
 
     @cached_property
     def total_bytes(self) -> int:
-        return sum(info.end - info.begin for info, _ in self.tensors.values())
+        return sum(t.info.end - t.info.begin for t in self.tensors.values())
 
     @cached_property
     def parameters(self) -> int:
-        shapes = Counter(info.shape for info, _ in self.tensors.values())  # a few dozen for a million tensors
+        shapes = Counter(t.info.shape for t in self.tensors.values())  # a few dozen for a million tensors
         return sum(math.prod(shape) * count for shape, count in shapes.items())
 
     @property
@@ -283,7 +283,7 @@ _make_source = record_maker(SourceTensor)
 def _single_file(path: Location, strict: bool) -> Checkpoint:
     header = storage.read_header(path, strict=strict)
     ordered = sorted(header.tensors, key=_NAME)
-    tensors = dict(zip(map(_NAME, ordered), map(_make_source, zip(ordered, repeat(header)))))
+    tensors = dict(zip(map(_NAME, ordered), map(_make_source, zip(ordered, repeat(header), repeat(None)))))
     return Checkpoint(
         root=path.parent,
         index_path=None,
@@ -355,7 +355,7 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
     tensors = {
         info.name: source
         for header in headers.values()
-        for info, source in zip(header.tensors, map(_make_source, zip(header.tensors, repeat(header))))
+        for info, source in zip(header.tensors, map(_make_source, zip(header.tensors, repeat(header), repeat(None))))
     }
 
     warnings = []

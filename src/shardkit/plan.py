@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
 
 from . import header_json
@@ -365,8 +366,9 @@ def plan_file(
     dropped = not_written(scales)
     by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
     if dtype_for is None:
+        infos = map(_INFO, by_name.values())
         specs: Iterable[TensorSpec] = map(
-            _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info, _ in by_name.values())
+            _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info in infos)
         )
     else:
         dtypes = {n: dtype_for(t) for n, t in by_name.items()}
@@ -444,6 +446,7 @@ def tensor_transform(
 
 
 _make_spec = record_maker(TensorSpec)
+_INFO = attrgetter("info")
 
 
 def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:

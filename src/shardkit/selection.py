@@ -150,9 +150,7 @@ def named(tensor: SourceTensor, name: str) -> SourceTensor:
     if tensor.name == name:
         return tensor
     # The shard's own name stays known: a torch file's strided views are found by it.
-    return dataclasses.replace(
-        tensor, info=dataclasses.replace(tensor.info, name=name), shard_name=tensor.shard_name or tensor.name
-    )
+    return tensor._replace(info=tensor.info._replace(name=name), shard_name=tensor.shard_name or tensor.name)
 
 
 def _listed(names: Sequence[str]) -> str:
