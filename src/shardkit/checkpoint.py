@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
@@ -278,12 +278,20 @@ def single_file_name_for(index_name: str) -> str:
 
 _NAME = attrgetter("name")
 _make_source = record_maker(SourceTensor)
+#: The fields after (info, shard) as a plain tensor of a shard has them; built from the
+#: defaults, so a field added to SourceTensor cannot be left out of the fast construction.
+_PLAIN_SOURCE_FIELDS = tuple(SourceTensor._field_defaults[f] for f in SourceTensor._fields[2:])
+
+
+def _plain_sources(infos: Iterable[TensorInfo], header: Header) -> Iterator[tuple[object, ...]]:
+    """The field tuples of the tensors of one shard, for `_make_source`."""
+    return zip(infos, repeat(header), *map(repeat, _PLAIN_SOURCE_FIELDS))
 
 
 def _single_file(path: Location, strict: bool) -> Checkpoint:
     header = storage.read_header(path, strict=strict)
     ordered = sorted(header.tensors, key=_NAME)
-    tensors = dict(zip(map(_NAME, ordered), map(_make_source, zip(ordered, repeat(header), repeat(None)))))
+    tensors = dict(zip(map(_NAME, ordered), map(_make_source, _plain_sources(ordered, header))))
     return Checkpoint(
         root=path.parent,
         index_path=None,
@@ -355,7 +363,7 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
     tensors = {
         info.name: source
         for header in headers.values()
-        for info, source in zip(header.tensors, map(_make_source, zip(header.tensors, repeat(header), repeat(None))))
+        for info, source in zip(header.tensors, map(_make_source, _plain_sources(header.tensors, header)))
     }
 
     warnings = []

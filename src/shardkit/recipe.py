@@ -216,8 +216,8 @@ def _chunks(source: SourceTensor, sizes: Sequence[int], names: Sequence[str]) ->
     row = info.nbytes // info.shape[0]
     chunks, start = [], info.begin
     for rows, name in zip(sizes, names):
-        chunk = dataclasses.replace(info, name=name, shape=(rows, *info.shape[1:]), begin=start, end=start + rows * row)
-        chunks.append(dataclasses.replace(source, info=chunk, shard_name=source.shard_name or source.name))
+        chunk = info._replace(name=name, shape=(rows, *info.shape[1:]), begin=start, end=start + rows * row)
+        chunks.append(source._replace(info=chunk, shard_name=source.shard_name or source.name))
         start += rows * row
     return chunks
 
@@ -225,5 +225,5 @@ def _chunks(source: SourceTensor, sizes: Sequence[int], names: Sequence[str]) ->
 def _composite(name: str, pieces: Sequence[SourceTensor], shape: tuple[int, ...]) -> SourceTensor:
     first = pieces[0]
     nbytes = sum(p.info.nbytes for p in pieces)
-    info = dataclasses.replace(first.info, name=name, shape=tuple(shape), begin=0, end=nbytes)
-    return dataclasses.replace(first, info=info, pieces=tuple(pieces))
+    info = first.info._replace(name=name, shape=tuple(shape), begin=0, end=nbytes)
+    return first._replace(info=info, pieces=tuple(pieces))
