@@ -112,3 +112,23 @@ def test_help_shows_the_real_docstrings() -> None:
         assert "see the module docstring" not in doc, name
         undocumented = [p for p in inspect.signature(function).parameters if not re.search(rf"`{p}[`(=]", doc)]
         assert not undocumented, (name, undocumented)
+
+
+def test_every_option_of_every_command_is_in_the_readme() -> None:
+    """The README's option tables are the manual: a new flag must be documented there."""
+    import importlib
+
+    import click
+    import typer
+
+    app = importlib.import_module("shardkit.cli.app")
+    app.register(list(app.COMMANDS))
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = {
+        f"{name} {option.opts[-1]}"
+        for name, command in typer.main.get_command(app.app).commands.items()  # type: ignore[attr-defined]
+        for option in command.params
+        if isinstance(option, click.Option) and not option.hidden and "--help" not in option.opts
+        if not any(f"`{flag}" in readme for flag in option.opts + option.secondary_opts if flag.startswith("--"))
+    }
+    assert not missing, sorted(missing)
