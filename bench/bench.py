@@ -148,7 +148,7 @@ def weights_like(folder: Path) -> None:
     far more often than it ever would in a real checkpoint."""
     import numpy as np
 
-    from shardkit.format import read_header
+    from shardkit.format.header import read_header
 
     rng = np.random.default_rng(1)
     chunk = 16 * 2**20  # elements

@@ -1,4 +1,4 @@
-"""Throughput of shardkit.dtype_cast beside torch's own conversion, in one process.
+"""Throughput of shardkit.format.dtype_cast beside torch's own conversion, in one process.
 
 The buffers are 64 MiB of weight-like values (normal, σ = 0.02; `--zeros` sets a
 fraction of exact zeros, which costs shardkit a counting pass per chunk),
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from shardkit.dtype_cast import cast_into, cast_parallel
+from shardkit.format.dtype_cast import cast_into, cast_parallel
 
 PAIRS = ("F32:BF16", "BF16:F16", "BF16:F32", "F16:F32", "F32:F16")
 TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

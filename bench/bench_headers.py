@@ -59,7 +59,7 @@ print(count)
 #: shardkit's parse alone: the format rules and checkpoint cross-checks, no command.
 PARSE = """
 import sys
-from shardkit.checkpoint import open_checkpoint
+from shardkit.checkpoint.shards import open_checkpoint
 print(len(open_checkpoint(sys.argv[1]).tensors))
 """
 
@@ -90,7 +90,7 @@ def entry_json(name: str, dtype: str, shape: tuple[int, ...], begin: int, end: i
 def write_sparse(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]]) -> None:
     """A valid safetensors file laid out as the reference writer lays it out; the data
     section is a hole (the file is sparse), so a 100 MB header costs 100 MB of disk."""
-    from shardkit.format import writer_order
+    from shardkit.format.header import writer_order
 
     parts, offset = ['"__metadata__":{"format":"pt"}'], 0
     for name, dtype, shape, nbytes in sorted(entries, key=lambda e: writer_order(e[0], e[1])):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardkit.atomic import TEMP_MARK
+from shardkit.engine.atomic import TEMP_MARK
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-from shardkit.fill import fill
-from shardkit.multipart_plan import ObjectPlan, PartLimits, Span, UploadPart, check_object_plan
-from shardkit.plan import Literal, PlannedFile
+from shardkit.plan.files import Literal, PlannedFile
+from shardkit.plan.fill import fill
+from shardkit.plan.multipart import ObjectPlan, PartLimits, Span, UploadPart, check_object_plan
 
 
 def replay(plan: ObjectPlan, planned: PlannedFile, sources: dict[str, bytes], limits: PartLimits) -> bytes:

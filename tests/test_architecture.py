@@ -15,13 +15,8 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from shardkit import architecture  # noqa: E402
-from shardkit.architecture import (  # noqa: E402
-    ArchitectureProblem,
-    ExpectedTensor,
-    check_architecture,
-    expected_tensors,
-)
+from shardkit.checks import architecture  # noqa: E402
+from shardkit.checks.architecture import ArchitectureProblem, ExpectedTensor, check_architecture, expected_tensors  # noqa: E402
 
 pytestmark = pytest.mark.hf
 

@@ -20,10 +20,10 @@ import pytest
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
-from shardkit import block_writer, execute
-from shardkit.fill import CastLog
-from shardkit.plan import Copy, Literal, PlannedFile
-from shardkit.source_files import SourceFiles
+from shardkit.engine import block_writer, execute
+from shardkit.engine.source_files import SourceFiles
+from shardkit.plan.files import Copy, Literal, PlannedFile
+from shardkit.plan.fill import CastLog
 from shardkit.synthetic import write_checkpoint
 from test_merge import reference_serialize
 

@@ -12,8 +12,8 @@ import pytest
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
-from shardkit.format import read_header
-from shardkit.hashing import Streamer, sha256_file
+from shardkit.engine.hashing import Streamer, sha256_file
+from shardkit.format.header import read_header
 from shardkit.synthetic import SyntheticCheckpoint
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_clean_failure, run_cli, temporaries
-from shardkit.atomic import TEMP_MARK
+from shardkit.engine.atomic import TEMP_MARK
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 SHARD_1 = "model-00001-of-00004.safetensors"
@@ -357,7 +357,7 @@ def test_split_to_a_255_byte_folder_name(tmp_path: Path) -> None:
 def leftover_of_a_killed_run(dest: Path) -> Path:
     """The temporary a writer of `dest` creates, left by a process that is gone."""
     code = (
-        "import sys; from pathlib import Path; from shardkit import atomic; "
+        "import sys; from pathlib import Path; from shardkit.engine import atomic; "
         "p = atomic.temp_name(Path(sys.argv[1])); p.write_bytes(b'partial'); print(p)"
     )
     made = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True, text=True, check=True)

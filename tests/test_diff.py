@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot
-from shardkit.format import TensorSpec, serialize_header
+from shardkit.format.header import TensorSpec, serialize_header
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 REPORT_KEYS = {

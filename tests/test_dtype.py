@@ -18,7 +18,7 @@ import pytest
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
-from shardkit.checkpoint import open_checkpoint
+from shardkit.checkpoint.shards import open_checkpoint
 from shardkit.errors import VerificationError
 from shardkit.synthetic import Qwen2Shape, write_checkpoint
 from test_s3 import bucket, mid, store, work  # noqa: F401 - the S3 fixtures
@@ -182,7 +182,7 @@ def test_verify_finds_a_flipped_byte_in_a_converted_tensor(crafted: Path, tmp_pa
 def test_merge_verify_removes_a_conversion_whose_bytes_are_wrong(crafted: Path, tmp_path: Path, monkeypatch) -> None:
     """A fault in the writer (one flipped bit in what a transform produced) is caught by
     --verify, which recomputes the conversion on its own, and the output is removed."""
-    from shardkit import execute
+    from shardkit.engine import execute
 
     real_fill = execute.fill
 

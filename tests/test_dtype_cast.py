@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from shardkit.dtype_cast import (
+from shardkit.errors import BadInputError
+from shardkit.format.dtype_cast import (
     SUB_CHUNK,
     TARGETS,
     CastStats,
@@ -23,7 +24,6 @@ from shardkit.dtype_cast import (
     is_convertible,
     parse_target,
 )
-from shardkit.errors import BadInputError
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.hf
@@ -361,7 +361,7 @@ def test_bytes_and_an_unaligned_view_are_accepted() -> None:
 
 
 def test_importing_the_module_does_not_import_numpy() -> None:
-    code = "import sys, shardkit.dtype_cast; print('numpy' in sys.modules)"
+    code = "import sys, shardkit.format.dtype_cast; print('numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 

@@ -37,15 +37,9 @@ import pytest
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
-from shardkit.atomic import TEMP_MARK
-from shardkit.byte_copy import RangeCopier
-from shardkit.synthetic import (
-    ByteSource,
-    Qwen2Shape,
-    SyntheticTensor,
-    write_checkpoint,
-    write_safetensors,
-)
+from shardkit.engine.atomic import TEMP_MARK
+from shardkit.engine.byte_copy import RangeCopier
+from shardkit.synthetic import ByteSource, Qwen2Shape, SyntheticTensor, write_checkpoint, write_safetensors
 
 #: ≈ 190 MB of BF16 in Qwen2 layout: big enough that a copy takes a second or two here.
 FAULT_SHAPE = Qwen2Shape(896, 4864, 6, 14, 2, 16000, True)
@@ -671,8 +665,8 @@ def test_disk_filling_up_during_the_data_copy(tmp_path: Path, monkeypatch, metho
     write_safetensors(source, tensors, ByteSource(3), {"format": "pt"})
     before = snapshot(tmp_path)
     monkeypatch.setenv("SHARDKIT_COPY_METHOD", method)
-    monkeypatch.setattr(shardkit.execute, "check_free_space", lambda folder, needed: None)
-    monkeypatch.setattr(shardkit.block_writer, "BLOCK", 1 << 20)  # many blocks: both workers run
+    monkeypatch.setattr(shardkit.engine.execute, "check_free_space", lambda folder, needed: None)
+    monkeypatch.setattr(shardkit.engine.block_writer, "BLOCK", 1 << 20)  # many blocks: both workers run
     with mounted_tmpfs(tmp_path / "full", "size=12m") as full:
         dest = full / output
         with pytest.raises(shardkit.errors.WriteError, match=f"{dest}: no space left on device; nothing was written"):

@@ -23,7 +23,7 @@ import safetensors
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit.cli.render import FLOOD
-from shardkit.format import read_header
+from shardkit.format.header import read_header
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -310,7 +310,7 @@ def test_other_commands_refuse_cleanly(case: Broken, command: str, tmp_path: Pat
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     """The depth limit is read from the text: brackets in keys and values, escaped quotes
     and backslashes included, are not nesting (the reference reader agrees)."""
-    from shardkit import header_json
+    from shardkit.format import header_json
 
     text = '{"a[[[": "' + "[" * 300 + '", "q\\"[[": ["\\\\", [[]]], "e": "\\\\"}'
     assert header_json.depth(text) == 4  # object, list, [[]], []
@@ -326,10 +326,11 @@ def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(tmp_path: Pa
     refused header; a caller that had it off keeps it off."""
     import gc
 
-    from shardkit import format, header_json
     from shardkit.errors import FormatError
-    from shardkit.format import read_header
-    from shardkit.gc_pause import gc_paused
+    from shardkit.format import header as format
+    from shardkit.format import header_json
+    from shardkit.format.gc_pause import gc_paused
+    from shardkit.format.header import read_header
 
     seen: list[bool] = []
 
@@ -372,8 +373,8 @@ def test_the_header_writer_writes_what_json_dumps_of_the_document_writes() -> No
     import numpy as np
     from safetensors.numpy import save
 
-    from shardkit import header_json
-    from shardkit.format import DTYPES, HEADER_ALIGNMENT, TensorSpec, serialize_header, writer_order
+    from shardkit.format import header_json
+    from shardkit.format.header import DTYPES, HEADER_ALIGNMENT, TensorSpec, serialize_header, writer_order
 
     specs = [
         TensorSpec(name, dtype, shape, 0)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
 from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
-from shardkit.checkpoint import open_checkpoint
+from shardkit.checkpoint.shards import open_checkpoint
 
 BLOCK = (128, 128)
 TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -259,7 +259,7 @@ def test_a_killed_dequantisation_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_the_e4m3_table_is_torchs_widening() -> None:
-    from shardkit.fp8 import e4m3_table
+    from shardkit.format.fp8 import e4m3_table
 
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     table = torch.from_numpy(e4m3_table().copy())

@@ -28,9 +28,9 @@ import safetensors
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shardkit import format as shardkit_format
 from shardkit.errors import FormatError
-from shardkit.format import DTYPES, parse_file, tensor_nbytes
+from shardkit.format import header as shardkit_format
+from shardkit.format.header import DTYPES, parse_file, tensor_nbytes
 
 EXAMPLES = int(os.environ.get("SHARDKIT_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -534,7 +534,7 @@ def test_writers_output_is_read_by_the_fast_reader() -> None:
     import numpy as np
     from safetensors.numpy import save
 
-    from shardkit.format import TensorSpec, serialize_header
+    from shardkit.format.header import TensorSpec, serialize_header
 
     made = save({"b": np.zeros((2, 3), np.float32), "a.weight": np.ones(4, np.int8), "é": np.zeros((), np.float16)},
                 metadata={"format": "np", "quote": 'a "b" \\ c'})

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
-from shardkit.format import MAX_HEADER_SIZE, read_header
+from shardkit.format.header import MAX_HEADER_SIZE, read_header
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot
-from shardkit.format import TensorSpec, serialize_header
-from shardkit.layers import format_indices, group_layers, split_name
-from shardkit.plan import group_into_shards, shard_file_names
+from shardkit.checkpoint.layers import format_indices, group_layers, split_name
+from shardkit.format.header import TensorSpec, serialize_header
+from shardkit.plan.files import group_into_shards, shard_file_names
 from shardkit.synthetic import SHAPES, SyntheticCheckpoint, qwen2_tensors, write_checkpoint
 
 BITS = {"BF16": 16, "F16": 16, "F32": 32, "I64": 64, "F8_E4M3": 8, "F4": 4, "BOOL": 8}
@@ -319,7 +319,7 @@ def test_layer_folding_is_the_same_whatever_the_order_and_per_skeleton() -> None
     cut equals the regex's."""
     import random
 
-    from shardkit import layers
+    from shardkit.checkpoint import layers
 
     names = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in range(12) for e in range(10) for p in "wv"]
     names += ["model.layers.3.x", "layers.07.x", "h.1.h.22", "x1_layers.5.y", "a-b_layers.3", "blocks.9\n", "e.٣"]

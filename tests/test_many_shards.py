@@ -21,8 +21,8 @@ import pytest
 
 import shardkit
 from conftest import CliResult, run_cli, snapshot, temporaries
-from shardkit import block_writer, source_files
-from shardkit.source_files import SourceFiles
+from shardkit.engine import block_writer, source_files
+from shardkit.engine.source_files import SourceFiles
 from shardkit.synthetic import Qwen2Shape, write_checkpoint
 
 #: 30 layers of 12 tensors, plus embeddings, norm and head: 363 tensors, one per shard.

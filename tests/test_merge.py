@@ -13,9 +13,9 @@ from safetensors import TensorSpec, deserialize, safe_open, serialize
 
 import shardkit
 from conftest import run_cli, snapshot, temporaries
-from shardkit.checkpoint import open_checkpoint
-from shardkit.format import read_header
-from shardkit.plan import plan_merge
+from shardkit.checkpoint.shards import open_checkpoint
+from shardkit.format.header import read_header
+from shardkit.plan.files import plan_merge
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 # safetensors' TensorSpec takes torch-style dtype names

@@ -15,18 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plan_replay import planned_bytes, replay
-from shardkit.checkpoint import Checkpoint, SourceTensor
-from shardkit.format import Header, TensorSpec, parse_header, serialize_header
-from shardkit.multipart_plan import (
-    CopyPart,
-    ObjectPlan,
-    PartLimits,
-    Span,
-    UploadPart,
-    check_object_plan,
-    plan_object,
-)
-from shardkit.plan import Copy, Literal, PlannedFile, group_into_shards, plan_merge, plan_split
+from shardkit.checkpoint.shards import Checkpoint, SourceTensor
+from shardkit.format.header import Header, TensorSpec, parse_header, serialize_header
+from shardkit.plan.files import Copy, Literal, PlannedFile, group_into_shards, plan_merge, plan_split
+from shardkit.plan.multipart import CopyPart, ObjectPlan, PartLimits, Span, UploadPart, check_object_plan, plan_object
 from shardkit.synthetic import SHAPES, qwen2_tensors
 
 MiB = 1024 * 1024

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
-from shardkit.atomic import TEMP_MARK
+from shardkit.engine.atomic import TEMP_MARK
 from shardkit.synthetic import ByteSource, SyntheticTensor, write_checkpoint, write_safetensors
 
 MARKUP = "model [v2] [bold]x[/bold] :smile:"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit.errors import BadInputError
-from shardkit.output_path import dominant_dtype, slug, source_name
+from shardkit.plan.output_path import dominant_dtype, slug, source_name
 from shardkit.synthetic import SyntheticCheckpoint, write_checkpoint
 
 _DEC_1_2026 = datetime.datetime(2026, 12, 1, 15, tzinfo=datetime.timezone.utc)
@@ -231,7 +231,7 @@ def test_a_subfolder_of_the_checkpoint_folder_is_left_alone(qwen: SyntheticCheck
 
 def test_a_parent_another_process_made_meanwhile_is_not_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`mkdir` loses a race: the folder is someone else's, and stays when this run fails."""
-    from shardkit.output_path import parents_created
+    from shardkit.plan.output_path import parents_created
 
     theirs = tmp_path / "shared"
     real_mkdir = Path.mkdir

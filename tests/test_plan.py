@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 import shardkit
 from conftest import run_cli
 from plan_replay import memory_read, planned_bytes, replay
-from shardkit.checkpoint import open_checkpoint
-from shardkit.fill import fill, ordered_chunks
-from shardkit.multipart_plan import CopyPart, PartLimits, UploadPart, check_object_plan, plan_object
-from shardkit.plan import Copy, Literal, PlannedFile, check_planned_file, plan_merge, plan_split
+from shardkit.checkpoint.shards import open_checkpoint
+from shardkit.plan.files import Copy, Literal, PlannedFile, check_planned_file, plan_merge, plan_split
+from shardkit.plan.fill import fill, ordered_chunks
+from shardkit.plan.multipart import CopyPart, PartLimits, UploadPart, check_object_plan, plan_object
 
 SMALL = PartLimits(min_part=100, max_part=1000, max_parts=10_000, chain_limit=300, upload_part=400)
 

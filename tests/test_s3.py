@@ -573,7 +573,7 @@ def test_a_presigned_https_url_is_read_with_ranges_and_never_printed(
 
 
 def shard_tensors(path: Path) -> list[str]:
-    from shardkit.format import read_header
+    from shardkit.format.header import read_header
 
     return [t.name for t in read_header(path).tensors]
 

@@ -13,9 +13,9 @@ from safetensors import deserialize, safe_open
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
+from shardkit.checkpoint.layers import natural_key
 from shardkit.errors import BadInputError
-from shardkit.format import read_header
-from shardkit.plan import natural_key
+from shardkit.format.header import read_header
 from shardkit.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from shardkit.synthetic import ByteSource, SyntheticCheckpoint, SyntheticTensor, write_checkpoint, write_safetensors
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import CliResult, assert_clean_failure, snapshot, temporaries
 from shardkit.errors import BadInputError
-from shardkit.torch_pickle import load as load_pickle
+from shardkit.format.torch_pickle import load as load_pickle
 
 #: Runs shardkit with torch unimportable: the reader must never need it.
 WITHOUT_TORCH = (

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import run_cli  # noqa: E402
 from hf_models import logits, tiny_qwen2  # noqa: E402
-from shardkit.checkpoint import open_checkpoint  # noqa: E402
+from shardkit.checkpoint.shards import open_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.hf
 

@@ -15,7 +15,7 @@ import pytest
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
 from shardkit.commands.verify import hf_installed
-from shardkit.format import read_header
+from shardkit.format.header import read_header
 from shardkit.synthetic import (
     SHAPES,
     ByteSource,

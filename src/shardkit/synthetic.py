@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import TensorSpec, serialize_header, tensor_nbytes
-from .plan import group_into_shards, shard_file_names
+from .format.header import TensorSpec, serialize_header, tensor_nbytes
+from .plan.files import group_into_shards, shard_file_names
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import layouts
+from ..checkpoint import layouts
 from ..reports import SplitReport, WriteReport
 from ..sizes import format_size
 

@@ -19,25 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import atomic, storage
-from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
-from ..errors import BadInputError, OutputError, OutputExistsError
-from ..hashing import Streamer
-from ..manifest import (
+from .. import storage
+from ..checkpoint.manifest import (
     TensorDigest,
     companions,
     format_file_manifest,
     format_tensor_manifest,
     tensor_manifest_document,
 )
-from ..pipeline import find_pipeline
+from ..checkpoint.pipeline import find_pipeline
+from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
+from ..engine import atomic, stream
+from ..engine.hashing import Streamer
+from ..errors import BadInputError, OutputError, OutputExistsError
 from ..reports import JsonReport
-from ..storage import Location, stream
+from ..storage import Location
 from .writing import ProgressCallback
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
-    from ..variants import WeightSet
+    from ..checkpoint.pipeline import Pipeline
+    from ..checkpoint.variants import WeightSet
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def file_checksums(
 ) -> list[FileChecksum]:
     """SHA-256 of every file a loader reads, named relative to the checkpoint folder
     and sorted by that name: the weight files, the index, and the files a merge
-    copies (:func:`~shardkit.manifest.companions`; `exclude`, the manifest
+    copies (:func:`~shardkit.checkpoint.manifest.companions`; `exclude`, the manifest
     being written, is not among them)."""
     files = {manifest_name(storage.lookup(h.path), checkpoint.root): storage.lookup(h.path) for h in checkpoint.shards}
     if checkpoint.index_path is not None:
@@ -183,7 +184,7 @@ def _view_digest(tensor: SourceTensor) -> str:
     """SHA-256 of a strided torch view's bytes made contiguous, as convert writes them."""
     import hashlib
 
-    from ..tensor_bytes import read_tensor
+    from ..plan.tensor_bytes import read_tensor
 
     digest = hashlib.sha256()
     reader = storage.open_reader(tensor.shard.path)
@@ -240,7 +241,7 @@ def checksum_pipeline(
     scheduler and tokenizer files), so `cd pipeline && sha256sum -c SHA256SUMS` checks it."""
     import hashlib
 
-    from ..checkpoint import open_weight_set
+    from ..checkpoint.shards import open_weight_set
     from .pipeline_runs import elapsed
 
     if tensors:

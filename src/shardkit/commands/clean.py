@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic
+from ..engine import atomic
 from ..errors import BadInputError
 from ..reports import JsonReport
 

@@ -1,6 +1,6 @@
 """`shardkit convert`: a torch `.bin`/`.pt`/`.pth` checkpoint as safetensors, torch-free.
 
-The torch files are read as data (:mod:`shardkit.torch_checkpoint`: the zip's
+The torch files are read as data (:mod:`shardkit.format.torch_checkpoint`: the zip's
 directory and a pickle interpreter that executes nothing), so every tensor is a byte
 range of its file and conversion is a copy at disk speed in constant memory. A folder
 output is what the Hub's converter (safetensors' `convert.py`) makes of it: one
@@ -14,11 +14,11 @@ import os
 from collections.abc import Sequence
 
 from .. import storage
-from ..checkpoint import open_checkpoint
-from ..plan import plan_convert, plan_merge
-from ..recipe import apply_recipe, load_recipe
+from ..checkpoint.shards import open_checkpoint
+from ..plan.files import plan_convert, plan_merge
+from ..plan.recipe import apply_recipe, load_recipe
+from ..plan.selection import apply_selection, parse_selection
 from ..reports import ConvertReport
-from ..selection import apply_selection, parse_selection
 from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint import Checkpoint, SourceTensor, open_checkpoint
-from ..compare import compare_checkpoints
+from ..checkpoint.manifest import companions
+from ..checkpoint.pipeline import is_pipeline
+from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
+from ..checks.compare import compare_checkpoints
 from ..errors import BadInputError, option
-from ..manifest import companions
-from ..pipeline import is_pipeline
+from ..plan.selection import apply_selection, parse_selection
 from ..reports import JsonReport
-from ..selection import apply_selection, parse_selection
 from .inspect import metadata_union
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def diff(
             f"{option('max_abs_diff')} reads the tensors' values; it cannot be combined with {option('data', False)}"
         )
     if max_abs_diff:
-        from ..numeric import require_numeric
+        from ..checks.numeric import require_numeric
 
         require_numeric(option("max_abs_diff"))
     if any(is_pipeline(storage.as_path(p, endpoint_url=endpoint_url)) for p in (a, b)):
@@ -230,7 +230,7 @@ def same_bytes_renamed(
 def _tensor_digest(cache: dict[tuple[int, str], str], side: int, tensor: SourceTensor) -> str:
     key = (side, tensor.name)
     if key not in cache:
-        from ..tensor_bytes import read_tensor
+        from ..plan.tensor_bytes import read_tensor
 
         hasher = hashlib.sha256()
         with contextlib.closing(storage.open_reader(tensor.shard.path)) as reader:
@@ -286,7 +286,7 @@ def _labelled(side: str, warnings: tuple[str, ...]) -> list[str]:
 
 
 def _max_abs_diff(ta: SourceTensor, tb: SourceTensor, readers: object) -> float | None:
-    from ..numeric import element_size, max_abs_difference, measurable
+    from ..checks.numeric import element_size, max_abs_difference, measurable
 
     dtype = ta.info.dtype
     if not measurable(dtype):

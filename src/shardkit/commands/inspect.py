@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..format import Header, tensor_nbytes
-from ..gc_pause import gc_paused
-from ..layers import group_layers
-from ..pipeline import find_pipeline
-from ..plan import natural_key
+from ..checkpoint.layers import group_layers, natural_key
+from ..checkpoint.pipeline import find_pipeline
+from ..checkpoint.shards import Checkpoint, open_checkpoint
+from ..format.gc_pause import gc_paused
+from ..format.header import Header, tensor_nbytes
 from ..reports import JsonReport
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
+    from ..checkpoint.pipeline import Pipeline
     from .pipeline_runs import PipelineReport
 
 
@@ -52,7 +51,7 @@ class TensorRow(JsonReport):
 
 @dataclass(frozen=True)
 class LayerRow(JsonReport):
-    """Tensors folded over their layer (or expert) numbers; see `shardkit.layers`."""
+    """Tensors folded over their layer (or expert) numbers; see `shardkit.checkpoint.layers`."""
 
     pattern: str
     dtype: str
@@ -194,9 +193,9 @@ def inspect(
 def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[QuantizationSummary | None, frozenset[str]]:
     """The FP8 layout, if any, and its scale tensors' names; a layout that does not hold
     is a warning here (inspecting is how one finds out), the error of a conversion."""
-    from ..conversion import read_config
     from ..errors import ShardkitError
-    from ..fp8_layout import find_layout
+    from ..plan.conversion import read_config
+    from ..plan.fp8_layout import find_layout
 
     if not any(name.endswith(("_scale_inv", ".weight_scale")) for name in checkpoint.tensors):
         return None, frozenset()  # no scales: not an FP8 layout, and no config.json read (headers only)

@@ -7,15 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import output_path, storage
-from ..checkpoint import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
-from ..conversion import DtypeChoice
+from .. import storage
+from ..checkpoint.shards import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
 from ..errors import BadInputError
-from ..plan import plan_merge
-from ..recipe import apply_recipe, load_recipe
+from ..format.torch_checkpoint import is_torch_file, safetensors_name
+from ..plan import output_path
+from ..plan.conversion import DtypeChoice
+from ..plan.files import plan_merge
+from ..plan.recipe import apply_recipe, load_recipe
+from ..plan.selection import apply_selection, parse_selection
 from ..reports import MergeReport
-from ..selection import apply_selection, parse_selection
-from ..torch_checkpoint import is_torch_file, safetensors_name
 from .writing import (
     ProgressCallback,
     companion_copies,
@@ -26,8 +27,8 @@ from .writing import (
 )
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
-    from ..variants import WeightSet
+    from ..checkpoint.pipeline import Pipeline
+    from ..checkpoint.variants import WeightSet
     from .pipeline_runs import PipelineReport
 
 
@@ -78,10 +79,10 @@ def merge(
     name is refused before anything is written. `recipe` (a .json/.toml file or a
     built-in name such as `flux-diffusers-to-bfl`) then makes the output tensors from
     the source tensors by rename and dim-0 fuse, split and half swap, checked first
-    (see :mod:`shardkit.recipe`).
+    (see :mod:`shardkit.plan.recipe`).
 
     `output` may be a name template (`{slug}_v{date}.safetensors`, see
-    :mod:`shardkit.output_path`); missing parent folders are created. A diffusers
+    :mod:`shardkit.plan.output_path`); missing parent folders are created. A diffusers
     pipeline (a folder with `model_index.json`) is merged component by component into
     an output folder of the same layout and gives a
     :class:`~shardkit.commands.pipeline_runs.PipelineReport`.
@@ -105,7 +106,7 @@ def merge(
     selection = parse_selection(select, drop, rename)
     recut = load_recipe(recipe) if recipe is not None else None
     location = storage.as_path(source, endpoint_url=endpoint_url)
-    from ..pipeline import find_pipeline
+    from ..checkpoint.pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:

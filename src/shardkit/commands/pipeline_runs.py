@@ -1,6 +1,6 @@
 """What every command shares on a whole diffusers pipeline: one component at a time, one report.
 
-Each weight set of the pipeline (:mod:`shardkit.pipeline`: a component in one variant)
+Each weight set of the pipeline (:mod:`shardkit.checkpoint.pipeline`: a component in one variant)
 goes through the command's ordinary code as a checkpoint of its own, so a pipeline
 gets exactly the checks and the bytes a lone component would. What is added here is
 what only a pipeline has: an output laid out as the source (`unet/` stays `unet/`, each
@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import atomic, output_path, storage
-from ..checkpoint import open_weight_set
-from ..destination import Sources, check_destination
+from .. import storage
+from ..checkpoint.manifest import format_file_manifest
+from ..checkpoint.pipeline import Pipeline, find_pipeline
+from ..checkpoint.shards import open_weight_set
+from ..checkpoint.variants import WeightSet
+from ..engine import atomic
+from ..engine.destination import Sources, check_destination
 from ..errors import BadInputError, OutputError, OutputExistsError, ShardkitError
-from ..manifest import format_file_manifest
-from ..pipeline import Pipeline, find_pipeline
+from ..plan import output_path
 from ..reports import JsonReport, WriteReport
-from ..variants import WeightSet
 from .writing import ProgressCallback
 
 CHECKSUM_FILE = "SHA256SUMS"

@@ -14,14 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import output_path, storage
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..conversion import DtypeChoice
+from .. import storage
+from ..checkpoint.layers import natural_key
+from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..errors import BadInputError
-from ..plan import natural_key, plan_split
-from ..recipe import apply_recipe, load_recipe
+from ..plan import output_path
+from ..plan.conversion import DtypeChoice
+from ..plan.files import plan_split
+from ..plan.recipe import apply_recipe, load_recipe
+from ..plan.selection import apply_selection, parse_selection
 from ..reports import SplitReport
-from ..selection import apply_selection, parse_selection
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writing import (
     ProgressCallback,
@@ -33,8 +35,8 @@ from .writing import (
 )
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
-    from ..variants import WeightSet
+    from ..checkpoint.pipeline import Pipeline
+    from ..checkpoint.variants import WeightSet
     from .pipeline_runs import PipelineReport
 
 
@@ -101,7 +103,7 @@ def split(
     _check_prefix(prefix)
     selection = parse_selection(select, drop, rename)
     recut = load_recipe(recipe) if recipe is not None else None
-    from ..pipeline import find_pipeline
+    from ..checkpoint.pipeline import find_pipeline
 
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
@@ -193,7 +195,7 @@ def split_pipeline(
 ) -> PipelineReport:
     """Each weight set resharded in its component's folder, with the component's own
     prefix and the variant's names (`diffusion_pytorch_model.fp16-00001-of-00002.safetensors`)."""
-    from .. import atomic
+    from ..engine import atomic
     from .pipeline_runs import relocated, write_pipeline
 
 

@@ -5,7 +5,7 @@ What is checked, and what it costs:
 - Always, from headers only: every weight file against every rule of the format, each
   file on its own so that one broken shard does not hide another (the rule that the
   tensors cover exactly the file's data bytes is what catches a truncated or extended
-  file), then the index cross-checks of :func:`~shardkit.checkpoint.open_checkpoint`.
+  file), then the index cross-checks of :func:`~shardkit.checkpoint.shards.open_checkpoint`.
 - Bytes, wherever there is something to compare them with: a checksum manifest
   (`checksums`), the blob names of a Hugging Face cache snapshot (found by itself), or
   another checkpoint (`against`, tensor by tensor, whatever the sharding). Each file is
@@ -14,7 +14,7 @@ What is checked, and what it costs:
   checkpoint's I/O, so a plain verify reads headers only and takes milliseconds.
 - The architecture: with a `config.json` (given, or found in the checkpoint folder),
   tensor names, shapes and dtypes against the model transformers builds on the meta
-  device (:mod:`shardkit.architecture`, needs the `hf` extra).
+  device (:mod:`shardkit.checks.architecture`, needs the `hf` extra).
 
 Problems are collected, not raised: the report lists every one with its file and
 tensor, and `ok` says whether there were none. Only unusable input (a missing path,
@@ -32,8 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import header_json, layouts, storage
-from ..checkpoint import (
+from .. import storage
+from ..checkpoint import layouts
+from ..checkpoint.manifest import Manifest, read_manifest
+from ..checkpoint.pipeline import find_pipeline
+from ..checkpoint.readability import check_folder_readable
+from ..checkpoint.shards import (
     Checkpoint,
     broken_companions,
     check_shard_name,
@@ -41,7 +45,9 @@ from ..checkpoint import (
     open_checkpoint,
     torch_weight_files,
 )
-from ..compare import compare_checkpoints
+from ..checks.compare import compare_checkpoints
+from ..engine import stream
+from ..engine.hashing import Streamer
 from ..errors import (
     BadInputError,
     CheckpointError,
@@ -51,21 +57,17 @@ from ..errors import (
     PathNotFoundError,
     option,
 )
-from ..format import Header
-from ..hashing import Streamer
-from ..hub_cache import HubBlob, hub_blob
-from ..manifest import Manifest, read_manifest
-from ..pipeline import find_pipeline
-from ..readability import check_folder_readable
+from ..format import header_json
+from ..format.header import Header
+from ..format.torch_checkpoint import is_torch_file
 from ..reports import JsonReport
-from ..storage import stream
-from ..torch_checkpoint import is_torch_file
+from ..storage.hub_cache import HubBlob, hub_blob
 from .checksum import manifest_name
 from .writing import ProgressCallback, dtype_choice
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
-    from ..variants import WeightSet
+    from ..checkpoint.pipeline import Pipeline
+    from ..checkpoint.variants import WeightSet
     from .pipeline_runs import PipelineReport
 
 INSTALL_HINT = "pip install 'shardkit[hf]'"
@@ -148,7 +150,7 @@ def verify(
     `consolidated.safetensors` beside the shards, a single `model.safetensors` beside
     an index) is a note naming what loaders use, never a problem. Every top-level
     `.json` besides the index must parse.
-    `checksums` may also be a parsed :class:`~shardkit.manifest.Manifest` (a pipeline's,
+    `checksums` may also be a parsed :class:`~shardkit.checkpoint.manifest.Manifest` (a pipeline's,
     per component). `endpoint_url` names an S3-compatible store; `progress(advance, total)` is called
     as data bytes are read.
 
@@ -559,7 +561,7 @@ class _Run:
         if checkpoint is None:
             self.notes.append("architecture check skipped: the checkpoint's headers do not cross-check")
             return
-        from .. import architecture
+        from ..checks import architecture
 
         present = {name: (t.info.dtype, t.info.shape) for name, t in checkpoint.tensors.items()}
         try:

@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import storage
-from ..checkpoint import Checkpoint, open_checkpoint, open_file
-from ..compare import compare_checkpoints
-from ..conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
-from ..destination import Sources, check_name_fits
-from ..dtype_cast import CastStats
+from ..checkpoint.manifest import companions
+from ..checkpoint.shards import Checkpoint, open_checkpoint, open_file
+from ..checks.compare import compare_checkpoints
+from ..engine.destination import Sources, check_name_fits
+from ..engine.execute import execute, write_checksum_beside
 from ..errors import BadInputError, OutputExistsError, VerificationError
-from ..execute import execute, write_checksum_beside
-from ..fill import CastLog
-from ..manifest import companions
-from ..plan import FileCopy, Plan
-from ..recipe import Recipe
+from ..format.dtype_cast import CastStats
+from ..plan.conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
+from ..plan.files import FileCopy, Plan
+from ..plan.fill import CastLog
+from ..plan.recipe import Recipe
+from ..plan.selection import Selection
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
-from ..selection import Selection
 from ..storage import Location
 
 #: Called as `progress(advance, total)` with bytes just written and the bytes to write.
@@ -96,7 +96,7 @@ def run_plan(
         if checksum_file is not None:
             write_checksum_beside(output, written[0], force=force)
         elif sha256:
-            from ..execute import checksum_file_name
+            from ..engine.written import checksum_file_name
 
             checksum_file = output / checksum_file_name(plan)
     converted = None
@@ -186,7 +186,7 @@ def _transfer(before: object, plan: Plan, output: Location) -> Transfer | None:
     spent = storage.traffic() - before  # type: ignore[operator]
     if spent.requests == 0:
         return None
-    from ..execute_s3 import is_server_side
+    from ..engine.execute_s3 import is_server_side
 
     return Transfer(
         spent.requests, spent.bytes_sent, spent.bytes_received, spent.bytes_copied,
@@ -236,7 +236,7 @@ def verify_written(
         source, open_checkpoint(output), converted=converted, on_bytes=_on_bytes(progress, source.total_bytes)
     )
     if not comparison.identical:
-        from ..execute_s3 import remove
+        from ..engine.execute_s3 import remove
 
         remove(output)  # type: ignore[arg-type]
         raise VerificationError(f"{output}: verification failed, output removed: {_problems(comparison.problems())}")

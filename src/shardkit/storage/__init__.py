@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, TypeGuard
 
 from ..errors import OutputError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
-from ..format import Header, identity
-from ..format import read_header as read_local_header
-from ..torch_checkpoint import is_torch_file, read_torch_file
+from ..format.header import Header, identity
+from ..format.header import read_header as read_local_header
+from ..format.torch_checkpoint import is_torch_file, read_torch_file
 from .location import LocalReader as LocalReader
 from .location import Location as Location
 from .location import RangeReader as RangeReader
@@ -141,7 +141,7 @@ def read_header(path: str | os.PathLike[str] | Location, *, strict: bool = False
 
 
 def _read_torch_header(location: Path | RemotePath) -> Header:
-    """A torch zip's tensors as a header (:mod:`shardkit.torch_checkpoint`), read as data."""
+    """A torch zip's tensors as a header (:mod:`shardkit.format.torch_checkpoint`), read as data."""
     if isinstance(location, Path):
         st = location.stat()
         stat: tuple[object, ...] = identity(st)

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from ..errors import ShardkitError
-from ..format import Header, parse_file
+from ..format.header import Header, parse_file
 
 if TYPE_CHECKING:
     from typing_extensions import Self

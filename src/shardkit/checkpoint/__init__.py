@@ -1,0 +1,1 @@
+"""Checkpoints: discover the shards, read the index, cross-check them before any write."""

@@ -1,0 +1,1 @@
+"""Checks of what exists: streaming equality, manifests, the architecture check."""

@@ -1,0 +1,1 @@
+"""The only code that writes: blocks, kernel copies, uploads, hashing, atomic commits."""

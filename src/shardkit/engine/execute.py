@@ -1,0 +1,364 @@
+"""Carry out a plan: stage, copy, hash, check the sources did not move, commit.
+
+The only module that writes checkpoint bytes. It never opens a source for writing,
+refuses destinations that are, hold or lie inside a source (:mod:`shardkit.engine.destination`),
+never replaces an output without `force`, checks free space before the
+first byte, and removes everything it staged if anything goes wrong (a disk that
+fills up anyway, Ctrl-C). Files are not preallocated: on ext4, writing into
+preallocated (unwritten) extents measured slower than plain appends.
+
+Local bytes are written as O_DIRECT blocks (:mod:`shardkit.engine.block_writer`), each
+block made by :func:`shardkit.plan.fill.fill` from the plan's steps, or, where the
+destination refuses O_DIRECT, with the kernel copy (:mod:`shardkit.engine.byte_copy`) for
+plain-copy steps and `fill` for the others (the header, converted tensors).
+
+Sources may be remote: the file is then made by `fill` in chunks, several at once
+(parallel ranged reads), and written in order. An `s3://` destination is written
+by :mod:`shardkit.engine.execute_s3` as multipart uploads instead of staged files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .. import storage
+from ..checkpoint.manifest import format_file_manifest
+from ..errors import OutputError, OutputExistsError, ShardkitError, WriteError
+from ..plan.files import Copy, Plan, PlannedFile
+from ..plan.fill import CastLog, Read, fill, ordered_chunks
+from ..storage.location import read_exactly
+from . import atomic, block_writer
+from .byte_copy import RangeCopier
+from .destination import Sources, check_destination, refuse_unexpected, unexpected_entries
+from .source_files import SourceFiles
+from .source_reads import RangeSources, check_sources_unchanged, stream_workers
+from .written import WrittenFile, checksum_file_name, written_names
+
+#: Room kept free beyond the output's size for metadata and the filesystem itself.
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed + SPACE_MARGIN:
+        raise WriteError(
+            f"{folder}: not enough free space: the output needs {needed} bytes, {free} are available"
+        )
+
+
+def execute(
+    plan: Plan,
+    dest: storage.Location,
+    *,
+    as_folder: bool,
+    force: bool = False,
+    sha256: bool = False,
+    progress: Callable[[int], None] | None = None,
+    log: CastLog | None = None,
+    protect: Sources | None = None,
+    before_commit: Callable[[Path], None] | None = None,
+) -> list[WrittenFile]:
+    """Write `plan` to `dest` (a file, or a folder holding all planned files).
+
+    The cast statistics of converted tensors go into `log`. `protect` names what must
+    never be touched beyond the plan's sources and copied files (the source folder and
+    index; see :mod:`shardkit.engine.destination`). `before_commit` is called with the staged
+    output once it is complete and fsynced, before it replaces anything: an exception
+    there (a failed verification, Ctrl-C) discards it.
+    """
+    if not as_folder and len(plan.files) != 1:
+        raise ValueError("a single-file destination needs a plan with exactly one file")
+    log = log if log is not None else CastLog()
+    sources = plan.sources
+    if not isinstance(dest, Path):
+        from .execute_s3 import execute_s3
+
+        return execute_s3(
+            plan, storage.as_remote(dest), as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log,
+            protect=_everything_read(plan, protect),
+        )
+    protect = _everything_read(plan, protect)
+    check_destination(dest, protect, force=force, as_folder=as_folder, writes=written_names(plan, sha256))
+    atomic.clean(dest.parent, dest.name)
+    check_free_space(dest.parent, plan.total_bytes + sum(c.source.stat().st_size for c in plan.copies))
+
+    staged = atomic.temp_name(dest)
+    try:
+        if as_folder:
+            staged.mkdir()
+            written = _write_files(plan.files, staged, sha256, progress, log)
+            _write_extras(plan, staged, written)
+            atomic.fsync_path(staged)
+        else:
+            written = _write_group(plan.files, [staged], sha256, progress, log)
+        check_sources_unchanged(sources)
+        if before_commit is not None:
+            before_commit(staged)
+        _commit(staged, dest, force, written_names(plan, sha256))
+    except ShardkitError:  # before OSError: OutputExistsError is a FileExistsError too
+        atomic.remove(staged)
+        raise
+    except OSError as exc:
+        atomic.remove(staged)
+        check_sources_unchanged(sources)  # a source that shrank mid-copy is the cause, not the write
+        raise _write_error(exc, dest) from None
+    except BaseException:
+        atomic.remove(staged)
+        raise
+    return written
+
+
+def _everything_read(plan: Plan, protect: Sources | None) -> Sources:
+    """`protect` plus the plan's sources and the companion files it copies."""
+    read = tuple(storage.lookup(s.path) for s in plan.sources) + tuple(c.source for c in plan.copies)
+    return Sources(read + (protect.files if protect else ()), protect.folder if protect else None)
+
+
+def _commit(staged: Path, dest: Path, force: bool, writes: set[str]) -> None:
+    def still_only_shardkit_files(old: Path) -> None:  # nothing was added to it since the check
+        refuse_unexpected(dest, unexpected_entries(old, writes))
+
+    try:
+        atomic.commit(staged, dest, replace=force, check_old=still_only_shardkit_files)
+    except FileExistsError:  # another run wrote it meanwhile
+        raise OutputExistsError(dest) from None
+
+
+def _write_error(exc: OSError, dest: Path) -> WriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(f"{dest}: no space left on device; nothing was written")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteError(f"{dest}: cannot write there: {exc.strerror}")
+    return WriteError(f"{dest}: {exc.strerror or exc}")
+
+
+#: Output files written by one block stream; bounds the open descriptors of a split
+#: into thousands of small shards.
+FILES_PER_STREAM = 64
+
+
+def _write_files(
+    planned: Sequence[PlannedFile],
+    folder: Path,
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
+) -> list[WrittenFile]:
+    """Write the planned files into `folder`, a group of files per block stream."""
+    written: list[WrittenFile] = []
+    for first in range(0, len(planned), FILES_PER_STREAM):
+        group = planned[first : first + FILES_PER_STREAM]
+        written += _write_group(group, [folder / f.name for f in group], sha256, progress, log)
+    return written
+
+
+def _write_group(
+    planned: Sequence[PlannedFile],
+    paths: Sequence[Path],
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
+) -> list[WrittenFile]:
+    fds: list[int] = []
+    with contextlib.ExitStack() as closing:  # every fd is closed even if one close() fails
+        sources = closing.enter_context(SourceFiles())  # opened as read: thousands of shards fit
+        for path in paths:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            closing.callback(os.close, fds[-1])
+        remote = any(storage.is_remote(source) for f in planned for source, _, _ in f.source_spans(0, f.size))
+        digests = None if remote else _write_direct(fds, planned, sources, sha256, progress, log)
+        if digests is None:  # remote sources, or a destination that refuses O_DIRECT
+            digests = [_copy_with_kernel(fd, f, sources, sha256, progress, log) for fd, f in zip(fds, planned)]
+        for fd in fds:
+            os.fsync(fd)
+    return [WrittenFile(f.name, f.size, len(f.tensors), digest) for f, digest in zip(planned, digests)]
+
+
+def copy_method() -> str:
+    """How local bytes are written: `SHARDKIT_COPY_METHOD` = auto (default), direct or kernel.
+
+    auto writes O_DIRECT blocks where the destination accepts them and falls back to the
+    kernel copy elsewhere; the other two force one path (tests and benchmarks use them).
+    """
+    method = os.environ.get("SHARDKIT_COPY_METHOD", "auto")
+    if method not in ("auto", "direct", "kernel"):
+        raise OutputError(f"SHARDKIT_COPY_METHOD={method!r}: expected auto, direct or kernel")
+    return method
+
+
+#: Threads converting each block: the block workers share the cores between them.
+CAST_WORKERS = max(1, (os.cpu_count() or 1) // block_writer.WORKERS)
+
+
+def _write_direct(
+    fds: Sequence[int],
+    planned: Sequence[PlannedFile],
+    sources: SourceFiles,
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
+) -> list[str | None] | None:
+    """The O_DIRECT block stream; None (outputs emptied again) where the destination refuses it."""
+    method = copy_method()
+    try:
+        if method == "kernel" or not all(block_writer.enable(fd) for fd in fds):
+            raise block_writer.DirectIOUnavailable("O_DIRECT not enabled on the output")
+        hashers = [hashlib.sha256() if sha256 else None for _ in planned]
+        outputs = [direct_output(*each, sources, log) for each in zip(fds, planned, hashers)]
+        block_writer.write_files(outputs, on_progress=progress)
+    except block_writer.DirectIOUnavailable as exc:
+        if method == "direct":
+            refused = f"the destination filesystem refuses O_DIRECT writes ({exc})"
+            raise OutputError(f"{planned[0].name}: {refused}") from None
+        for fd in fds:
+            block_writer.disable(fd)
+            os.ftruncate(fd, 0)
+        return None
+    return [hasher.hexdigest() if hasher else None for hasher in hashers]
+
+
+def local_read(sources: SourceFiles) -> Read:
+    """The `read` of :func:`shardkit.plan.fill.fill` over local source descriptors."""
+
+    def read(source: str, offset: int, into: memoryview) -> None:
+        with sources.use(source) as fd:
+            read_exactly(fd, into, offset)
+
+    return read
+
+
+def direct_output(
+    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: SourceFiles, log: CastLog
+) -> block_writer.Output:
+    """A planned file as a block-writer output: every block made by `fill` from its steps."""
+    read = local_read(sources)
+
+    def fill_block(start: int, into: memoryview) -> None:
+        log.add(fill(planned, start, into, read, workers=CAST_WORKERS))
+
+    def read_ahead(start: int, end: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            for source, offset, length in planned.source_spans(start, end):
+                with sources.use(source) as source_fd:
+                    os.posix_fadvise(source_fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    return block_writer.Output(fd, planned.size, fill_block, hasher, read_ahead)
+
+
+def _copy_with_kernel(
+    fd: int,
+    planned: PlannedFile,
+    sources: SourceFiles,
+    sha256: bool,
+    progress: Callable[[int], None] | None,
+    log: CastLog,
+) -> str | None:
+    """The kernel copy (copy_file_range, sendfile, reads) for plain copies, `fill` for the
+    rest; and the path for remote sources, whose bytes are all made by `fill`."""
+    hasher = hashlib.sha256() if sha256 else None
+    copier = RangeCopier(fd, hasher=hasher, on_progress=progress)
+    try:
+        if any(storage.is_remote(source) for source, _, _ in planned.source_spans(0, planned.size)):
+            with RangeSources([planned]) as remote:
+                _write_made(copier, planned, remote.read, 0, planned.size, log)
+        else:
+            read = local_read(sources)
+            for run_start, run_end, copies in _runs(planned):
+                if copies:
+                    for step in copies:
+                        with sources.use(step.source) as source_fd:
+                            copier.copy(source_fd, step.source_offset, step.offset, step.length)
+                else:
+                    _write_made(copier, planned, read, run_start, run_end, log)
+    finally:
+        copier.close()
+    return hasher.hexdigest() if hasher else None
+
+
+def _runs(planned: PlannedFile) -> list[tuple[int, int, list[Copy]]]:
+    """The file as alternating runs: plain copies (a list), and bytes `fill` makes (none)."""
+    runs: list[tuple[int, int, list[Copy]]] = []
+    for step in planned.steps:
+        is_copy = isinstance(step, Copy)
+        if runs and bool(runs[-1][2]) == is_copy:
+            start, _, copies = runs[-1]
+            runs[-1] = (start, step.offset + step.length, copies)
+        else:
+            runs.append((step.offset, step.offset + step.length, []))
+        if is_copy:
+            runs[-1][2].append(step)  # type: ignore[arg-type]
+    return runs
+
+
+def _write_made(copier: RangeCopier, planned: PlannedFile, read: Read, start: int, end: int, log: CastLog) -> None:
+    """Bytes [start, end) made by `fill`, several chunks at once, written in file order."""
+    remote = any(storage.is_remote(source) for source, _, _ in planned.source_spans(start, end))
+    workers = stream_workers(remote)
+    offset = start
+    for chunk in ordered_chunks(planned, read, start=start, end=end, workers=workers, log=log):
+        copier.write(chunk, offset)
+        offset += len(chunk)
+
+
+def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
+    """Companion files, then the index, then the checksum file (the plan's write order)."""
+    for copy in plan.copies:
+        target = staged / copy.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if copy.data is not None:
+            target.write_bytes(copy.data)
+        elif storage.is_remote(copy.source):
+            target.write_bytes(storage.read_bytes(copy.source))
+        else:
+            shutil.copyfile(copy.source, target)
+        _fsync_file(target)
+    if plan.index is not None and plan.index_name is not None:
+        text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
+        _write_text(staged / plan.index_name, text)
+    sums = [(w.name, w.sha256) for w in written if w.sha256]
+    if sums:
+        _write_text(staged / checksum_file_name(plan), format_file_manifest(sums))
+
+
+def write_checksum_beside(dest: Path, written: WrittenFile, *, force: bool = True) -> Path:
+    """`model.safetensors.sha256` next to a single-file output, atomically; without
+    `force` it never replaces one that appeared meanwhile."""
+    path = dest.with_name(dest.name + ".sha256")
+    assert written.sha256 is not None, "only a hashed output has a checksum file"
+    manifest = format_file_manifest([(dest.name, written.sha256)])
+    if storage.is_remote(path):
+        from .execute_s3 import put_bytes
+
+        put_bytes(path, manifest.encode())  # type: ignore[arg-type]
+        return path
+    staged = atomic.temp_name(path)
+    try:
+        _write_text(staged, manifest)
+        _commit(staged, path, force, set())
+    except BaseException:
+        atomic.remove(staged)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""The safetensors format: header rules, exact JSON, dtype encodings. Imports nothing above it."""

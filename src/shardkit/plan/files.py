@@ -1,0 +1,641 @@
+"""Plans: what each output file holds and which byte ranges of which sources fill it.
+
+Pure functions of the checkpoint's headers: no file is opened here, so every layout
+decision (merge into one file, split at a size, reshard) is unit-testable and a
+`--dry-run` prints exactly what a real run would write. Merge and split differ only
+in how tensors are grouped into files; each file is laid out as the reference writer
+lays it out (see `format.serialize_header`), so it is byte-for-byte what
+`safetensors.torch.save_file` would produce for the same tensors and metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
+from pathlib import Path
+
+from ..checkpoint.layers import natural_key
+from ..checkpoint.shards import Checkpoint, SourceTensor, single_file_name_for
+from ..errors import BadInputError
+from ..format import header_json
+from ..format.gc_pause import gc_paused
+from ..format.header import (
+    DTYPES,
+    LENGTH_PREFIX,
+    MAX_HEADER_SIZE,
+    TensorSpec,
+    header_excess,
+    record_maker,
+    serialize_header,
+    tensor_nbytes,
+)
+
+#: A tensor's dtype in the output: its source dtype unless the run converts it.
+DtypeFor = Callable[[SourceTensor], str]
+#: The FP8 weights a run dequantises: weight name -> how. The scale tensors (and what
+#: goes with them) are not written.
+ScalesFor = Mapping[str, "ScaleOf"]
+
+
+@dataclass(frozen=True)
+class ScaleOf:
+    """How one FP8 weight is dequantised: by `scale`'s grid, one scale per `block`,
+    the float32 products rounded to `product_dtype` before the output's dtype."""
+
+    scale: SourceTensor
+    block: tuple[int, int]
+    product_dtype: str = "F32"
+    also_dropped: tuple[str, ...] = ()  # e.g. the activation's input_scale: nothing to apply it to after
+
+
+def not_written(scales: ScalesFor) -> set[str]:
+    """The tensors a dequantisation leaves out: the scales and what goes with them."""
+    return {name for of in scales.values() for name in (of.scale.name, *of.also_dropped)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file the plan reads, and who it was when its header was read.
+
+    `stat` is what :func:`shardkit.storage.source_changed` compares after the copy:
+    (device, inode, size, mtime_ns, ctime_ns) for a local file, ("remote", ETag, size) for an
+    object; a plan run against a file that has changed since is discarded.
+    """
+
+    path: str
+    size: int
+    stat: tuple[object, ...] | None = None
+
+    def identity(self) -> dict[str, object]:
+        if self.stat is None:
+            return {"size": self.size}
+        if self.stat[0] == "remote":
+            return {"size": self.size, "etag": self.stat[1]}
+        device, inode, size, mtime_ns, ctime_ns = self.stat
+        return {"size": size, "device": device, "inode": inode, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns}
+
+
+@dataclass(frozen=True)
+class Literal:
+    """Bytes the plan itself holds (a header, padding), at `offset` of the output."""
+
+    offset: int
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """`length` bytes of `source` from `source_offset`, unchanged, at `offset` of the output."""
+
+    offset: int
+    length: int
+    source: str
+    source_offset: int
+
+
+@dataclass(frozen=True)
+class Scales:
+    """The block scales a dequantising transform multiplies by: the float32 grid
+    `grid` (block rows × blocks per row) of tensor `tensor`, `source_length` bytes at
+    `source_offset` of `source`, one scale per `block` of a weight with `columns`
+    columns (the last block of a row or column may be partial)."""
+
+    source: str
+    source_offset: int
+    source_length: int
+    tensor: str
+    grid: tuple[int, int]
+    block: tuple[int, int]
+    columns: int
+    dtype: str = "F32"  # of the scales (compressed-tensors stores them in the model's dtype)
+    product_dtype: str = "F32"  # the products are rounded to this before the output's dtype
+
+    def band_span(self, first_band: int, last_band: int) -> tuple[str, int, int]:
+        """(source, offset, length) of the scale rows of block rows first..last."""
+        row = self.grid[1] * (DTYPES[self.dtype].bits // 8)
+        return self.source, self.source_offset + first_band * row, (last_band - first_band + 1) * row
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Where a strided tensor's elements are: element (i0, i1, ...) in C order is at
+    `source_offset + (i0*stride[0] + i1*stride[1] + ...) * itemsize` of the source.
+    A torch file stores a transposed or sliced view as its whole storage plus this."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]  # in elements
+
+    def span(self, itemsize: int) -> int:
+        """Bytes from the first element's start to the last one's end."""
+        return (sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1) * itemsize
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A tensor's elements re-encoded: `source_length` bytes of `src_dtype` elements at
+    `source_offset` of `source` become `length` bytes of `dst_dtype` at `offset`.
+
+    With `gather`, the elements are not one run of source bytes but a strided view
+    (made contiguous, as `tensor.contiguous()` does); `source_length` is still what
+    they would take as one run. Either or both (gather, then cast) may apply.
+
+    What it produces (dtype, size, place) is fixed here; the bytes are made while
+    writing, a chunk at a time, by :func:`shardkit.plan.fill.fill`. The range covers whole
+    elements on both sides, so any part of it can be produced on its own.
+    """
+
+    offset: int
+    length: int
+    source: str
+    source_offset: int
+    source_length: int
+    src_dtype: str
+    dst_dtype: str
+    tensor: str
+    scales: Scales | None = None  # set: FP8 elements dequantised by these block scales
+    gather: Gather | None = None  # set: a strided view gathered into C order
+
+    def scale_span(self, first_element: int, last_element: int) -> tuple[str, int, int]:
+        """The scale bytes that elements first..last (inclusive) are multiplied by."""
+        assert self.scales is not None
+        rows = self.scales.block[0]
+        columns = self.scales.columns
+        return self.scales.band_span(first_element // columns // rows, last_element // columns // rows)
+
+
+Step = Literal | Copy | Transform
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output file as the steps that fill it, contiguous from offset 0 to `size`."""
+
+    name: str  # relative to the output folder
+    steps: tuple[Step, ...]
+    tensors: tuple[str, ...]  # in data order
+    size: int
+    header_size: int = 0  # bytes before the first tensor (length prefix + JSON)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.size - self.header_size
+
+    @property
+    def copies(self) -> tuple[Copy, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Copy))
+
+    @property
+    def transforms(self) -> tuple[Transform, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Transform))
+
+    @property
+    def literal_bytes(self) -> int:
+        return sum(s.length for s in self.steps if isinstance(s, Literal))
+
+    @cached_property
+    def starts(self) -> list[int]:
+        """Each step's output offset, for bisecting to the step that holds a byte."""
+        return [s.offset for s in self.steps]
+
+    def steps_in(self, start: int, end: int) -> Iterator[Step]:
+        """The steps that overlap bytes [start, end) of this file, in order."""
+        index = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while index < len(self.steps) and self.steps[index].offset < end:
+            step = self.steps[index]
+            if step.offset + step.length > start:
+                yield step
+            index += 1
+
+    def source_spans(self, start: int, end: int) -> Iterator[tuple[str, int, int]]:
+        """(source, offset, length) of the source bytes that bytes [start, end) are made
+        from: what to read ahead, or what a client fetches to make them."""
+        for step in self.steps_in(start, end):
+            lo, hi = max(start, step.offset) - step.offset, min(end, step.offset + step.length) - step.offset
+            if isinstance(step, Copy):
+                yield step.source, step.source_offset + lo, hi - lo
+            elif isinstance(step, Transform):
+                src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+                if step.gather is not None:  # any element may be anywhere in the view's span
+                    yield step.source, step.source_offset, step.gather.span(src)
+                    continue
+                first, last = lo // dst, -(-hi // dst)
+                yield step.source, step.source_offset + first * src, (last - first) * src
+                if step.scales is not None:
+                    yield step.scale_span(first, last - 1)
+
+    def only_copies(self, start: int, end: int) -> bool:
+        """Whether bytes [start, end) are plain copies, which a fast path may move by itself."""
+        return all(isinstance(s, Copy) for s in self.steps_in(start, end))
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """A non-weight file (config, tokenizer, README, ...) copied as is, or, when `data`
+    is set, written with that content (a config.json whose dtype was changed)."""
+
+    source: Path
+    name: str
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run writes: weight files, then companion files, then the index.
+
+    Self-contained: `sources` names every file read with the identity it had when its
+    header was read, so a plan can be printed, compared, dumped and executed without
+    the checkpoint it came from.
+    """
+
+    files: tuple[PlannedFile, ...]
+    index_name: str | None = None
+    index: Mapping[str, object] | None = None
+    copies: tuple[FileCopy, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+    sources: tuple[Source, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(f.tensors) for f in self.files)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """Every file written, in the order it is written (an index never names a shard
+        that is not there yet)."""
+        names = [f.name for f in self.files] + [c.name for c in self.copies]
+        return tuple(names + ([self.index_name] if self.index_name else []))
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as JSON-ready data: literal bytes in base64, nothing left out."""
+        return {
+            "sources": [{"path": s.path, **s.identity()} for s in self.sources],
+            "writes": list(self.writes),
+            "files": [
+                {
+                    "name": f.name, "size": f.size, "header_size": f.header_size, "tensors": list(f.tensors),
+                    "steps": [_step_dict(s) for s in f.steps],
+                }
+                for f in self.files
+            ],
+            "index_name": self.index_name,
+            "index": self.index,
+            "copies": [
+                {"name": c.name, "source": str(c.source), **({"rewritten": True} if c.data is not None else {})}
+                for c in self.copies
+            ],
+        }
+
+
+def _step_dict(step: Step) -> dict[str, object]:
+    if isinstance(step, Literal):
+        return {"kind": "literal", "offset": step.offset, "length": step.length,
+                "data_base64": base64.b64encode(step.data).decode("ascii")}
+    kind = "copy" if isinstance(step, Copy) else "transform"
+    return {"kind": kind, **dataclasses.asdict(step)}
+
+
+def check_planned_file(planned: PlannedFile) -> None:
+    """Raise ValueError unless the steps tile the file exactly and each is well formed:
+    contiguous from 0 to `size`, none empty, transforms whole elements on both sides."""
+    position = 0
+    for number, step in enumerate(planned.steps):
+        where = f"{planned.name}: step {number}"
+        if step.offset != position:
+            raise ValueError(f"{where} starts at {step.offset}, expected {position}")
+        if step.length <= 0:
+            raise ValueError(f"{where} is empty")
+        if isinstance(step, Transform):
+            src, dst = DTYPES[step.src_dtype].bits, DTYPES[step.dst_dtype].bits
+            elements = step.source_length * 8 // src
+            if step.source_length * 8 % src or step.length * 8 % dst or elements != step.length * 8 // dst:
+                raise ValueError(f"{where} does not map whole {step.src_dtype} elements to {step.dst_dtype}")
+        position += step.length
+    if position != planned.size:
+        raise ValueError(f"{planned.name}: steps end at {position}, the file is {planned.size} bytes")
+
+
+def merged_metadata(checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
+    """Union of the shards' `__metadata__`, with `format: pt` ensured.
+
+    transformers refuses a file whose metadata lacks `format`; a key with different
+    values in different shards keeps the first shard's value and is reported.
+    """
+    metadata: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    warnings: list[str] = []
+    for shard in checkpoint.shards:
+        for key, value in (shard.metadata or {}).items():
+            if key in metadata and metadata[key] != value:
+                warnings.append(
+                    f"metadata {key!r} differs between shards: {metadata[key]!r} in {origin[key]}, "
+                    f"{value!r} in {Path(shard.path).name}; keeping {metadata[key]!r}"
+                )
+            elif key not in metadata:
+                metadata[key] = value
+                origin[key] = Path(shard.path).name
+    metadata.setdefault("format", "pt")
+    if metadata["format"] != "pt":
+        warnings.append(f"metadata format is {metadata['format']!r}, not 'pt'; kept as is")
+    return metadata, warnings
+
+
+def plan_file(
+    name: str,
+    tensors: Iterable[SourceTensor],
+    metadata: Mapping[str, str] | None,
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
+) -> PlannedFile:
+    """Lay out one file: its header as a literal, then each tensor as a copy (adjacent
+    copies coalesced) or, where `dtype_for` changes its dtype, as a transform; a weight
+    in `scales` is dequantised by its scale tensor, which is left out."""
+    scales = scales or {}
+    dropped = not_written(scales)
+    by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
+    if dtype_for is None:
+        infos = map(_INFO, by_name.values())
+        specs: Iterable[TensorSpec] = map(
+            _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info in infos)
+        )
+    else:
+        dtypes = {n: dtype_for(t) for n, t in by_name.items()}
+        specs = (TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items())
+    header, placed = serialize_header(specs, metadata)
+    refuse_oversized_header(name, header, metadata or {}, len(placed))
+    steps: list[Step] = [Literal(0, header)]
+    for spec, offset in placed:
+        source = by_name[spec.name]
+        dest = len(header) + offset
+        if spec.nbytes == 0:
+            continue
+        if not source.pieces:
+            _add_steps(steps, source, dest, spec.dtype, spec.nbytes, _scales(source, scales.get(spec.name)))
+            continue
+        if spec.name in scales:
+            raise BadInputError(f"{spec.name}: a fused tensor cannot be dequantised by block scales")
+        for piece in source.pieces:  # a recipe's fuse or swap: each piece copied (or cast) in turn
+            nbytes = _output_nbytes(piece, spec.dtype)
+            _add_steps(steps, piece, dest, spec.dtype, nbytes, None)
+            dest += nbytes
+    data = sum(spec.nbytes for spec, _ in placed)
+    if not header:
+        steps.pop(0)
+    return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
+
+
+def _add_steps(
+    steps: list[Step], source: SourceTensor, dest: int, dtype: str, nbytes: int, scale: Scales | None
+) -> None:
+    """The step(s) that put one contiguous source tensor at `dest`: a copy, coalesced
+    with the copy before it when the bytes follow on in the same file, or a transform."""
+    if dtype != source.info.dtype or source.view is not None:
+        steps.append(tensor_transform(source, dest, dtype, nbytes, scale))
+        return
+    last = steps[-1] if steps else None
+    if (
+        isinstance(last, Copy)
+        and last.source == source.shard.path
+        and last.source_offset + last.length == source.offset
+        and last.offset + last.length == dest
+    ):
+        steps[-1] = Copy(last.offset, last.length + nbytes, last.source, last.source_offset)
+    else:
+        steps.append(Copy(dest, nbytes, source.shard.path, source.offset))
+
+
+def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:
+    if of is None:
+        return None
+    scale = of.scale
+    rows, columns = weight.info.shape[-2:]
+    grid = (-(-rows // of.block[0]), -(-columns // of.block[1]))
+    return Scales(
+        scale.shard.path, scale.offset, scale.info.nbytes, scale.name, grid, of.block, columns,
+        scale.info.dtype, of.product_dtype,
+    )
+
+
+def tensor_transform(
+    source: SourceTensor, offset: int, dtype: str, nbytes: int, scales: Scales | None = None
+) -> Transform:
+    """The step that makes `source` contiguous in `dtype` (`nbytes` of it) at `offset`,
+    dequantised by `scales` when given."""
+    view = source.view
+    gather = Gather(view.shape, view.stride) if view is not None else None
+    if gather is not None and scales is not None:
+        raise BadInputError(
+            f"{source.name}: a strided FP8 view with block scales cannot be dequantised; save it contiguous first"
+        )
+    return Transform(
+        offset, nbytes, source.shard.path, source.offset, source.info.nbytes, source.info.dtype, dtype,
+        source.name, scales, gather,
+    )
+
+
+_make_spec = record_maker(TensorSpec)
+_INFO = attrgetter("info")
+
+
+def _output_nbytes(tensor: SourceTensor, dtype: str) -> int:
+    return tensor.info.nbytes if dtype == tensor.info.dtype else tensor_nbytes(dtype, tensor.info.shape)
+
+
+def plan_sources(checkpoint: Checkpoint) -> tuple[Source, ...]:
+    return tuple(Source(h.path, h.file_size, h.stat) for h in checkpoint.shards)
+
+
+def tied_warnings(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """One line per torch file whose tied tensors are written once (see
+    :mod:`shardkit.format.torch_checkpoint`): which names were dropped for which."""
+    lines = []
+    for shard in checkpoint.shards:
+        dropped = getattr(shard, "dropped", None)
+        if dropped:
+            pairs = ", ".join(f"{name} (= {kept})" for name, kept in sorted(dropped.items()))
+            lines.append(
+                f"{Path(shard.path).name}: {len(dropped)} tied tensor name(s) share a storage with a kept "
+                f"tensor and are written once, recorded in the file's metadata as the Hub converter does: {pairs}"
+            )
+    return tuple(lines)
+
+
+def plan_convert(
+    checkpoint: Checkpoint,
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
+) -> Plan:
+    """The folder the Hub's converter makes of a `.bin` checkpoint: one safetensors file
+    per source file with the same tensors and metadata (`pytorch_model-00001-of-00002.bin`
+    → `model-00001-of-00002.safetensors`), and for several an index
+    `model.safetensors.index.json` keeping the source index's metadata."""
+    from ..format.torch_checkpoint import safetensors_name
+
+    by_shard: dict[str, list[SourceTensor]] = {}
+    for tensor in checkpoint.tensors.values():
+        by_shard.setdefault(tensor.shard.path, []).append(tensor)
+    files = tuple(
+        plan_file(safetensors_name(Path(shard.path).name), by_shard.get(shard.path, []),
+                  {"format": "pt", **(shard.metadata or {})}, dtype_for, scales)
+        for shard in checkpoint.shards
+    )
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"{checkpoint.root}: two source files would convert to the same name ({names})")
+    index_name = index = None
+    if len(files) > 1:
+        single = single_file_name_for(checkpoint.index_path.name) if checkpoint.index_path else "model.safetensors"
+        index_name = f"{single}.index.json"
+        index = _hub_index(checkpoint, files)
+    warnings = tuple(checkpoint.warnings) + tied_warnings(checkpoint)
+    return Plan(files, index_name, index, tuple(copies), warnings, plan_sources(checkpoint))
+
+
+
+
+@gc_paused()  # a million tensors' steps and specs: no cycles, nothing for the collector
+def plan_merge(
+    checkpoint: Checkpoint,
+    file_name: str,
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
+) -> Plan:
+    """Every tensor into one file called `file_name`."""
+    metadata, warnings = merged_metadata(checkpoint)
+    planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
+    return Plan(
+        (planned,), copies=tuple(copies),
+        warnings=checkpoint.notes + checkpoint.warnings + tuple(warnings) + tied_warnings(checkpoint),
+        sources=plan_sources(checkpoint),
+    )
+
+
+def refuse_oversized_header(name: str, header: bytes, metadata: Mapping[str, str], tensors: int) -> None:
+    """Refuse, before anything is written, a header over the format's limit, naming the
+    metadata keys that make it so: the fewest largest keys whose removal brings it
+    under, and every other key of 1 MB or more. Shards that are each valid can carry
+    metadata whose union (which merge and split copy into every output file) is not."""
+    excess = header_excess(header)
+    if not excess:
+        return
+    sizes = sorted(
+        ((len(header_json.dumps_compact({key: value}).encode()) - 1, key) for key, value in metadata.items()),
+        reverse=True,
+    )
+    culprits: list[str] = []
+    freed = 0
+    for size, key in sizes:
+        if freed >= excess and size < _LARGE_METADATA:
+            break
+        culprits.append(f"{key!r} ({size:,} bytes)")
+        freed += size
+    over = (
+        f"{name}: its header would be {len(header) - LENGTH_PREFIX:,} bytes, "
+        f"over the format's {MAX_HEADER_SIZE:,}-byte limit"
+    )
+    if freed < excess:
+        raise BadInputError(
+            f"{over}: {tensors:,} tensors are too many for one header; spread them over more files "
+            "(a smaller --max-shard-size)"
+        )
+    shown = ", ".join(culprits[:10]) + (f" and {len(culprits) - 10} more" if len(culprits) > 10 else "")
+    raise BadInputError(
+        f"{over}, so no reader could open it; the metadata that makes it too large: {shown}; "
+        "remove or shorten these keys in the sources' __metadata__"
+    )
+
+
+#: A metadata value this large is named when a header is over the limit, even if
+#: removing the larger ones alone would do.
+_LARGE_METADATA = 1_000_000
+
+
+def group_into_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """huggingface_hub's packing (`split_state_dict_into_shards_factory`), exactly.
+
+    Tensors are taken in the given order and added to the current shard until the
+    next one would tip it over `max_shard_size`; a tensor bigger than the limit gets
+    a shard of its own, placed before the shard being filled.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name, size in sizes:
+        if size > max_shard_size:
+            shards.append([name])
+            continue
+        if current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(prefix: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+@gc_paused()
+def plan_split(
+    checkpoint: Checkpoint,
+    max_shard_size: int,
+    prefix: str = "model",
+    copies: Sequence[FileCopy] = (),
+    dtype_for: DtypeFor | None = None,
+    scales: ScalesFor | None = None,
+) -> Plan:
+    """Shards of at most `max_shard_size` data bytes plus a Hugging Face index.
+
+    Tensors are packed in natural name order, so the grouping depends only on the
+    tensors, never on how the source happened to be sharded: splitting a merge of a
+    split reproduces that split. One shard means `{prefix}.safetensors` and no index.
+    Shards are packed by the tensors' output sizes, so a conversion packs as
+    `save_pretrained` of the converted model would.
+    """
+    metadata, warnings = merged_metadata(checkpoint)
+    dropped = not_written(scales or {})
+    order = sorted(
+        (t for t in checkpoint.tensors.values() if t.name not in dropped), key=lambda t: natural_key(t.name)
+    )
+    sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
+    groups = group_into_shards(sizes, max_shard_size)
+    if not groups:
+        groups = [[]]
+    names = shard_file_names(prefix, len(groups))
+    files = tuple(
+        plan_file(name, (checkpoint.tensors[t] for t in group), metadata, dtype_for, scales)
+        for name, group in zip(names, groups)
+    )
+    index_name = index = None
+    if len(files) > 1:
+        index_name = f"{prefix}.safetensors.index.json"
+        index = _hub_index(checkpoint, files)
+    warnings = [*checkpoint.notes, *checkpoint.warnings, *warnings, *tied_warnings(checkpoint)]
+    return Plan(files, index_name, index, tuple(copies), tuple(warnings), plan_sources(checkpoint))
+
+
+def _hub_index(checkpoint: Checkpoint, files: Sequence[PlannedFile]) -> dict[str, object]:
+    """A Hugging Face index of `files`: the source index's metadata, total_size recounted."""
+    metadata = {k: v for k, v in checkpoint.index_metadata.items() if k != "total_size"}
+    metadata["total_size"] = sum(f.data_bytes for f in files)
+    weight_map = {t: f.name for f in files for t in f.tensors}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}

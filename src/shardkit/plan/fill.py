@@ -1,0 +1,271 @@
+"""The one function that produces any byte range of a planned file from its steps.
+
+Every executor calls :func:`fill` for whatever it cannot move by itself: the local
+block writer for every block, the kernel copy and the S3 executors for every range
+that is not a plain copy (headers, converted tensors). So what a literal, a copy and a
+transform mean is written once, here, and replaying a plan on bytes in memory (the
+tests do) exercises the same code that writes to disk.
+
+Sources are read through a `read(source, offset, into)` callback that fills `into`
+exactly, so the same function serves file descriptors and ranged GETs. A transform
+reads its source a bounded chunk at a time (:data:`SCRATCH` bytes per thread), so
+converting a multi-GB tensor needs no more memory than copying it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..format.dtype_cast import CastStats, cast_into, cast_parallel
+from ..format.header import DTYPES
+from .files import Copy, Literal, PlannedFile, Transform
+
+#: `read(source, offset, into)`: fill `into` with the bytes of `source` from `offset`.
+Read = Callable[[str, int, memoryview], None]
+
+#: Source bytes converted per cast call; one such buffer per thread that fills.
+SCRATCH = 4 * 1024 * 1024
+#: Chunk of the output produced per job by :func:`ordered_chunks`.
+CHUNK = 8 * 1024 * 1024
+
+_scratch = threading.local()
+
+
+def fill(planned: PlannedFile, start: int, out: memoryview, read: Read, *, workers: int = 1) -> dict[str, CastStats]:
+    """Write bytes [start, start + len(out)) of `planned` into `out`.
+
+    Returns the cast statistics (overflow, underflow, NaN counts) of the
+    transformed elements this range produced, by tensor. An element cut by the range's
+    edges is converted whole and counted only by the range holding its first byte, so
+    ranges that tile a file count every element once. `workers` threads convert each
+    chunk (the conversion releases the GIL).
+    """
+    end = start + len(out)
+    stats: dict[str, CastStats] = {}
+    for step in planned.steps_in(start, end):
+        lo, hi = max(start, step.offset), min(end, step.offset + step.length)
+        target = out[lo - start : hi - start]
+        into = lo - step.offset
+        if isinstance(step, Copy):
+            read(step.source, step.source_offset + into, target)
+        elif isinstance(step, Literal):
+            target[:] = step.data[into : into + len(target)]
+        else:
+            counted = _transform(step, into, target, read, workers)
+            if counted is not None:
+                stats[step.tensor] = stats[step.tensor] + counted if step.tensor in stats else counted
+    return stats
+
+
+def _transform(step: Transform, into: int, target: memoryview, read: Read, workers: int) -> CastStats | None:
+    """Bytes [into, into + len(target)) of a transform's output."""
+    if step.gather is not None:
+        return _gathered(step, into, target, read)
+    src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+    produce = _dequantiser(step, read) if step.scales is not None else _caster(step, read, workers)
+    # a dequantised element passes through float32 scratch: 4 bytes of it per element
+    most = SCRATCH // (4 if step.scales is not None else src_size)
+    total: CastStats | None = None
+    position, end = into, into + len(target)
+    while position < end:
+        element, cut = divmod(position, dst_size)
+        if cut or end - position < dst_size:  # an edge element: convert it whole, keep the part in range
+            take = min(dst_size - cut, end - position)
+            whole = bytearray(dst_size)
+            edge = produce(element, 1, memoryview(whole))
+            target[position - into : position - into + take] = whole[cut : cut + take]
+            counted = None if cut else edge
+        else:
+            count = min((end - position) // dst_size, most)
+            take = count * dst_size
+            counted = produce(element, count, target[position - into : position - into + take])
+        if counted is not None:
+            total = counted if total is None else total + counted
+        position += take
+    return total
+
+
+#: `produce(first_element, count, out)`: write `count` output elements into `out`.
+Produce = Callable[[int, int, memoryview], CastStats]
+
+
+def _caster(step: Transform, read: Read, workers: int) -> Produce:
+    src_size = DTYPES[step.src_dtype].bits // 8
+
+    def produce(element: int, count: int, out: memoryview) -> CastStats:
+        source = _scratch_buffer()[: count * src_size]
+        read(step.source, step.source_offset + element * src_size, source)
+        if workers > 1:
+            return cast_parallel(source, step.src_dtype, step.dst_dtype, out, workers)
+        return cast_into(source, step.src_dtype, step.dst_dtype, out)
+
+    return produce
+
+
+def _dequantiser(step: Transform, read: Read) -> Produce:
+    """FP8 codes times their block's scale in float32 (:mod:`shardkit.format.fp8`), then the
+    float32 products cast to the output dtype as any float32 tensor is."""
+    import numpy as np
+
+    from ..format.fp8 import dequantise_into, widen
+
+    scales = step.scales
+    assert scales is not None
+
+    def produce(element: int, count: int, out: memoryview) -> CastStats:
+        codes = _scratch_buffer()[:count]
+        read(step.source, step.source_offset + element, codes)
+        source, offset, length = step.scale_span(element, element + count - 1)
+        grid = bytearray(length)
+        read(source, offset, memoryview(grid))
+        rows = widen(grid, scales.dtype).reshape(-1, scales.grid[1])
+        products = _products_buffer()[: count * 4]
+        first_band = element // scales.columns // scales.block[0]
+        dequantise_into(
+            np.frombuffer(codes, np.uint8), element, scales.columns, scales.block, rows, first_band,
+            np.frombuffer(products, np.float32),
+        )
+        if scales.product_dtype == "F32":
+            return cast_into(products, "F32", step.dst_dtype, out)
+        # compressed-tensors multiplies in the scale's dtype: torch rounds the (exact)
+        # float32 product to it, and only then is the result cast to the output's dtype
+        rounded = memoryview(bytearray(count * DTYPES[scales.product_dtype].bits // 8))
+        cast_into(products, "F32", scales.product_dtype, rounded)
+        return cast_into(rounded, scales.product_dtype, step.dst_dtype, out)
+
+    return produce
+
+
+def _products_buffer() -> memoryview:
+    buffer = getattr(_scratch, "products", None)
+    if buffer is None:
+        buffer = _scratch.products = memoryview(bytearray(SCRATCH))
+    return buffer
+
+
+#: Elements of a strided view gathered per round: bounds the index arrays (8 bytes each).
+GATHER_ELEMENTS = 256 * 1024
+
+
+def _gathered(step: Transform, into: int, target: memoryview, read: Read) -> CastStats | None:
+    """Bytes [into, into + len(target)) of a strided view made contiguous (then cast
+    when the dtypes differ), a bounded number of elements at a time."""
+    src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+    end = into + len(target)
+    first, last = into // dst_size, -(-end // dst_size)
+    total: CastStats | None = None
+    for lo in range(first, last, GATHER_ELEMENTS):
+        count = min(last, lo + GATHER_ELEMENTS) - lo
+        elements = bytearray(count * src_size)
+        _gather(step, lo, count, memoryview(elements), read)
+        produced = memoryview(elements)
+        if step.src_dtype != step.dst_dtype:
+            produced = memoryview(bytearray(count * dst_size))
+            cut = 1 if lo == first and into % dst_size else 0  # counted by the range holding its first byte
+            cast_into(memoryview(elements)[: cut * src_size], step.src_dtype, step.dst_dtype,
+                                 produced[: cut * dst_size])
+            counted = cast_into(memoryview(elements)[cut * src_size :], step.src_dtype, step.dst_dtype,
+                                           produced[cut * dst_size :])
+            total = counted if total is None else total + counted
+        a, b = max(into, lo * dst_size), min(end, (lo + count) * dst_size)
+        target[a - into : b - into] = produced[a - lo * dst_size : b - lo * dst_size]
+    return total
+
+
+def _gather(step: Transform, first: int, count: int, into: memoryview, read: Read) -> None:
+    """Elements [first, first + count) (C order) of the view into `into`: their source
+    places are computed, sorted, and read a scratch window at a time."""
+    import numpy as np
+
+    assert step.gather is not None
+    itemsize = DTYPES[step.src_dtype].bits // 8
+    index = np.arange(first, first + count, dtype=np.int64)
+    places = np.zeros(count, dtype=np.int64)
+    for size, stride in zip(reversed(step.gather.shape), reversed(step.gather.stride)):
+        index, digit = np.divmod(index, size)
+        places += digit * stride
+    order = np.argsort(places, kind="stable")
+    ordered = places[order]
+    out = np.frombuffer(into, dtype=np.uint8).reshape(count, itemsize)
+    scratch = _scratch_buffer()
+    window = len(scratch) // itemsize
+    done = 0
+    while done < count:
+        low = int(ordered[done])
+        stop = int(np.searchsorted(ordered, low + window, side="left"))
+        span = int(ordered[stop - 1]) - low + 1
+        buffer = scratch[: span * itemsize]
+        read(step.source, step.source_offset + low * itemsize, buffer)
+        source = np.frombuffer(buffer, dtype=np.uint8).reshape(span, itemsize)
+        out[order[done:stop]] = source[ordered[done:stop] - low]
+        done = stop
+
+
+def _scratch_buffer() -> memoryview:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = memoryview(bytearray(SCRATCH))
+    return buffer
+
+
+class CastLog:
+    """Cast statistics by tensor, summed over the ranges (and threads) that produced them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_tensor: dict[str, CastStats] = {}
+
+    def add(self, stats: Mapping[str, CastStats]) -> None:
+        if not stats:
+            return
+        with self._lock:
+            for name, counted in stats.items():
+                known = self.by_tensor.get(name)
+                self.by_tensor[name] = counted if known is None else known + counted
+
+
+def ordered_chunks(
+    planned: PlannedFile,
+    read: Read,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    chunk: int = CHUNK,
+    workers: int = 8,
+    max_buffered: int = 8 * CHUNK,
+    log: CastLog | None = None,
+) -> Iterator[bytes]:
+    """Bytes [start, end) of `planned` in order, `chunk` at a time, filled `workers` at once.
+
+    Remote sources are fast only with several reads in flight and conversions want
+    every core, while writers (a hashed file, a multipart upload) consume in order:
+    at most `max_buffered` bytes are filled ahead of the consumer.
+    """
+    end = planned.size if end is None else end
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardkit-fill")
+    pending: deque[Future[bytes]] = deque()
+
+    def job(offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        stats = fill(planned, offset, memoryview(buffer), read)
+        if log is not None:
+            log.add(stats)
+        return buffer  # type: ignore[return-value]
+
+    try:
+        in_flight = 0
+        for offset in range(start, end, chunk):
+            length = min(chunk, end - offset)
+            while pending and in_flight + length > max_buffered:
+                ready = pending.popleft().result()
+                in_flight -= len(ready)
+                yield ready
+            pending.append(pool.submit(job, offset, length))
+            in_flight += length
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
