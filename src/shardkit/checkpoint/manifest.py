@@ -11,6 +11,7 @@ apart by their first character and also accepts `shardkit checksum --json` repor
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def names_files_of(path: object, suffixes: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
-def read_manifest(path: str | Path) -> Manifest:
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Parse either kind of manifest; anything else is a BadInputError naming the line."""
     path = Path(path)
     try:

@@ -143,7 +143,9 @@ def file_checksums(
     and sorted by that name: the weight files, the index, and the files a merge
     copies (:func:`~shardkit.checkpoint.manifest.companions`; `exclude`, the manifest
     being written, is not among them)."""
-    files = {manifest_name(storage.lookup(h.path), checkpoint.root): storage.lookup(h.path) for h in checkpoint.shards}
+    files: dict[str, storage.Location] = {
+        manifest_name(storage.lookup(h.path), checkpoint.root): storage.lookup(h.path) for h in checkpoint.shards
+    }
     if checkpoint.index_path is not None:
         files[manifest_name(checkpoint.index_path, checkpoint.root)] = checkpoint.index_path
     for path, relative in companions(checkpoint):

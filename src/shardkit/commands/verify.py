@@ -112,7 +112,7 @@ class VerifyReport(JsonReport):
 
 
 def verify(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | storage.Location,
     *,
     checksums: str | os.PathLike[str] | Manifest | None = None,
     against: str | os.PathLike[str] | None = None,
@@ -167,7 +167,7 @@ def verify(
     started = time.perf_counter()
     path = storage.as_path(path, endpoint_url=endpoint_url)
     if not path.exists():
-        raise PathNotFoundError(path, layouts.missing_path(path))  # type: ignore[arg-type]
+        raise PathNotFoundError(path, layouts.missing_path(path))
     if isinstance(path, Path) and path.is_dir():
         check_folder_readable(path)  # else it looks empty, or its config.json unreadable
     pipeline = find_pipeline(path, allow_unindexed=allow_unindexed)
@@ -223,7 +223,7 @@ def verify(
     )
 
 
-def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+def weight_files(path: storage.Location) -> tuple[list[storage.Location], list[storage.Location]]:
     """The `.safetensors` files to check at `path`, and the index files found.
 
     A folder contributes every top-level `.safetensors` file and every shard its
@@ -246,7 +246,7 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     return sorted(files), indexes
 
 
-def _index_shards(index: Path) -> set[Path]:
+def _index_shards(index: storage.Location) -> set[storage.Location]:
     """Existing shard files an index names; a broken index is reported by the cross-checks,
     but one nested deeper than any JSON reader goes is refused outright (exit 2)."""
     try:
@@ -280,7 +280,7 @@ def hf_installed() -> bool:
 
 
 def _architecture_config(
-    path: Path, config: str | os.PathLike[str] | None, architecture: bool | None
+    path: storage.Location, config: str | os.PathLike[str] | None, architecture: bool | None
 ) -> tuple[Path | None, str | None]:
     """Which config.json to check against (or None), and a note if the check is skipped."""
     if architecture is False:
@@ -311,13 +311,14 @@ def _architecture_config(
             f"architecture check skipped: {found} needs transformers and torch; {INSTALL_HINT} to check "
             "tensor names and shapes against it"
         )
+    assert isinstance(found, Path)  # a remote one returned above
     return found, None
 
 
 class _Run:
     """The problems, notes and counters of one verification."""
 
-    def __init__(self, path: Path, strict: bool, allow_unindexed: bool = False) -> None:
+    def __init__(self, path: storage.Location, strict: bool, allow_unindexed: bool = False) -> None:
         self.path = path
         self.strict = strict
         self.allow_unindexed = allow_unindexed
@@ -335,7 +336,7 @@ class _Run:
 
     # ------------------------------------------------------------------ headers
 
-    def check_files(self, files: list[Path]) -> dict[Path, Header]:
+    def check_files(self, files: list[storage.Location]) -> dict[storage.Location, Header]:
         """Every format rule, file by file."""
         self.checks.append("format")
         headers = {}
@@ -411,7 +412,7 @@ class _Run:
 
     def check_bytes(
         self,
-        files: list[Path],
+        files: list[storage.Location],
         checkpoint: Checkpoint | None,
         manifest: Manifest | None,
         reference: Checkpoint | None,
@@ -419,11 +420,11 @@ class _Run:
     ) -> None:
         """Hub blob names, checksum manifest and `against`: one read of each file for the
         hashes, then the tensor-by-tensor comparison."""
-        blobs = [blob for blob in map(hub_blob, files) if blob is not None]
+        blobs = [blob for blob in (hub_blob(f) for f in files if isinstance(f, Path)) if blob is not None]
         reads = _Reads()
         for blob in blobs:
             reads.whole(blob.path)
-        expected_files: dict[Path, str] = {}
+        expected_files: dict[storage.Location, str] = {}
         if manifest is not None and manifest.kind == "files":
             expected_files = self._plan_file_manifest(manifest, files, checkpoint, reads)
         tensor_manifest = manifest if manifest is not None and manifest.kind == "tensors" else None
@@ -456,8 +457,8 @@ class _Run:
             self._compare(checkpoint, reference, on_bytes)
 
     def _plan_file_manifest(
-        self, manifest: Manifest, files: list[Path], checkpoint: Checkpoint | None, reads: _Reads
-    ) -> dict[Path, str]:
+        self, manifest: Manifest, files: list[storage.Location], checkpoint: Checkpoint | None, reads: _Reads
+    ) -> dict[storage.Location, str]:
         base = self.path if self.path.is_dir() else self.path.parent
         expected = {}
         for name, digest in manifest.files.items():
@@ -478,7 +479,7 @@ class _Run:
                 )
         return expected
 
-    def _hash(self, reads: _Reads, on_bytes: Callable[[int], None] | None) -> dict[Path, _Digest]:
+    def _hash(self, reads: _Reads, on_bytes: Callable[[int], None] | None) -> dict[storage.Location, _Digest]:
         digests = {}
         with Streamer() as streamer:
             for file, (whole, header) in sorted(reads.files.items()):
@@ -493,7 +494,7 @@ class _Run:
                 digests[file] = _Digest(result.file, tensors)  # keyed by resolved path
         return digests
 
-    def _check_blob(self, blob: HubBlob, digests: dict[Path, _Digest]) -> None:
+    def _check_blob(self, blob: HubBlob, digests: dict[storage.Location, _Digest]) -> None:
         actual = digests.get(blob.path.resolve())
         if actual is None or actual.file is None:
             return
@@ -505,12 +506,16 @@ class _Run:
                 blob.path,
             )
 
-    def _check_digest(self, file: Path, expected: str, digests: dict[Path, _Digest], manifest: str) -> None:
+    def _check_digest(
+        self, file: storage.Location, expected: str, digests: dict[storage.Location, _Digest], manifest: str
+    ) -> None:
         actual = digests.get(file.resolve())
         if actual is not None and actual.file != expected:
             self.problem("checksums", f"SHA-256 is {actual.file} but {manifest} says {expected}", file)
 
-    def _check_tensor_manifest(self, manifest: Manifest, checkpoint: Checkpoint, digests: dict[Path, _Digest]) -> None:
+    def _check_tensor_manifest(
+        self, manifest: Manifest, checkpoint: Checkpoint, digests: dict[storage.Location, _Digest]
+    ) -> None:
         for name, want in manifest.tensors.items():
             source = checkpoint.tensors.get(name)
             if source is None:
@@ -603,9 +608,9 @@ class _Reads:
     Keyed by resolved path, so a file reached under two names is still read once."""
 
     def __init__(self) -> None:
-        self.files: dict[Path, tuple[bool, Header | None]] = {}
+        self.files: dict[storage.Location, tuple[bool, Header | None]] = {}
 
-    def whole(self, file: Path) -> None:
+    def whole(self, file: storage.Location) -> None:
         file = file.resolve()
         _, header = self.files.get(file, (True, None))
         self.files[file] = (True, header)
@@ -625,7 +630,7 @@ class _Reads:
         return total
 
 
-def _listed_as(file: Path, base: Path) -> str:
+def _listed_as(file: storage.Location, base: storage.Location) -> str:
     """How the manifest would name `file`, when that is more than the file name already shown."""
     name = manifest_name(file, base)
     return f" (as {name})" if name != file.name else ""

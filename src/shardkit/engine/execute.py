@@ -328,16 +328,19 @@ def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
         _write_text(staged / checksum_file_name(plan), format_file_manifest(sums))
 
 
-def write_checksum_beside(dest: Path, written: WrittenFile, *, force: bool = True) -> Path:
+def write_checksum_beside(dest: storage.Location, written: WrittenFile, *, force: bool = True) -> storage.Location:
     """`model.safetensors.sha256` next to a single-file output, atomically; without
     `force` it never replaces one that appeared meanwhile."""
     path = dest.with_name(dest.name + ".sha256")
     assert written.sha256 is not None, "only a hashed output has a checksum file"
     manifest = format_file_manifest([(dest.name, written.sha256)])
-    if storage.is_remote(path):
+    if not isinstance(path, Path):
+        from ..storage.s3 import S3Path
         from .execute_s3 import put_bytes
 
-        put_bytes(path, manifest.encode())  # type: ignore[arg-type]
+        if not isinstance(path, S3Path):  # as_path(output=True) refused the others already
+            raise OutputError(f"{path}: cannot write there; outputs go to a local path or an s3:// URL")
+        put_bytes(path, manifest.encode())
         return path
     staged = atomic.temp_name(path)
     try:

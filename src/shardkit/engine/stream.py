@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ..storage.location import RangeReader
+from ..storage.location import Location, RangeReader
 from .hashing import Digests, RangeHashers, Streamer
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def ordered_reads(
 
 def digest_file(
     streamer: Streamer,
-    path: str | os.PathLike[str] | RemotePath,
+    path: str | os.PathLike[str] | Location,
     *,
     whole: bool = True,
     ranges: Sequence[tuple[int, int]] = (),
