@@ -20,7 +20,7 @@ _DIGITS = re.compile(r"(\d+)")
 
 def natural_key(name: str) -> list[object]:
     """`model.layers.2.x` before `model.layers.10.x`: digits compare as numbers."""
-    parts: list[object] = _DIGITS.split(name)  # type: ignore[assignment]
+    parts: list[object] = _DIGITS.split(name)
     parts[1::2] = map(int, parts[1::2])  # type: ignore[arg-type]
     return parts
 

@@ -83,7 +83,7 @@ DTYPES: Mapping[str, DType] = _dtypes(
 def record_maker(cls: type[T]) -> Callable[[tuple[object, ...]], T]:
     """`make(fields)` builds the named tuple `cls` from a tuple of its fields in C: the
     generated `cls(...)` is a Python call per record, which a million tensors notice."""
-    return partial(tuple.__new__, cls)  # type: ignore[arg-type]
+    return partial(tuple.__new__, cls)
 
 
 T = TypeVar("T", bound=tuple)
