@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from .. import storage
 from ..checkpoint.shards import open_checkpoint
 from ..plan.files import plan_convert, plan_merge
-from ..plan.recipe import apply_recipe, load_recipe
-from ..plan.selection import apply_selection, parse_selection
+from ..plan.recipe import load_recipe
+from ..plan.selection import parse_selection
 from ..reports import ConvertReport
-from .writing import ProgressCallback, companion_copies, dtype_choice, run_plan
+from .writing import ProgressCallback, companion_copies, reshape, run_plan
 
 
 def convert(
@@ -64,9 +64,8 @@ def convert(
     recut = load_recipe(recipe) if recipe is not None else None
     source_path = storage.as_path(source, endpoint_url=endpoint_url)
     output_path = storage.as_path(output, endpoint_url=endpoint_url, output=True)
-    selected = apply_selection(open_checkpoint(source_path), selection)
-    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
-    dtypes = dtype_choice(checkpoint, dtype, keep)
+    selected, dtypes = reshape(open_checkpoint(source_path), selection, recut, dtype, keep)
+    checkpoint = selected.checkpoint
     as_folder = not output_path.name.endswith(".safetensors")
     scales = dtypes.scales if dtypes else None
     if as_folder:

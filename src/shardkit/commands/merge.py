@@ -14,14 +14,14 @@ from ..format.torch_checkpoint import is_torch_file, safetensors_name
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
 from ..plan.files import plan_merge
-from ..plan.recipe import apply_recipe, load_recipe
-from ..plan.selection import apply_selection, parse_selection
+from ..plan.recipe import load_recipe
+from ..plan.selection import parse_selection
 from ..reports import MergeReport
 from .writing import (
     ProgressCallback,
     companion_copies,
-    dtype_choice,
     refuse_selection_of_pipeline,
+    reshape,
     run_plan,
     whole_run_seconds,
 )
@@ -121,9 +121,8 @@ def merge(
             verify=verify, progress=progress,
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
-    selected = apply_selection(opened, selection)
-    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
-    dtypes = dtype_choice(checkpoint, dtype, keep)
+    selected, dtypes = reshape(opened, selection, recut, dtype, keep)
+    checkpoint = selected.checkpoint
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)
     with output_path.parents_created(destination, enabled=not dry_run):

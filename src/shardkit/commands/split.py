@@ -21,15 +21,15 @@ from ..errors import BadInputError
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
 from ..plan.files import plan_split
-from ..plan.recipe import apply_recipe, load_recipe
-from ..plan.selection import apply_selection, parse_selection
+from ..plan.recipe import load_recipe
+from ..plan.selection import parse_selection
 from ..reports import SplitReport
 from ..sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writing import (
     ProgressCallback,
     companion_copies,
-    dtype_choice,
     refuse_selection_of_pipeline,
+    reshape,
     run_plan,
     whole_run_seconds,
 )
@@ -119,9 +119,8 @@ def split(
             strict=strict, verify=verify, progress=progress,
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
-    selected = apply_selection(opened, selection)
-    checkpoint = apply_recipe(selected.checkpoint, recut) if recut is not None else selected.checkpoint
-    dtypes = dtype_choice(checkpoint, dtype, keep)
+    selected, dtypes = reshape(opened, selection, recut, dtype, keep)
+    checkpoint = selected.checkpoint
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)
     with output_path.parents_created(destination, enabled=not dry_run):

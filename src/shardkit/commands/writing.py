@@ -21,8 +21,8 @@ from ..format.dtype_cast import CastStats
 from ..plan.conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
 from ..plan.files import FileCopy, Plan
 from ..plan.fill import CastLog
-from ..plan.recipe import Recipe
-from ..plan.selection import Selection
+from ..plan.recipe import Recipe, apply_recipe
+from ..plan.selection import Selected, Selection, apply_selection
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
 from ..storage import Location
 
@@ -210,6 +210,18 @@ def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str])
             raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
         return None
     return choose_dtypes(checkpoint, dtype, keep, read_config(checkpoint))
+
+
+def reshape(
+    opened: Checkpoint, selection: Selection, recipe: Recipe | None, dtype: str | None, keep: Sequence[str]
+) -> tuple[Selected, DtypeChoice | None]:
+    """What a writing command makes of the tensors it opened, in the documented order:
+    the selection (select, drop, rename), then the recipe, then the dtype choice, which
+    matches `keep` against the names the first two produced."""
+    selected = apply_selection(opened, selection)
+    if recipe is not None:
+        selected = dataclasses.replace(selected, checkpoint=apply_recipe(selected.checkpoint, recipe))
+    return selected, dtype_choice(selected.checkpoint, dtype, keep)
 
 
 def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoice | None) -> list[FileCopy]:
