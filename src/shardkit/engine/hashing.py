@@ -66,25 +66,11 @@ class Streamer:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             _advise_sequential(fd)
-            size = os.fstat(fd).st_size
-            file_hasher = hashlib.sha256() if whole else None
-            range_hashers = RangeHashers(ranges)
-            if whole:
-                start, end = 0, size
-            elif ranges:
-                start, end = ranges[0][0], ranges[-1][1]
-            else:
-                start = end = 0
-
-            def consume(view: memoryview, offset: int) -> None:
-                if file_hasher is not None:
-                    file_hasher.update(view)
-                range_hashers.update(view, offset)
-
-            self._walk(fd, start, end, consume, on_bytes, str(path))
+            hashing = DigestPass(os.fstat(fd).st_size, whole=whole, ranges=ranges)
+            self._walk(fd, hashing.start, hashing.end, hashing.update, on_bytes, str(path))
         finally:
             os.close(fd)
-        return Digests(file_hasher.hexdigest() if file_hasher else None, range_hashers.hexdigests(), end - start)
+        return hashing.digests()
 
     def _walk(
         self,
@@ -117,6 +103,30 @@ class Streamer:
             for future in pending:
                 if future is not None:
                     future.result()
+
+
+class DigestPass:
+    """One front-to-back pass over a file: the span it must read (the whole file, or only
+    what `ranges` cover) and the digests it feeds, for local and remote readers alike."""
+
+    def __init__(self, size: int, *, whole: bool, ranges: Sequence[tuple[int, int]]) -> None:
+        self._file = hashlib.sha256() if whole else None
+        self._ranges = RangeHashers(ranges)
+        if whole:
+            self.start, self.end = 0, size
+        elif ranges:
+            self.start, self.end = ranges[0][0], ranges[-1][1]
+        else:
+            self.start = self.end = 0
+
+    def update(self, view: memoryview, offset: int) -> None:
+        """Hash the bytes read at `offset` (passes call it in file order)."""
+        if self._file is not None:
+            self._file.update(view)
+        self._ranges.update(view, offset)
+
+    def digests(self) -> Digests:
+        return Digests(self._file.hexdigest() if self._file else None, self._ranges.hexdigests(), self.end - self.start)
 
 
 class RangeHashers:

@@ -9,7 +9,6 @@ sequentially while the pool fetches ahead.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..storage.location import Location, RangeReader
-from .hashing import Digests, RangeHashers, Streamer
+from .hashing import DigestPass, Digests, Streamer
 
 if TYPE_CHECKING:
     from ..storage.remote import RemotePath
@@ -93,25 +92,15 @@ def digest(
 ) -> Digests:
     """`hashing.Streamer.digest` for a remote file: the same digests, fetched with parallel
     ranged reads and hashed in order."""
-    size = path.stat().st_size
-    if whole:
-        start, end = 0, size
-    elif ranges:
-        start, end = ranges[0][0], ranges[-1][1]
-    else:
-        start = end = 0
-    file_hasher = hashlib.sha256() if whole else None
-    range_hashers = RangeHashers(ranges)
+    hashing = DigestPass(path.stat().st_size, whole=whole, ranges=ranges)
     reader = path.open_reader()
-    offset = start
+    offset = hashing.start
     try:
-        for chunk in ordered_reads([(reader, start, end - start)]):
-            if file_hasher is not None:
-                file_hasher.update(chunk)
-            range_hashers.update(memoryview(chunk), offset)
+        for chunk in ordered_reads([(reader, hashing.start, hashing.end - hashing.start)]):
+            hashing.update(memoryview(chunk), offset)
             offset += len(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
     finally:
         reader.close()
-    return Digests(file_hasher.hexdigest() if file_hasher else None, range_hashers.hexdigests(), end - start)
+    return hashing.digests()
