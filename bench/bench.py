@@ -99,16 +99,32 @@ def drop_caches() -> None:
         pass  # not root: runs start warm, both sides alike
 
 
+# Linux starts a child's ru_maxrss at its parent's resident size (the forked copy of the
+# parent's memory counts until exec), so a bench process that generated a checkpoint in memory
+# would lend every command it times its own peak. A small launcher process forks the command
+# and reports the child's figures: the command then inherits only the launcher's ~10 MB.
+LAUNCHER = """
+import os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
+"""
+
+
 def timed(command: list[str], cold: bool = True) -> Run:
     if cold:
         drop_caches()
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    process = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    *_, last = process.stderr.strip().splitlines() or ["0 0 1"]
+    seconds, maxrss_kb, code = last.split()
+    if int(code) != 0:
+        sys.stderr.write(process.stderr)
         raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return Run(seconds, usage.ru_maxrss / 1024)
+    return Run(float(seconds), int(maxrss_kb) / 1024)
 
 
 def remove(path: Path) -> None:
