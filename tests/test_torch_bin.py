@@ -9,6 +9,7 @@ shardkit's output must hold exactly those names, dtypes, shapes and bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,9 @@ def every_kind_of_tensor() -> dict[str, torch.Tensor]:
     return state
 
 
-def remove_duplicate_names(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """safetensors' bindings/python/convert.py `_remove_duplicate_names` (no preferred or
-    discarded names), with its clone of a lone partial view."""
+def remove_duplicate_names(state: dict[str, torch.Tensor], discard_names: Sequence[str] = ()) -> dict[str, list[str]]:
+    """safetensors' bindings/python/convert.py `_remove_duplicate_names` (no preferred
+    names), with its clone of a lone partial view."""
     to_remove: dict[str, list[str]] = {}
     for shared in _find_shared_tensors(state):
         complete = {name for name in shared if _is_complete(state[name])}
@@ -68,15 +69,29 @@ def remove_duplicate_names(state: dict[str, torch.Tensor]) -> dict[str, list[str
             assert len(shared) == 1, shared
             complete = set(shared)
         keep = sorted(complete)[0]
+        preferred = complete.difference(discard_names)
+        if preferred:
+            keep = sorted(preferred)[0]
         to_remove.setdefault(keep, []).extend(name for name in sorted(shared) if name != keep)
     return to_remove
 
 
-def reference(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def get_discard_names(config_path: Path) -> list[str]:
+    """convert.py's `get_discard_names`: the model class's `_tied_weights_keys`, [] on any failure."""
+    try:
+        architecture = json.loads(config_path.read_text())["architectures"][0]
+        import transformers
+
+        return list(getattr(getattr(transformers, architecture), "_tied_weights_keys", []) or [])
+    except Exception:  # noqa: BLE001 - as convert.py
+        return []
+
+
+def reference(path: Path, discard_names: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What convert.py's `convert_file` writes for `path`: its tensors and metadata."""
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     metadata = {"format": "pt"}
-    for kept, removed in remove_duplicate_names(loaded).items():
+    for kept, removed in remove_duplicate_names(loaded, discard_names).items():
         for name in removed:
             metadata.setdefault(name, kept)
             del loaded[name]
@@ -88,8 +103,8 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple
                 if t.numel() else b"") for n, t in tensors.items()}
 
 
-def assert_same_as_reference(output: Path, source: Path) -> None:
-    expected, metadata = reference(source)
+def assert_same_as_reference(output: Path, source: Path, discard_names: Sequence[str] = ()) -> None:
+    expected, metadata = reference(source, discard_names)
     assert tensor_bytes(load_file(output)) == tensor_bytes(expected)
     with safetensors.safe_open(output, "pt") as opened:
         assert opened.metadata() == metadata
@@ -240,3 +255,157 @@ def test_a_tiny_qwen2_converted_from_bin_gives_the_same_logits(tmp_path: Path, t
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "converted" / "model.safetensors").is_file()
     assert torch.equal(logits(tmp_path / "converted"), logits(tmp_path / "reference"))
+
+
+# ---------------------------------------------------------------------- tied names, as the Hub converter keeps them
+
+#: shardkit with transformers unimportable: the fallback names stand in for the model class's.
+WITHOUT_TRANSFORMERS = (
+    "import runpy, sys\n"
+    "sys.modules['transformers'] = None\n"
+    "sys.argv[0] = 'shardkit'\n"
+    "runpy.run_module('shardkit', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def run_without_transformers(*args: object) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TRANSFORMERS, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    return done.returncode, done.stderr
+
+
+def tied_qwen2_bin(folder: Path) -> dict[str, torch.Tensor]:
+    """A tiny tied Qwen2 as a transformers folder with a .bin: its config.json and
+    torch.save of its state dict (transformers 5 has no save_pretrained(safe_serialization=False))."""
+    from hf_models import tiny_qwen2
+
+    model = tiny_qwen2(True)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(folder)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    torch.save(state, folder / "pytorch_model.bin")
+    return state
+
+
+@pytest.mark.parametrize("transformers_importable", [True, False])
+def test_a_tied_transformers_model_keeps_the_name_convert_py_keeps(tmp_path: Path, transformers_importable: bool
+                                                                   ) -> None:
+    source = tmp_path / "source"
+    tied_qwen2_bin(source)
+    discard = get_discard_names(source / "config.json")
+    assert "lm_head.weight" in discard  # Qwen2ForCausalLM._tied_weights_keys
+    out = tmp_path / "out"
+    if transformers_importable:
+        result = run_cli("convert", source, "-o", out)
+        assert result.exit_code == 0, result.stderr
+    else:
+        code, stderr = run_without_transformers("convert", source, "-o", out)
+        assert code == 0, stderr
+    assert_same_as_reference(out / "model.safetensors", source / "pytorch_model.bin", discard)
+    with safetensors.safe_open(out / "model.safetensors", "pt") as opened:
+        names = set(opened.keys())  # noqa: SIM118 - safe_open is not a dict
+        assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+        assert opened.metadata()["lm_head.weight"] == "model.embed_tokens.weight"
+
+
+def test_tied_tensors_of_a_plain_torch_save_keep_the_first_name(tmp_path: Path) -> None:
+    """No config.json, so no model class: convert.py's convert_generic, discard_names=[]."""
+    weight = torch.randn(6, 4)
+    torch.save({"model.embed_tokens.weight": weight, "lm_head.weight": weight, "z": weight}, tmp_path / "tied.pt")
+    result = run_cli("convert", tmp_path / "tied.pt", "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_same_as_reference(tmp_path / "out.safetensors", tmp_path / "tied.pt")
+    assert list(load_file(tmp_path / "out.safetensors")) == ["lm_head.weight"]
+
+
+def tied_sharded_qwen2_bin(folder: Path) -> dict[str, torch.Tensor]:
+    """The tied Qwen2 as transformers 4 saved it with safe_serialization=False: shards whose
+    index lists both tied names, which share one storage in the first shard."""
+    state = tied_qwen2_bin(folder)
+    (folder / "pytorch_model.bin").unlink()
+    names = sorted(state)
+    first = ["lm_head.weight", "model.embed_tokens.weight"]
+    rest = [n for n in names if n not in first]
+    groups = [first, rest[: len(rest) // 2], rest[len(rest) // 2:]]
+    weight_map = {}
+    for number, group in enumerate(groups, 1):
+        shard = f"pytorch_model-{number:05d}-of-{len(groups):05d}.bin"
+        torch.save({n: state[n] for n in group}, folder / shard)
+        weight_map.update(dict.fromkeys(group, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return state
+
+
+def convert_py_index(bin_index: Path, output: Path) -> None:
+    """convert.py's `convert_multi` index: the .bin index, file names renamed, every key kept."""
+    data = json.loads(bin_index.read_text())
+    data["weight_map"] = {k: v.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+                          for k, v in data["weight_map"].items()}
+    output.write_text(json.dumps(data, indent=4))
+
+
+def test_a_sharded_tied_bin_converts_and_its_index_names_only_what_the_shards_hold(tmp_path: Path) -> None:
+    """The index deviates from convert.py's on purpose: it lists no dropped name. Both
+    load alike in transformers; only ours says where every listed tensor is."""
+    from hf_models import logits
+
+    source = tmp_path / "source"
+    tied_sharded_qwen2_bin(source)
+    discard = get_discard_names(source / "config.json")
+    out = tmp_path / "out"
+    result = run_cli("convert", source, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    for number in (1, 2, 3):
+        assert_same_as_reference(out / f"model-{number:05d}-of-00003.safetensors",
+                                 source / f"pytorch_model-{number:05d}-of-00003.bin", discard)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    held = {n for shard in set(weight_map.values()) for n in load_file(out / shard)}
+    assert set(weight_map) == held and "lm_head.weight" not in weight_map
+    reference_logits = logits(out)
+
+    hub = tmp_path / "hub"  # the same shards with convert.py's index, which lists lm_head.weight
+    hub.mkdir()
+    for file in out.iterdir():
+        (hub / file.name).write_bytes(file.read_bytes())
+    convert_py_index(source / "pytorch_model.bin.index.json", hub / "model.safetensors.index.json")
+    assert "lm_head.weight" in json.loads((hub / "model.safetensors.index.json").read_text())["weight_map"]
+    assert torch.equal(logits(hub), reference_logits)  # transformers loads either
+    assert torch.equal(reference_logits, logits_of_state(source))
+    for folder in (out, hub):  # and shardkit reads either, the Hub converter's too
+        verify = run_cli("verify", folder, "--against", source)
+        assert verify.exit_code == 0, verify.stdout + verify.stderr
+
+
+def logits_of_state(folder: Path) -> torch.Tensor:
+    """The logits of the original model: the .bin shards loaded by torch into the class."""
+    import transformers
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("pytorch_model-*.bin")):
+        state.update(torch.load(shard, weights_only=True))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(torch.arange(16).reshape(2, 8)).logits
+
+
+def test_an_index_entry_its_shard_does_not_record_as_tied_is_still_refused(tmp_path: Path) -> None:
+    from conftest import assert_clean_failure, snapshot
+
+    source = tmp_path / "source"
+    tied_sharded_qwen2_bin(source)
+    assert run_cli("convert", source, "-o", tmp_path / "out").exit_code == 0
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["lm_head.weight"] = "model-00002-of-00003.safetensors"  # not where it was dropped
+    index.write_text(json.dumps(data))
+    before = snapshot(tmp_path / "out")
+    result = run_cli("merge", tmp_path / "out", "-o", tmp_path / "merged.safetensors")
+    assert_clean_failure(result, 2, "'lm_head.weight' is listed in weight_map for model-00002-of-00003.safetensors")
+    assert not (tmp_path / "merged.safetensors").exists() and snapshot(tmp_path / "out") == before

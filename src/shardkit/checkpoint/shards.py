@@ -389,13 +389,31 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
 def _shards_match_index(headers: dict[str, Header], by_shard: dict[str, list[str]]) -> bool:
     """Each shard holds exactly the tensors weight_map gives it (names within a header
     are unique, and weight_map's keys are): then no tensor is missing, unlisted or in
-    two shards. One set per shard instead of a lookup per tensor."""
+    two shards. One set per shard instead of a lookup per tensor. weight_map may also
+    list a shard's tied duplicates (:func:`tied_duplicates`)."""
     for shard_name, header in headers.items():
         names = {info.name for info in header.tensors}
         listed = by_shard[shard_name]
-        if len(names) != len(listed) or not names.issuperset(listed):
+        if len(names) == len(listed) and names.issuperset(listed):
+            continue
+        extra = set(listed) - names
+        if len(listed) - len(extra) != len(names) or not extra <= tied_duplicates(header):
             return False
     return True
+
+
+def tied_duplicates(header: Header) -> frozenset[str]:
+    """Names a shard does not hold because they share a tensor it holds: those a torch
+    file's reader dropped, and those a safetensors file's metadata records as
+    `dropped: kept` with `kept` among its tensors, as the Hub converter (convert.py)
+    writes them. Indexes list them: transformers 4 wrote both tied names into a `.bin`
+    index, and convert.py keeps them when it renames that index."""
+    if isinstance(header, TorchHeader):
+        return frozenset(header.dropped)
+    metadata = header.metadata or {}
+    return frozenset(
+        name for name, kept in metadata.items() if kept in header.by_name and name not in header.by_name
+    )
 
 
 def _refuse_mismatch(index_path: Location, headers: dict[str, Header], weight_map: dict[str, str]) -> None:
@@ -416,8 +434,9 @@ def _refuse_mismatch(index_path: Location, headers: dict[str, Header], weight_ma
                     else f"{index_path}: tensor {info.name!r} is in {shard_name} but weight_map names {listed_in}"
                 )
             seen.add(info.name)
+    tied = {shard_name: tied_duplicates(header) for shard_name, header in headers.items()}
     for tensor, shard_name in weight_map.items():
-        if tensor not in seen:
+        if tensor not in seen and tensor not in tied[shard_name]:
             raise CheckpointError(
                 f"{index_path}: tensor {tensor!r} is listed in weight_map for {shard_name} but that shard lacks it"
             )

@@ -11,18 +11,20 @@ strided gather.
 
 Tensors that share a storage are resolved as safetensors' `convert.py` resolves them
 (`_remove_duplicate_names`, which the Hub's converter uses): overlapping tensors of
-one storage form a group, the first (by name) of those covering the whole storage is
-kept, the others are dropped and recorded in the metadata as `dropped: kept`; views
-that do not overlap each get their own bytes.
+one storage form a group, of those covering the whole storage the first by name that
+the model class does not tie again on load is kept (:mod:`shardkit.format.tied_weights`),
+the others are dropped and recorded in the metadata as `dropped: kept`; views that do
+not overlap each get their own bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import BadInputError
 from .header import Header, TensorInfo, tensor_nbytes
+from .tied_weights import kept_name
 from .torch_pickle import StorageRef, TensorRef
 from .torch_pickle import load as load_pickle
 from .torch_zip import Member, ReadAt, TorchZip, read_torch_zip
@@ -134,8 +136,16 @@ class _Found:
         return True
 
 
-def read_torch_file(read: ReadAt, file_size: int, path: str, stat: tuple[object, ...] | None = None) -> TorchHeader:
-    """The tensors of the torch checkpoint at `path`, read as data, never executed."""
+def read_torch_file(
+    read: ReadAt,
+    file_size: int,
+    path: str,
+    stat: tuple[object, ...] | None = None,
+    discard: Callable[[], frozenset[str]] = frozenset,
+) -> TorchHeader:
+    """The tensors of the torch checkpoint at `path`, read as data, never executed.
+    `discard` answers convert.py's `discard_names` (asked only when a storage has
+    several complete names to choose from)."""
     archive = read_torch_zip(path, file_size, read)
     _refuse_big_endian(archive, read)
     pickle = archive.members["data.pkl"]
@@ -143,7 +153,7 @@ def read_torch_file(read: ReadAt, file_size: int, path: str, stat: tuple[object,
         raise BadInputError(f"{path}: its data.pkl is {pickle.size:,} bytes, more than any state dict; refused")
     value = load_pickle(read(pickle.offset, pickle.size), f"{path}: data.pkl")
     found = [_check(archive, name, ref) for name, ref in _state_dict(value, path).items()]
-    dropped = _tied_names(found, path)
+    dropped = _tied_names(found, path, discard)
     metadata: dict[str, str] = {"format": "pt"}
     for name, kept in dropped.items():
         metadata.setdefault(name, kept)
@@ -215,7 +225,7 @@ def _storage_bytes(storage: StorageRef) -> int:
     return storage.numel * _ITEMSIZE[storage.dtype]
 
 
-def _tied_names(found: list[_Found], path: str) -> dict[str, str]:
+def _tied_names(found: list[_Found], path: str, discard: Callable[[], frozenset[str]]) -> dict[str, str]:
     """Names dropped because another tensor of the same storage overlaps them, each
     mapped to the name kept (`_find_shared_tensors` + `_remove_duplicate_names`)."""
     by_storage: dict[str, list[_Found]] = {}
@@ -234,9 +244,10 @@ def _tied_names(found: list[_Found], path: str) -> dict[str, str]:
                     f"{path}: tensors {names} share a storage and none covers all of it; "
                     "convert.py refuses such a file too (it would store more than the tensors hold)"
                 )
+            kept = kept_name(complete, discard()) if len(complete) > 1 else complete[0]
             for tensor in shared:
-                if tensor.name != complete[0]:
-                    dropped[tensor.name] = complete[0]
+                if tensor.name != kept:
+                    dropped[tensor.name] = kept
     return dropped
 
 

@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
-from ..errors import OutputError
+from ..errors import OutputError, ShardkitError
 from ..errors import TransportError as TransportError  # defined here before errors.py had it
 from ..format.header import Header, identity
 from ..format.header import read_header as read_local_header
+from ..format.tied_weights import discard_names
 from ..format.torch_checkpoint import is_torch_file, read_torch_file
 from .location import LocalReader as LocalReader
 from .location import Location as Location
@@ -154,9 +155,19 @@ def _read_torch_header(location: Path | RemotePath) -> Header:
         size, stat, where = remote.st_size, ("remote", remote.version, remote.st_size), register(location)
     reader = open_reader(location)
     try:
-        return read_torch_file(reader.read, size, where, stat)
+        return read_torch_file(reader.read, size, where, stat, lambda: discard_names(_config_beside(location)))
     finally:
         reader.close()
+
+
+def _config_beside(location: Path | RemotePath) -> bytes | None:
+    """The config.json of a torch file's folder, which names the model class whose tied
+    names the Hub converter drops; None when there is none to read."""
+    config = location.parent / "config.json"
+    try:
+        return config.read_bytes() if config.is_file() else None
+    except (OSError, ShardkitError):
+        return None
 
 
 def open_reader(path: str | os.PathLike[str] | Location) -> RangeReader:
