@@ -409,3 +409,28 @@ def test_an_index_entry_its_shard_does_not_record_as_tied_is_still_refused(tmp_p
     result = run_cli("merge", tmp_path / "out", "-o", tmp_path / "merged.safetensors")
     assert_clean_failure(result, 2, "'lm_head.weight' is listed in weight_map for model-00002-of-00003.safetensors")
     assert not (tmp_path / "merged.safetensors").exists() and snapshot(tmp_path / "out") == before
+
+
+def test_a_tensor_manifest_holds_a_views_bytes_as_written(tmp_path: Path, bin_file: Path) -> None:
+    """`checksum --tensors` of a .bin and of its conversion are one manifest, and `verify
+    --checksums` checks either side with either: a view's hash is of its bytes made
+    contiguous (what the safetensors file holds), not of the storage range it lies in."""
+    import hashlib
+
+    out = tmp_path / "out.safetensors"
+    assert run_cli("convert", bin_file, "-o", out).exit_code == 0
+    manifests = {}
+    for side, source in (("bin", bin_file), ("converted", out)):
+        manifests[side] = tmp_path / f"{side}.tensors.json"
+        result = run_cli("checksum", source, "--tensors", "-o", manifests[side])
+        assert result.exit_code == 0, result.stderr
+    assert manifests["bin"].read_text() == manifests["converted"].read_text()
+    listed = json.loads(manifests["bin"].read_text())["tensors"]
+    written = load_file(out)["transposed"]
+    assert listed["transposed"]["sha256"] == hashlib.sha256(written.numpy().tobytes()).hexdigest()
+    for checked in (bin_file, out):
+        for manifest in manifests.values():
+            result = run_cli("verify", checked, "--checksums", manifest)
+            assert result.exit_code == 0, result.stdout + result.stderr
+            assert "tensor-checksums" in json.loads(run_cli("verify", checked, "--checksums", manifest,
+                                                             "--json").stdout)["checks"]

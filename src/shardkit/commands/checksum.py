@@ -28,10 +28,11 @@ from ..checkpoint.manifest import (
     tensor_manifest_document,
 )
 from ..checkpoint.pipeline import find_pipeline
-from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
+from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..engine import atomic, stream
 from ..engine.hashing import Streamer
 from ..errors import BadInputError, OutputError, OutputExistsError
+from ..format.torch_checkpoint import byte_runs
 from ..reports import JsonReport
 from ..storage import Location
 from .writing import ProgressCallback
@@ -170,35 +171,18 @@ def tensor_digests(checkpoint: Checkpoint, progress: ProgressCallback | None = N
     digests: dict[str, TensorDigest] = {}
     with Streamer() as streamer:
         for header in checkpoint.shards:
-            runs = [t for t in header.tensors if checkpoint.tensors[t.name].view is None]
+            runs = byte_runs(header)
             ranges = [(header.data_start + t.begin, header.data_start + t.end) for t in runs]
             hashes = stream.digest_file(streamer, header.path, whole=False, ranges=ranges, on_bytes=on_bytes).ranges
             for info, digest in zip(runs, hashes):
                 digests[info.name] = TensorDigest(info.dtype, info.shape, digest)
             for info in header.tensors:
                 if info.name not in digests:
-                    view_digest = _view_digest(checkpoint.tensors[info.name])
+                    from ..plan.tensor_bytes import view_sha256
+
+                    view_digest = view_sha256(checkpoint.tensors[info.name])
                     digests[info.name] = TensorDigest(info.dtype, info.shape, view_digest)
     return dict(sorted(digests.items()))
-
-
-def _view_digest(tensor: SourceTensor) -> str:
-    """SHA-256 of a strided torch view's bytes made contiguous, as convert writes them."""
-    import hashlib
-
-    from ..plan.tensor_bytes import read_tensor
-
-    digest = hashlib.sha256()
-    reader = storage.open_reader(tensor.shard.path)
-    try:
-        for done in range(0, tensor.info.nbytes, _VIEW_CHUNK):
-            digest.update(read_tensor(tensor, reader, done, min(_VIEW_CHUNK, tensor.info.nbytes - done)))
-    finally:
-        reader.close()
-    return digest.hexdigest()
-
-
-_VIEW_CHUNK = 8 * 1024 * 1024
 
 
 def manifest_name(file: Location, root: Location) -> str:

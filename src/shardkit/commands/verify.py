@@ -39,6 +39,7 @@ from ..checkpoint.pipeline import find_pipeline
 from ..checkpoint.readability import check_folder_readable
 from ..checkpoint.shards import (
     Checkpoint,
+    SourceTensor,
     broken_companions,
     check_shard_name,
     find_indexes,
@@ -59,7 +60,7 @@ from ..errors import (
 )
 from ..format import header_json
 from ..format.header import Header
-from ..format.torch_checkpoint import is_torch_file
+from ..format.torch_checkpoint import byte_runs, is_torch_file
 from ..reports import JsonReport
 from ..storage.hub_cache import HubBlob, hub_blob
 from .checksum import manifest_name
@@ -490,7 +491,7 @@ class _Run:
                     self.problem("read", f"cannot read: {exc.strerror or exc}", file)
                     continue
                 self.bytes_read += result.bytes_read
-                tensors = {t.name: d for t, d in zip(header.tensors, result.ranges)} if header else {}
+                tensors = _tensor_digests(header, result.ranges) if header else {}
                 digests[file] = _Digest(result.file, tensors)  # keyed by resolved path
         return digests
 
@@ -642,7 +643,21 @@ def _beside(file: str, name: str) -> str:
 
 
 def _tensor_ranges(header: Header) -> list[tuple[int, int]]:
-    return [(header.data_start + t.begin, header.data_start + t.end) for t in header.tensors]
+    return [(header.data_start + t.begin, header.data_start + t.end) for t in byte_runs(header)]
+
+
+def _tensor_digests(header: Header, run_digests: Sequence[str]) -> dict[str, str]:
+    """Each tensor's SHA-256 as `checksum --tensors` writes it: of the bytes a
+    safetensors file holds, so a torch file's strided view is hashed made contiguous."""
+    runs = byte_runs(header)
+    digests = {t.name: d for t, d in zip(runs, run_digests)}
+    if len(runs) != len(header.tensors):
+        from ..plan.tensor_bytes import view_sha256
+
+        for info in header.tensors:
+            if info.name not in digests:
+                digests[info.name] = view_sha256(SourceTensor(info, header))
+    return digests
 
 
 def _progress(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:

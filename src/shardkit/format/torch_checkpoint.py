@@ -264,3 +264,11 @@ def _overlapping(group: list[_Found]) -> list[list[_Found]]:
             groups[-1].append(tensor)
         last_stop = tensor.stop
     return groups
+
+
+def byte_runs(header: Header) -> list[TensorInfo]:
+    """The tensors of `header` whose bytes are one run of the file, as a safetensors file
+    holds them: all of a safetensors file's; a torch file's strided views are not (their
+    bytes are gathered, :func:`shardkit.plan.tensor_bytes.view_sha256` hashes them)."""
+    views = header.views if isinstance(header, TorchHeader) else None
+    return [t for t in header.tensors if t.name not in views] if views else list(header.tensors)

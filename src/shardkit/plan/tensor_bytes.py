@@ -8,6 +8,9 @@ and `checksum --tensors` of a `.bin` see exactly the bytes `convert` writes.
 
 from __future__ import annotations
 
+import hashlib
+
+from .. import storage
 from ..checkpoint.shards import SourceTensor
 from ..storage import RangeReader
 from .files import PlannedFile, tensor_transform
@@ -28,3 +31,20 @@ def read_tensor(tensor: SourceTensor, reader: RangeReader, done: int, length: in
 
     fill(planned, done, memoryview(out), read)
     return bytes(out)
+
+
+#: Bytes of a view gathered at a time while hashing it.
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def view_sha256(tensor: SourceTensor) -> str:
+    """SHA-256 of a strided torch view's bytes made contiguous, as `convert` writes them
+    (a hash of the storage range it lies in would match no safetensors file)."""
+    digest = hashlib.sha256()
+    reader = storage.open_reader(tensor.shard.path)
+    try:
+        for done in range(0, tensor.info.nbytes, _HASH_CHUNK):
+            digest.update(read_tensor(tensor, reader, done, min(_HASH_CHUNK, tensor.info.nbytes - done)))
+    finally:
+        reader.close()
+    return digest.hexdigest()
