@@ -434,3 +434,48 @@ def test_a_tensor_manifest_holds_a_views_bytes_as_written(tmp_path: Path, bin_fi
             assert result.exit_code == 0, result.stdout + result.stderr
             assert "tensor-checksums" in json.loads(run_cli("verify", checked, "--checksums", manifest,
                                                              "--json").stdout)["checks"]
+
+
+# ---------------------------------------------------------------------- remote .bin sources
+
+
+def snapshot_of(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_bin_checkpoint_over_http_gives_the_bytes_of_a_local_run(tmp_path: Path, layout: str) -> None:
+    """A web server on 127.0.0.1 serves a .bin (views, tied names, every dtype) or a tied
+    sharded .bin with its index: merge, convert and inspect of the URL give what they give
+    on the local folder, the tied name chosen through the config.json beside the files."""
+    from web_server import WebServer
+
+    source = tmp_path / "source"
+    if layout == "single":
+        source.mkdir()
+        torch.save(every_kind_of_tensor(), source / "pytorch_model.bin")
+        entry = "pytorch_model.bin"
+    else:
+        tied_sharded_qwen2_bin(source)
+        entry = "pytorch_model.bin.index.json"
+    with WebServer() as web:
+        web.put_folder("/models/bin", source)
+        url = web.url(f"/models/bin/{entry}")
+        for side, where in (("local", source / entry), ("remote", url)):
+            for command, out in (("merge", "merged.safetensors"), ("convert", "converted")):
+                result = run_cli(command, where, "-o", tmp_path / side / out)
+                assert result.exit_code == 0, (command, side, result.stderr)
+            inspected = run_cli("inspect", where, "--tensors", "--json")
+            assert inspected.exit_code == 0, inspected.stderr
+            (tmp_path / side / "inspect.json").write_text(json.dumps(json.loads(inspected.stdout)["tensor_rows"]))
+        assert {m for m, _, _ in web.requests} <= {"GET", "HEAD"}
+    if layout == "sharded":  # a web server lists no folder: its companion files are unknown, none copied
+        (tmp_path / "local" / "converted" / "config.json").unlink()
+    assert snapshot_of(tmp_path / "remote") == snapshot_of(tmp_path / "local")
+    expected = sorted(reference(source / entry)[0]) if layout == "single" else None
+    if expected is not None:
+        assert sorted(load_file(tmp_path / "remote" / "merged.safetensors")) == expected
+    else:
+        assert "lm_head.weight" not in load_file(tmp_path / "remote" / "merged.safetensors")
