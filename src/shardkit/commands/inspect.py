@@ -11,17 +11,18 @@ import fnmatch
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint.layers import group_layers, natural_key
 from ..checkpoint.pipeline import find_pipeline
-from ..checkpoint.shards import Checkpoint, open_checkpoint
+from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
 from ..format.gc_pause import gc_paused
-from ..format.header import Header, tensor_nbytes
+from ..format.header import Header, TensorInfo, tensor_nbytes
 from ..reports import JsonReport
 
 if TYPE_CHECKING:
@@ -135,15 +136,21 @@ def inspect(
     metadata, warnings = metadata_union(checkpoint.shards)
     quantization, scales = _quantization(checkpoint, warnings)
     # A million tensors have a few dozen (dtype, shape) kinds: count per kind, multiply once.
-    kinds = Counter((t.info.dtype, t.info.shape) for t in checkpoint.tensors.values() if t.name not in scales)
+    kinds = Counter(map(_DTYPE_AND_SHAPE, _infos(checkpoint.tensors.values())))
+    if scales:
+        kinds.subtract(map(_DTYPE_AND_SHAPE, _infos(map(checkpoint.tensors.__getitem__, scales))))
     by_dtype: dict[str, int] = {}
     for (dtype, shape), count in kinds.items():
-        by_dtype[dtype] = by_dtype.get(dtype, 0) + count * math.prod(shape)
+        if count:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + count * math.prod(shape)
 
-    selected = [t for t in checkpoint.tensors.values() if filter is None or fnmatch.fnmatchcase(t.name, filter)]
-    if filter is not None and not selected:
-        warnings.append(_no_match_hint(filter))
-    groups = group_layers((t.name, t.info.dtype, t.info.shape) for t in selected)  # groups sort themselves
+    if filter is None:
+        selected = list(checkpoint.tensors.values())
+    else:
+        selected = [t for t in checkpoint.tensors.values() if fnmatch.fnmatchcase(t.name, filter)]
+        if not selected:
+            warnings.append(_no_match_hint(filter))
+    groups = group_layers(map(_NAME_DTYPE_SHAPE, _infos(selected)))  # groups sort themselves
     layers = [
         LayerRow(
             g.pattern, g.dtype, list(g.shape), g.count,
@@ -190,6 +197,15 @@ def inspect(
     )
 
 
+def _infos(tensors: Iterable[SourceTensor]) -> Iterator[TensorInfo]:
+    return map(_INFO, tensors)
+
+
+_INFO = attrgetter("info")
+_DTYPE_AND_SHAPE = itemgetter(slice(1, 3))  # of a TensorInfo: (dtype, shape)
+_NAME_DTYPE_SHAPE = itemgetter(slice(0, 3))
+
+
 def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[QuantizationSummary | None, frozenset[str]]:
     """The FP8 layout, if any, and its scale tensors' names; a layout that does not hold
     is a warning here (inspecting is how one finds out), the error of a conversion."""
@@ -197,7 +213,7 @@ def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[Quantiza
     from ..plan.conversion import read_config
     from ..plan.fp8_layout import find_layout
 
-    if not any(name.endswith(("_scale_inv", ".weight_scale")) for name in checkpoint.tensors):
+    if next(filter(methodcaller("endswith", ("_scale_inv", ".weight_scale")), checkpoint.tensors), None) is None:
         return None, frozenset()  # no scales: not an FP8 layout, and no config.json read (headers only)
     try:
         layout = find_layout(checkpoint, read_config(checkpoint))
@@ -209,9 +225,14 @@ def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[Quantiza
     names = layout.scale_names
     summary = QuantizationSummary(
         layout.scheme, list(layout.block) if layout.block else None, len(layout.weights), len(names),
-        sum(checkpoint.tensors[n].info.nelements for n in names),
+        _parameters(checkpoint.tensors[n].info.shape for n in names),
     )
     return summary, names
+
+
+def _parameters(shapes: Iterable[tuple[int, ...]]) -> int:
+    """Elements of tensors of these shapes, multiplied out once per distinct shape."""
+    return sum(math.prod(shape) * count for shape, count in Counter(shapes).items())
 
 
 def _relative(path: str, root: object) -> str:

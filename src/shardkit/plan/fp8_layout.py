@@ -25,9 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from operator import methodcaller
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..errors import BadInputError
+from ..format.header import TensorInfo
 from .files import ScaleOf, not_written
 
 SCALE_SUFFIX = "_scale_inv"
@@ -46,7 +49,7 @@ class Fp8Layout:
     block: tuple[int, int] | None  # the config's block size, None for per-tensor/channel scales
     weights: Mapping[str, ScaleOf]  # weight name -> its scale
 
-    @property
+    @cached_property  # asked by the dtype choice, the plan and the report: made once
     def scale_names(self) -> frozenset[str]:
         return frozenset(not_written(self.weights))
 
@@ -80,26 +83,29 @@ def find_layout(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> 
     section = quantization_config(config)
     method = section.get("quant_method") if section else None
     tensors = checkpoint.tensors
-    fine = [name for name in tensors if name.endswith(SCALE_SUFFIX)]
-    compressed = [
-        name for name in tensors
-        if name.endswith(".weight" + COMPRESSED_SUFFIX) and name[: -len(COMPRESSED_SUFFIX)] in tensors
-        and tensors[name[: -len(COMPRESSED_SUFFIX)]].info.dtype == FP8_DTYPE
-    ]
-    if method == "compressed-tensors" or (compressed and not fine and method != "fp8"):
+    fine = list(filter(methodcaller("endswith", SCALE_SUFFIX), tensors))
+    if method == "compressed-tensors" or (not fine and method != "fp8" and _has_compressed_scales(tensors)):
         weights = _compressed(checkpoint, section)
         return Fp8Layout("compressed-tensors", _compressed_block(section), weights) if weights else None
     if not fine and method != "fp8":
         return None
     block = _block(section)
-    where = checkpoint.root
     pairs: dict[str, ScaleOf] = {}
     for name in fine:
+        scale = tensors[name]
         weight = _weight_of(checkpoint, name, SCALE_SUFFIX)
-        _check_pair(where, weight, tensors[name], block, ("F32",))
-        pairs[weight.name] = ScaleOf(tensors[name], block)
+        _check_pair(checkpoint.root, weight, scale, block, ("F32",))
+        pairs[weight.name] = ScaleOf(scale, block)
     _refuse_unscaled(checkpoint, pairs, SCALE_SUFFIX)
     return Fp8Layout("fp8", block, pairs)
+
+
+def _has_compressed_scales(tensors: Mapping[str, SourceTensor]) -> bool:
+    """Whether some FP8 `X.weight` has an `X.weight_scale` beside it (compressed-tensors' naming)."""
+    return any(
+        name[: -len(COMPRESSED_SUFFIX)] in tensors and tensors[name[: -len(COMPRESSED_SUFFIX)]].info.dtype == FP8_DTYPE
+        for name in filter(methodcaller("endswith", ".weight" + COMPRESSED_SUFFIX), tensors)
+    )
 
 
 def _weight_of(checkpoint: Checkpoint, scale_name: str, suffix: str) -> SourceTensor:
@@ -194,23 +200,31 @@ def _check_pair(
     scale_dtypes: tuple[str, ...],
     flat_ok: bool = False,
 ) -> None:
-    both = f"weight {weight.name!r} and its scale {scale.name!r}"
-    if weight.info.dtype != FP8_DTYPE:
-        raise BadInputError(f"{where}: {both}: the weight is {weight.info.dtype}, expected {FP8_DTYPE}")
-    if scale.info.dtype not in scale_dtypes:
-        raise BadInputError(f"{where}: {both}: the scale is {scale.info.dtype}, expected {' or '.join(scale_dtypes)}")
-    if len(weight.info.shape) != 2:
-        raise BadInputError(
-            f"{where}: {both}: the weight has shape {list(weight.info.shape)}; only 2-D FP8 weights are dequantised"
-        )
-    rows, columns = weight.info.shape
+    problem = _pair_problem(weight.info, scale.info, block, scale_dtypes, flat_ok)
+    if problem is not None:
+        raise BadInputError(f"{where}: weight {weight.name!r} and its scale {scale.name!r}: {problem}")
+
+
+def _pair_problem(
+    weight: TensorInfo, scale: TensorInfo, block: tuple[int, int], scale_dtypes: tuple[str, ...], flat_ok: bool
+) -> str | None:
+    """What is wrong with a weight and its scale, or None; the message is only made
+    for a pair that is wrong (an FP8 MoE model has some 50,000 pairs)."""
+    if weight.dtype != FP8_DTYPE:
+        return f"the weight is {weight.dtype}, expected {FP8_DTYPE}"
+    if scale.dtype not in scale_dtypes:
+        return f"the scale is {scale.dtype}, expected {' or '.join(scale_dtypes)}"
+    if len(weight.shape) != 2:
+        return f"the weight has shape {list(weight.shape)}; only 2-D FP8 weights are dequantised"
+    rows, columns = weight.shape
     expected = [-(-rows // block[0]), -(-columns // block[1])]
-    shape = list(scale.info.shape)
+    shape = list(scale.shape)
     if shape != expected and not (flat_ok and expected == [1, 1] and shape in ([], [1])):
-        raise BadInputError(
-            f"{where}: {both}: the scale has shape {shape}, expected {expected} "
+        return (
+            f"the scale has shape {shape}, expected {expected} "
             f"for a {rows}×{columns} weight in {block[0]}×{block[1]} blocks (weight_block_size in config.json)"
         )
+    return None
 
 
 def quantised_names(present: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[set[str], set[str]]:
