@@ -232,6 +232,27 @@ def test_mismatched_scales_are_refused_naming_both_tensors(tmp_path: Path, case:
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+def test_of_many_pairs_the_first_wrong_one_in_name_order_is_named(tmp_path: Path) -> None:
+    """Pairs are checked once per (dtype, shape) kind: a wrong kind, a missing weight
+    later on, still name the first wrong pair as checking one by one would."""
+    weight, scales = fp8_weight(200, 130, 3)
+    tensors = {}
+    for i in range(20):
+        tensors[f"m.{i}.weight"], tensors[f"m.{i}.weight_scale_inv"] = weight.clone(), scales.clone()
+    tensors["m.5.weight_scale_inv"] = scales[:, :1].contiguous()  # after m.12 in name order
+    tensors["m.12.weight_scale_inv"] = scales.double()
+    tensors["z.weight_scale_inv"] = scales.clone()  # no weight, last
+    source = _broken(tmp_path, tensors)
+    result = run_cli("merge", source, "-o", tmp_path / "out", "--dtype", "bf16")
+    assert_clean_failure(result, 2, "weight 'm.12.weight' and its scale 'm.12.weight_scale_inv': the scale is F64")
+    del tensors["m.12.weight_scale_inv"], tensors["m.12.weight"]
+    (tmp_path / "again").mkdir()
+    source = _broken(tmp_path / "again", tensors)
+    result = run_cli("merge", source, "-o", tmp_path / "out", "--dtype", "bf16")
+    assert_clean_failure(result, 2, "weight 'm.5.weight' and its scale 'm.5.weight_scale_inv': the scale has shape")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_killed_dequantisation_leaves_nothing(tmp_path: Path) -> None:
     source = tmp_path / "fp8"
     source.mkdir()

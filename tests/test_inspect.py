@@ -330,3 +330,12 @@ def test_layer_folding_is_the_same_whatever_the_order_and_per_skeleton() -> None
     cuts: dict = {}
     assert all(layers._cut(n, cuts) == layers._pieces(n) for n in names)
     assert len(cuts) < len(names) / 10
+
+
+def test_names_with_equal_numbers_fold_in_name_order_whatever_the_input_order() -> None:
+    """`layers.07` and `layers.7` have one number: the group lists them in name order."""
+    names = ["m.layers.7.x", "m.layers.07.x", "m.layers.1.x", "m.layers.10.x"]
+    for order in (names, names[::-1], sorted(names)):
+        (group,) = group_layers([(n, "F16", (2,)) for n in order])
+        assert group.names == ("m.layers.1.x", "m.layers.07.x", "m.layers.7.x", "m.layers.10.x")
+        assert group.pattern == "m.layers.{1,7,10}.x"

@@ -18,6 +18,7 @@ from ..engine.destination import Sources, check_name_fits
 from ..engine.execute import execute, write_checksum_beside
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..format.dtype_cast import CastStats
+from ..format.gc_pause import gc_paused
 from ..plan.conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
 from ..plan.files import FileCopy, Plan
 from ..plan.fill import CastLog
@@ -254,16 +255,15 @@ def verify_written(
         raise VerificationError(f"{output}: verification failed, output removed: {_problems(comparison.problems())}")
 
 
+@gc_paused()
 def dtype_report(
     checkpoint: Checkpoint, choice: DtypeChoice, stats: Mapping[str, CastStats] | None
 ) -> DtypeReport:
     """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
     converted = choice.converted(checkpoint)
     scales = choice.fp8.scale_names if choice.fp8 is not None else frozenset()
-    already = sum(
-        1 for n, t in checkpoint.tensors.items()
-        if t.info.dtype == choice.target and n not in choice.kept and n not in choice.not_float and n not in scales
-    )
+    left = scales.union(choice.kept, choice.not_float)  # sets: the choice's tuples would be scanned per tensor
+    already = sum(1 for n, t in checkpoint.tensors.items() if t.info.dtype == choice.target and n not in left)
     not_float = Counter(checkpoint.tensors[n].info.dtype for n in choice.not_float)
     losses = []
     for name, counted in sorted((stats or {}).items()):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..errors import BadInputError
+from ..format.gc_pause import gc_paused
 from .files import ScaleOf
 from .fp8_layout import Fp8Layout, find_layout, quantization_config
 
@@ -45,6 +46,7 @@ class DtypeChoice:
         return [n for n, t in checkpoint.tensors.items() if self.dtypes[n] != t.info.dtype]
 
 
+@gc_paused()  # a dtype per tensor (and the FP8 pairs): no cycles for the collector to look for
 def choose_dtypes(
     checkpoint: Checkpoint,
     target_name: str,
@@ -67,6 +69,7 @@ def choose_dtypes(
     if fp8 is None:
         _refuse_other_quantisation(checkpoint, config)
     scale_names = fp8.scale_names if fp8 is not None else frozenset()
+    fp8_weights = fp8.weights if fp8 is not None else {}
     dtypes: dict[str, str] = {}
     kept: list[str] = []
     not_float: list[str] = []
@@ -75,11 +78,11 @@ def choose_dtypes(
         dtypes[name] = source
         if name in scale_names:
             continue
-        if fp8 is not None and name in fp8.weights:
+        if name in fp8_weights:
             dtypes[name] = target
         elif not dtype_cast.is_convertible(source):
             not_float.append(name)
-        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
+        elif keep and any(fnmatch.fnmatchcase(name, pattern) for pattern in keep):
             kept.append(name)
         else:
             dtypes[name] = target

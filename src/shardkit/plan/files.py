@@ -286,6 +286,7 @@ class Plan:
         names = [f.name for f in self.files] + [c.name for c in self.copies]
         return tuple(names + ([self.index_name] if self.index_name else []))
 
+    @gc_paused()  # a dict per step, no cycles: collections would only rescan them
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-ready data: literal bytes in base64, nothing left out."""
         return {

@@ -23,10 +23,11 @@ the wrong scales.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from operator import methodcaller
+from itertools import repeat
+from operator import attrgetter, itemgetter, methodcaller
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..errors import BadInputError
@@ -90,14 +91,38 @@ def find_layout(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> 
     if not fine and method != "fp8":
         return None
     block = _block(section)
-    pairs: dict[str, ScaleOf] = {}
-    for name in fine:
-        scale = tensors[name]
-        weight = _weight_of(checkpoint, name, SCALE_SUFFIX)
-        _check_pair(checkpoint.root, weight, scale, block, ("F32",))
-        pairs[weight.name] = ScaleOf(scale, block)
+    pairs = _fine_pairs(checkpoint, fine, block)
     _refuse_unscaled(checkpoint, pairs, SCALE_SUFFIX)
     return Fp8Layout("fp8", block, pairs)
+
+
+def _fine_pairs(checkpoint: Checkpoint, scale_names: list[str], block: tuple[int, int]) -> dict[str, ScaleOf]:
+    """Each weight beside one of `scale_names` -> its F32 scale grid, checked.
+
+    DeepSeek-V3's 45,809 pairs come in a few dozen (dtype, shape) kinds, so each kind
+    is checked once, in C-speed passes over the names; only a missing weight or a
+    wrong kind sends the pairs through one by one, to name the first wrong one."""
+    tensors = checkpoint.tensors
+    scales = list(map(tensors.__getitem__, scale_names))
+    weights = list(map(tensors.get, [name[: -len(SCALE_SUFFIX)] for name in scale_names]))
+    if None in weights or any(
+        _pair_problem(weight, scale, block, ("F32",), False) is not None for weight, scale in _kinds(weights, scales)
+    ):
+        for name, scale in zip(scale_names, scales):
+            _check_pair(checkpoint.root, _weight_of(checkpoint, name, SCALE_SUFFIX), scale, block, ("F32",))
+    return dict(zip(map(_NAME, weights), map(ScaleOf, scales, repeat(block))))
+
+
+def _kinds(weights: list[SourceTensor], scales: list[SourceTensor]) -> Iterable[tuple[TensorInfo, TensorInfo]]:
+    """One (weight, scale) pair of each distinct pair of (dtype, shape)s."""
+    weight_infos, scale_infos = list(map(_INFO, weights)), list(map(_INFO, scales))
+    kinds = zip(map(_DTYPE_AND_SHAPE, weight_infos), map(_DTYPE_AND_SHAPE, scale_infos))
+    return dict(zip(kinds, zip(weight_infos, scale_infos))).values()
+
+
+_INFO = attrgetter("info")
+_NAME = attrgetter("info.name")
+_DTYPE_AND_SHAPE = itemgetter(slice(1, 3))  # of a TensorInfo
 
 
 def _has_compressed_scales(tensors: Mapping[str, SourceTensor]) -> bool:
