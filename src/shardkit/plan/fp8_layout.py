@@ -113,8 +113,10 @@ def _fine_pairs(checkpoint: Checkpoint, scale_names: list[str], block: tuple[int
     return dict(zip(map(_NAME, weights), map(ScaleOf, scales, repeat(block))))
 
 
-def _kinds(weights: list[SourceTensor], scales: list[SourceTensor]) -> Iterable[tuple[TensorInfo, TensorInfo]]:
-    """One (weight, scale) pair of each distinct pair of (dtype, shape)s."""
+def _kinds(
+    weights: list[SourceTensor | None], scales: list[SourceTensor]
+) -> Iterable[tuple[TensorInfo, TensorInfo]]:
+    """One (weight, scale) pair of each distinct pair of (dtype, shape)s (no weight None)."""
     weight_infos, scale_infos = list(map(_INFO, weights)), list(map(_INFO, scales))
     kinds = zip(map(_DTYPE_AND_SHAPE, weight_infos), map(_DTYPE_AND_SHAPE, scale_infos))
     return dict(zip(kinds, zip(weight_infos, scale_infos))).values()
