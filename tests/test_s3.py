@@ -94,8 +94,9 @@ def keys(server: SeaweedS3, bucket: str, prefix: str = "") -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
-def unfinished_uploads(server: SeaweedS3, bucket: str) -> list[str]:
-    return sorted(u["Key"] for u in server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+def unfinished_uploads(server: SeaweedS3, bucket: str, prefix: str = "") -> list[str]:
+    uploads = server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return sorted(u["Key"] for u in uploads if u["Key"].startswith(prefix))
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -637,8 +638,8 @@ def test_local_commands_never_import_boto3(checkpoint, tmp_path: Path) -> None:
     assert result.stdout.strip() == "[]"
 
 
-def bucket_state(server: SeaweedS3, bucket: str) -> dict[str, str]:
-    listing = server.client().list_objects_v2(Bucket=bucket)
+def bucket_state(server: SeaweedS3, bucket: str, prefix: str = "") -> dict[str, str]:
+    listing = server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     return {o["Key"]: o["ETag"] for o in listing.get("Contents", [])}
 
 
@@ -693,3 +694,179 @@ def test_s3_to_s3_merge_with_a_rename_stays_server_side(store: SeaweedS3, bucket
     assert transfer["server_side"] and transfer["bytes_sent"] == 5 * MiB  # as for a plain merge
     assert transfer["bytes_copied"] >= local.stat().st_size - 5 * MiB
     assert len(report["renamed"]) == len(mid.tensors) - 1  # all but lm_head.weight
+
+
+# --------------------------------------------------------------------------- --verify stages
+
+
+def staged_keys(server: SeaweedS3, bucket: str, prefix: str = "") -> list[str]:
+    return [k for k in keys(server, bucket, prefix) if ".shardkit-tmp-" in k]
+
+
+def run_until_staged(
+    server: SeaweedS3, bucket: str, command: list[str], prefix: str, staged: str
+) -> subprocess.Popen[str]:
+    """Start `command` and SIGSTOP it as soon as an object whose key ends with `staged`
+    appears under a staging prefix in `prefix/`: the staged output is complete and
+    verification is about to start (or has just started). The caller corrupts,
+    interrupts or resumes it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", *command], env={**os.environ, **s3_env(server)},
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, preexec_fn=sigint_as_in_a_terminal,
+    )
+    deadline = time.monotonic() + 120
+    while not any(k.endswith(staged) for k in staged_keys(server, bucket, f"{prefix}/")):
+        assert process.poll() is None, f"ended before its output was staged: {process.stderr.read()}"  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGSTOP)
+    return process
+
+
+def forced_verified_run(bucket: str, command: str, prefix: str) -> tuple[list[str], str, str]:
+    """A --force --verify run of the mid checkpoint over an earlier output: its
+    arguments, its output key and the end of the key its staged output completes with."""
+    if command == "merge":
+        output, staged, extra = f"{prefix}/model.safetensors", "/model.safetensors", []
+    else:
+        output, staged, extra = f"{prefix}/sharded", "/model.safetensors.index.json", ["-s", "30MB"]
+    args = [command, f"s3://{bucket}/mid/", "-o", f"s3://{bucket}/{output}", "--force", "--verify", *extra]
+    return args, output, staged
+
+
+@pytest.fixture
+def earlier(store: SeaweedS3, bucket: str, tiny) -> Iterator[tuple[str, dict[str, str]]]:
+    """A merged model and a split folder, each an earlier output a --force run replaces."""
+    prefix = f"earlier-{uuid.uuid4().hex[:6]}"
+    env = s3_env(store)
+    merged = run_cli("merge", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/{prefix}/model.safetensors", env=env)
+    split = run_cli("split", f"s3://{bucket}/tiny/", "-o", f"s3://{bucket}/{prefix}/sharded/", "-s", "300KB", env=env)
+    assert merged.exit_code == 0 and split.exit_code == 0, merged.stderr + split.stderr
+    yield prefix, bucket_state(store, bucket, f"{prefix}/")
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_force_verify_that_fails_leaves_the_earlier_output_as_it_was(
+    store: SeaweedS3, bucket: str, mid, earlier, command: str
+) -> None:
+    prefix, before = earlier
+    args, output, staged = forced_verified_run(bucket, command, prefix)
+    process = run_until_staged(store, bucket, args, prefix, staged)
+    client = store.client()
+    for key in staged_keys(store, bucket, f"{prefix}/"):  # one data byte of every staged weight file flipped
+        if key.endswith(".safetensors"):
+            data = bytearray(get_bytes(store, bucket, key))
+            data[-1] ^= 0xFF
+            client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 1, stderr
+    # Caught by the comparison, or by the ETag condition of a read already under way: named either way.
+    assert "verification failed, nothing was committed" in stderr or "changed while being read" in stderr, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert bucket_state(store, bucket, f"{prefix}/") == before  # earlier outputs byte for byte (ETags), nothing added
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_ctrl_c_during_a_forced_verification_leaves_the_earlier_output(
+    store: SeaweedS3, bucket: str, mid, earlier, command: str
+) -> None:
+    prefix, before = earlier
+    args, output, staged = forced_verified_run(bucket, command, prefix)
+    process = run_until_staged(store, bucket, args, prefix, staged)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130, stderr
+    assert stderr == "shardkit: error: interrupted; temporary files removed\n"
+    assert bucket_state(store, bucket, f"{prefix}/") == before
+    assert staged_keys(store, bucket, f"{prefix}/") == []
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_force_verify_replaces_the_earlier_output_through_staging(
+    store: SeaweedS3, bucket: str, mid, earlier, work: Path, command: str
+) -> None:
+    import shardkit
+
+    prefix, before = earlier
+    local = work / f"mid-{command}-{uuid.uuid4().hex[:6]}" / ("model.safetensors" if command == "merge" else "")
+    args, output, _ = forced_verified_run(bucket, command, prefix)
+    if command == "merge":
+        local.parent.mkdir()
+        shardkit.merge(mid.folder, local)
+        expected = {"": local.read_bytes()}
+    else:
+        shardkit.split(mid.folder, local, max_shard_size="30MB")
+        expected = folder_bytes(local)
+    result = run_cli(*args, "--json", env=s3_env(store))
+
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verified"] is True
+    if command == "merge":
+        assert {"": get_bytes(store, bucket, output)} == expected
+    else:  # the earlier split's extra shards are gone, the new folder is the local split
+        assert remote_folder_bytes(store, bucket, output) == expected
+    assert staged_keys(store, bucket, f"{prefix}/") == []
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []
+    untouched = {k: v for k, v in before.items() if not k.startswith(output)}
+    assert {k: v for k, v in bucket_state(store, bucket, f"{prefix}/").items() if k in untouched} == untouched
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_writer_that_comes_meanwhile_is_not_replaced_without_force(
+    store: SeaweedS3, bucket: str, mid, verify: bool
+) -> None:
+    prefix = f"race-{uuid.uuid4().hex[:6]}"
+    key = f"{prefix}/model.safetensors"
+    staged = "/model.safetensors" if verify else None
+    command = ["merge", f"s3://{bucket}/mid/", "-o", f"s3://{bucket}/{key}"] + (["--verify"] if verify else [])
+    if staged is not None:
+        process = run_until_staged(store, bucket, command, prefix, staged)
+    else:  # stopped once its upload of the destination has begun
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shardkit", *command], env={**os.environ, **s3_env(store)},
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while key not in unfinished_uploads(store, bucket):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGSTOP)
+    store.client().put_object(Bucket=bucket, Key=key, Body=b"the other writer's output")
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 2, stderr
+    assert stderr == f"shardkit: error: s3://{bucket}/{key}: already exists; pass --force to replace it\n"
+    assert get_bytes(store, bucket, key) == b"the other writer's output"
+    assert staged_keys(store, bucket, f"{prefix}/") == []
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []
+
+
+def test_a_staged_object_over_the_copy_limit_is_committed_in_part_copies(
+    store: SeaweedS3, bucket: str, tiny, mid, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shardkit
+    from shardkit.engine import execute_s3
+
+    # The 5 GB CopyObject limit and 1 GiB commit parts, scaled down to this 76 MB model.
+    monkeypatch.setattr(execute_s3, "COPY_OBJECT_LIMIT", 10 * MiB)
+    monkeypatch.setattr(execute_s3, "COMMIT_PART", 5 * MiB)
+    prefix = f"big-commit-{uuid.uuid4().hex[:6]}"
+    local = work / f"{prefix}.safetensors"
+    shardkit.merge(mid.folder, local)
+    shardkit.merge(f"s3://{bucket}/tiny/", f"s3://{bucket}/{prefix}/model.safetensors")
+
+    report = shardkit.merge(f"s3://{bucket}/mid/", f"s3://{bucket}/{prefix}/model.safetensors", force=True, verify=True)
+
+    assert report.verified
+    assert get_bytes(store, bucket, f"{prefix}/model.safetensors") == local.read_bytes()
+    etag = store.client().head_object(Bucket=bucket, Key=f"{prefix}/model.safetensors")["ETag"]
+    assert etag.strip('"').endswith(f"-{-(-local.stat().st_size // (5 * MiB))}")  # one part copy per 5 MiB
+    assert staged_keys(store, bucket, f"{prefix}/") == []
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []

@@ -50,8 +50,9 @@ def run_plan(
     renamed: Sequence[tuple[str, str]] = (),
 ) -> WriteReport:
     """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the staged
-    output with the source tensor by tensor before it is committed, and discard it if
-    they differ (an earlier output at `output` stays as it was). `dtypes` is the
+    output (a temporary file or folder, or in S3 objects under a staging prefix) with
+    the source tensor by tensor before it is committed, and discard it if they differ
+    (an earlier output at `output` stays as it was). `dtypes` is the
     conversion the plan was made with: its losses are reported, and `verify`
     recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
     checkpoint already holds the new names), shown in the report."""
@@ -78,22 +79,17 @@ def run_plan(
         total = plan.total_bytes
         on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
         cast = dtypes.dtypes if dtypes is not None else None
-        local_verify = verify and not storage.is_remote(output)
         copy_started = time.perf_counter()
         written = execute(
             plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes, log=log,
             protect=protected_sources(checkpoint, source),
             before_commit=_staged_verifier(checkpoint, output, as_folder, cast, verify_progress, timings,
-                                           copy_started) if local_verify else None,
+                                           copy_started) if verify else None,
         )
         timings.setdefault("copy", time.perf_counter() - copy_started)
         files = [
             OutputFile(str(output / w.name if as_folder else output), w.size, w.tensors, w.sha256) for w in written
         ]
-        if verify and not local_verify:  # an S3 output exists only once complete: verified, then removed if wrong
-            verify_started = time.perf_counter()
-            verify_written(checkpoint, output, cast, verify_progress)
-            timings["verify"] = time.perf_counter() - verify_started
         if checksum_file is not None:
             write_checksum_beside(output, written[0], force=force)
         elif sha256:
@@ -154,10 +150,10 @@ def _staged_verifier(
     progress: ProgressCallback | None,
     timings: dict[str, float],
     copy_started: float,
-) -> Callable[[Path], None]:
+) -> Callable[[Location], None]:
     """Verification of the staged output, run by the executor before the commit."""
 
-    def verify_staged(staged: Path) -> None:
+    def verify_staged(staged: Location) -> None:
         verify_started = time.perf_counter()
         timings["copy"] = verify_started - copy_started
         written = open_checkpoint(staged) if as_folder else open_file(staged)
@@ -235,24 +231,6 @@ def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoi
             data = config_with_dtype(storage.read_bytes(path), dtypes.target, path, dtypes.fp8 is not None)
         copies.append(FileCopy(path, name, data))  # type: ignore[arg-type]
     return copies
-
-
-def verify_written(
-    source: Checkpoint,
-    output: Location,
-    converted: Mapping[str, str] | None = None,
-    progress: ProgressCallback | None = None,
-) -> None:
-    """Prove a committed S3 output holds the source's tensors, byte for byte (or, for
-    `converted` tensors, their conversion, recomputed); else remove it."""
-    comparison = compare_checkpoints(
-        source, open_checkpoint(output), converted=converted, on_bytes=_on_bytes(progress, source.total_bytes)
-    )
-    if not comparison.identical:
-        from ..engine.execute_s3 import remove
-
-        remove(output)  # type: ignore[arg-type]
-        raise VerificationError(f"{output}: verification failed, output removed: {_problems(comparison.problems())}")
 
 
 @gc_paused()

@@ -64,15 +64,16 @@ def execute(
     progress: Callable[[int], None] | None = None,
     log: CastLog | None = None,
     protect: Sources | None = None,
-    before_commit: Callable[[Path], None] | None = None,
+    before_commit: Callable[[storage.Location], None] | None = None,
 ) -> list[WrittenFile]:
     """Write `plan` to `dest` (a file, or a folder holding all planned files).
 
     The cast statistics of converted tensors go into `log`. `protect` names what must
     never be touched beyond the plan's sources and copied files (the source folder and
     index; see :mod:`shardkit.engine.destination`). `before_commit` is called with the staged
-    output once it is complete and fsynced, before it replaces anything: an exception
-    there (a failed verification, Ctrl-C) discards it.
+    output once it is complete and fsynced (in S3: complete under its staging prefix),
+    before it replaces anything: an exception there (a failed verification, Ctrl-C)
+    discards it.
     """
     if not as_folder and len(plan.files) != 1:
         raise ValueError("a single-file destination needs a plan with exactly one file")
@@ -83,7 +84,7 @@ def execute(
 
         return execute_s3(
             plan, storage.as_remote(dest), as_folder=as_folder, force=force, sha256=sha256, progress=progress, log=log,
-            protect=_everything_read(plan, protect),
+            protect=_everything_read(plan, protect), before_commit=before_commit,
         )
     protect = _everything_read(plan, protect)
     check_destination(dest, protect, force=force, as_folder=as_folder, writes=written_names(plan, sha256))
@@ -340,7 +341,7 @@ def write_checksum_beside(dest: storage.Location, written: WrittenFile, *, force
 
         if not isinstance(path, S3Path):  # as_path(output=True) refused the others already
             raise OutputError(f"{path}: cannot write there; outputs go to a local path or an s3:// URL")
-        put_bytes(path, manifest.encode())
+        put_bytes(path, manifest.encode(), replace=force)
         return path
     staged = atomic.temp_name(path)
     try:

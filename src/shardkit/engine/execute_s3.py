@@ -20,6 +20,15 @@ A folder output is several objects: weight files first, then config and tokenize
 files, then the index, so an index never names a shard that is not there yet. S3
 cannot swap a folder atomically; if a run fails, the objects it completed are
 deleted, and with `force` the old output's other objects are deleted after success.
+Without `force` every object is written on condition that its key is free
+(`If-None-Match: *`), so a concurrent writer's output is never silently replaced.
+
+A verified run (`before_commit`) stages: the output is written under a hidden prefix
+beside the destination (`.shardkit-tmp-<name>.<pid>.<random>/`, which the next run
+to the same destination removes if this one was killed), verified there, and only then
+copied to its final keys inside the store (CopyObject, or UploadPartCopy past 5 GB),
+index last. A failed verification, an error or Ctrl-C before that leaves an earlier
+output as it was; signals that arrive during the copies wait until they are done.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from ..storage.s3 import WORKERS, S3Path, S3Store
 from . import stream
 from .atomic import TEMP_MARK
 from .destination import Sources, refuse_unexpected, unexpected_names
+from .held_signals import held_signals
 from .source_reads import RangeSources, check_sources_unchanged, stream_workers
 from .written import WrittenFile, checksum_file_name, written_names
 
@@ -53,6 +63,10 @@ PART_SIZE = 16 * MiB
 #: Bytes of parts being uploaded at once (the read-ahead of stream.ordered_reads comes on top).
 IN_FLIGHT = 48 * MiB
 _DELETE_BATCH = 1000
+#: The largest object CopyObject copies in one request; larger ones are copied in parts.
+COPY_OBJECT_LIMIT = 5 * 1024 * MiB
+#: Part size of the server-side copy that commits a staged object over COPY_OBJECT_LIMIT.
+COMMIT_PART = 1024 * MiB
 
 
 def execute_s3(
@@ -65,11 +79,14 @@ def execute_s3(
     progress: Callable[[int], None] | None = None,
     log: CastLog | None = None,
     protect: Sources | None = None,
+    before_commit: Callable[[S3Path], None] | None = None,
 ) -> list[WrittenFile]:
     """Write `plan` to `dest` (an object, or a folder prefix holding all planned files).
 
     `protect` names what must never be touched (sources, index, companion files, the
-    source folder); the plan's sources are protected anyway."""
+    source folder); the plan's sources are protected anyway. `before_commit` is called
+    with the staged output (its object, or its folder) before anything is written at
+    `dest`: an exception there discards it and leaves `dest` as it was."""
     sources = plan.sources
     log = log if log is not None else CastLog()
     if not isinstance(dest, S3Path):
@@ -77,11 +94,15 @@ def execute_s3(
     protect = protect or Sources(tuple(storage.lookup(h.path) for h in sources))
     writes = written_names(plan, sha256)
     check_s3_destination(dest, protect, force=force, as_folder=as_folder, writes=writes)
-    targets = [dest / f.name for f in plan.files] if as_folder else [dest]
-    for target in targets:
+    for target in [dest / f.name for f in plan.files] + [dest] if as_folder else [dest]:
         clean_stale(target)
-    server_side = is_server_side(sources, dest)
-    write = assemble if server_side else upload_streamed
+    stage = staged_twin(dest) if before_commit is not None else None
+    base = stage if stage is not None else dest
+    # Staged keys belong to this run alone; final keys are only replaced when forced.
+    replace = force or stage is not None
+    write = assemble if is_server_side(sources, dest) else upload_streamed
+    # A staged single file keeps its name inside its staging prefix.
+    targets = [base / f.name for f in plan.files] if as_folder else [base / dest.name if stage is not None else dest]
     completed: list[S3Path] = []
     try:
         written = []
@@ -89,21 +110,49 @@ def execute_s3(
             # Reads are conditional on each source's ETag anyway; this also catches a source
             # replaced after its last byte was read, as a local run would.
             check = lambda: check_sources_unchanged(sources)  # noqa: E731
-            written.append(
-                write(planned, target, sha256=sha256, progress=progress, before_commit=check, log=log)
-            )
+            written.append(write(
+                planned, target, sha256=sha256, progress=progress, before_commit=check, log=log, replace=replace
+            ))
             completed.append(target)
         if as_folder:
-            completed += _write_extras(plan, dest, written)
-            if force:  # what the old output held beside the new files; anything else stays
-                keep = {p.key for p in completed}
-                earlier = [k for k in dest.keys_under() if k not in keep]
-                old = [k for k in earlier if not unexpected_names([k[len(dest.key) + 1 :]], writes)]
-                delete_keys(dest, old)
+            completed += _write_extras(plan, base, written, replace=replace)
+        if stage is not None and before_commit is not None:
+            before_commit(stage if as_folder else completed[0])
+            finals = [dest / p.key[len(stage.key) + 1 :] for p in completed] if as_folder else [dest]
+            with held_signals():  # a Ctrl-C now would leave a folder half old, half new
+                commit_staged(list(zip(completed, finals)), dest, force=force, index_name=plan.index_name)
+                if as_folder and force:
+                    _delete_earlier(dest, {p.key for p in finals}, writes)
+        elif as_folder and force:
+            _delete_earlier(dest, {p.key for p in completed}, writes)
     except BaseException:
-        delete_keys(dest, [p.key for p in completed], best_effort=True)
+        if stage is None:
+            delete_keys(dest, [p.key for p in completed], best_effort=True)
+            remove_own_staged(targets)
         raise
+    finally:
+        if stage is not None:
+            remove_own_staged([dest])
     return written
+
+
+def remove_own_staged(targets: Sequence[S3Path]) -> None:
+    """Delete every staged object this process made for `targets`, listed rather than
+    remembered: a Ctrl-C that cut an upload's own clean-up short (between its completion
+    and the deletion of its staged parts) must not leave them behind."""
+    for target in targets:
+        prefix = f"{staging_prefix(target)}{os.getpid()}."
+        try:
+            delete_keys(target, [item["Key"] for item in target.objects(prefix)], best_effort=True)
+        except Exception:  # noqa: BLE001 - best effort: the original failure is what the user must see
+            pass
+
+
+def _delete_earlier(dest: S3Path, keep: set[str], writes: Collection[str]) -> None:
+    """After a forced folder write: what the old output held beside the new files (the
+    keys in `keep`); anything shardkit would not have written stays."""
+    earlier = [k for k in dest.keys_under() if k not in keep]
+    delete_keys(dest, [k for k in earlier if not unexpected_names([k[len(dest.key) + 1 :]], writes)])
 
 
 def is_server_side(sources: Sequence[Source], dest: object) -> bool:
@@ -170,6 +219,68 @@ def staging_prefix(target: S3Path) -> str:
     return f"{parent}/{TEMP_MARK}{target.name}." if parent else f"{TEMP_MARK}{target.name}."
 
 
+def staged_twin(dest: S3Path) -> S3Path:
+    """This run's own staging folder for `dest`: under :func:`staging_prefix`, so a killed
+    run's leftovers are removed by the next run to the same destination."""
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    return S3Path(dest.store, dest.bucket, staging_prefix(dest) + token)
+
+
+def commit_staged(
+    pairs: Sequence[tuple[S3Path, S3Path]], dest: S3Path, *, force: bool, index_name: str | None
+) -> None:
+    """Copy each verified staged object to its final key, inside the store; the index
+    last, so it never names a shard that is not there yet. Without `force` each copy is
+    refused if its key was taken meanwhile. A copy that fails removes the final objects
+    this commit added under new keys (those it replaced cannot come back: it says so)."""
+    index = [pair for pair in pairs if index_name is not None and pair[1].name == index_name]
+    others = [pair for pair in pairs if pair not in index]
+    existed = set(dest.keys_under()) | ({dest.key} if dest.is_file() else set())
+    done: list[S3Path] = []
+    try:
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="shardkit-commit") as pool:
+            futures = [(pool.submit(copy_within, source, final, replace=force), final) for source, final in others]
+            for future, final in futures:
+                future.result()
+                done.append(final)
+        for source, final in index:
+            copy_within(source, final, replace=force)
+            done.append(final)
+    except BaseException:
+        delete_keys(dest, [p.key for p in done if p.key not in existed], best_effort=True)
+        replaced = [p for p in done if p.key in existed]
+        if replaced:
+            raise OutputError(
+                f"{dest}: committing the verified output stopped after replacing {len(replaced)} of {len(pairs)} "
+                "earlier objects, so it holds old and new files; run again with --force"
+            ) from None
+        raise
+
+
+def copy_within(source: S3Path, target: S3Path, *, replace: bool) -> None:
+    """Copy the object `source` (the version whose ETag it knows) to `target`, server-side."""
+    stat = source.stat()
+    condition: dict[str, Any] = {} if replace else {"IfNoneMatch": "*"}
+    if stat.st_size <= COPY_OBJECT_LIMIT:
+        if stat.version:
+            condition["CopySourceIfMatch"] = stat.version
+        response = target.store.call(
+            "copy_object", str(target), Bucket=target.bucket, Key=target.key,
+            CopySource={"Bucket": source.bucket, "Key": source.key}, **condition,
+        )
+        target.store.count(copied=stat.st_size)
+        target.learn(storage.remote.RemoteStat(stat.st_size, response.get("CopyObjectResult", {}).get("ETag")))
+        return
+    upload = MultipartUpload(target)
+    try:
+        for number, offset in enumerate(range(0, stat.st_size, COMMIT_PART), 1):
+            upload.copy_part(number, source, offset, min(COMMIT_PART, stat.st_size - offset))
+        upload.complete(replace=replace, size=stat.st_size)
+    except BaseException:
+        upload.abort()
+        raise
+
+
 def clean_stale(target: S3Path) -> list[str]:
     """Abort unfinished uploads of `target` and delete staged objects left by runs that
     were killed before they could clean up; returns what was removed."""
@@ -208,9 +319,17 @@ def remove(path: S3Path) -> None:
     delete_keys(path, keys)
 
 
-def put_bytes(path: S3Path, data: bytes) -> None:
-    """A small object in one request (atomic, as every PUT is)."""
-    path.call("put_object", Key=path.key, Body=data)
+def put_bytes(path: S3Path, data: bytes, *, replace: bool = True) -> None:
+    """A small object in one request (atomic, as every PUT is); without `replace` it is
+    refused (OutputExistsError) if the key is taken, even by a writer that came meanwhile.
+    `path` learns the new object's size and ETag."""
+    response = path.call("put_object", Key=path.key, Body=data, **_no_replace(replace))
+    path.learn(storage.remote.RemoteStat(len(data), response.get("ETag")))
+
+
+def _no_replace(replace: bool) -> dict[str, str]:
+    """The condition of a write that must not replace an object (S3 conditional writes)."""
+    return {} if replace else {"IfNoneMatch": "*"}
 
 
 # --------------------------------------------------------------------------- one upload
@@ -243,11 +362,16 @@ class MultipartUpload:
         self.target.store.count(copied=length)
         self.etags[number] = response["CopyPartResult"]["ETag"]
 
-    def complete(self) -> None:
+    def complete(self, *, replace: bool = True, size: int | None = None) -> None:
+        """Make the object visible (without `replace`, only if its key is still free); the
+        target learns its ETag (and `size`, when given)."""
         parts = [{"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)]
-        self.target.call(
-            "complete_multipart_upload", Key=self.target.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+        response = self.target.call(
+            "complete_multipart_upload", Key=self.target.key, UploadId=self.upload_id,
+            MultipartUpload={"Parts": parts}, **_no_replace(replace),
         )
+        if size is not None:
+            self.target.learn(storage.remote.RemoteStat(size, response.get("ETag")))
 
     def abort(self) -> None:
         """Best effort: a store that is gone cannot be told; the next run cleans up."""
@@ -268,8 +392,10 @@ def upload_streamed(
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     log: CastLog | None = None,
+    replace: bool = True,
 ) -> WrittenFile:
-    """Upload the planned file's bytes, made in order from wherever the sources are."""
+    """Upload the planned file's bytes, made in order from wherever the sources are
+    (without `replace`, on condition that the key is still free)."""
     hasher = hashlib.sha256() if sha256 else None
     part_size = max(PART_SIZE, -(-planned.size // 10_000 // MiB) * MiB)
     in_flight = max(1, IN_FLIGHT // part_size)
@@ -285,11 +411,11 @@ def upload_streamed(
                 hasher.update(data)
             if before_commit is not None:
                 before_commit()
-            put_bytes(target, data)
+            put_bytes(target, data, replace=replace)
             if progress is not None:
                 progress(len(data))
         else:
-            _upload_parts(chunks, target, part_size, in_flight, hasher, progress, before_commit)
+            _upload_parts(chunks, target, part_size, in_flight, hasher, progress, before_commit, replace)
     return WrittenFile(planned.name, planned.size, len(planned.tensors), hasher.hexdigest() if hasher else None)
 
 
@@ -301,6 +427,7 @@ def _upload_parts(
     hasher: hashlib._Hash | None,
     progress: Callable[[int], None] | None,
     before_commit: Callable[[], None] | None,
+    replace: bool,
 ) -> None:
     upload = MultipartUpload(target)
     pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="shardkit-upload")
@@ -308,6 +435,7 @@ def _upload_parts(
     filling: list[memoryview] = []  # the part being filled, joined (one copy) when full
     filled = 0
     number = 0
+    size = 0
 
     def settle() -> None:
         future, size = pending.popleft()
@@ -326,6 +454,7 @@ def _upload_parts(
         for chunk in chunks:
             if hasher is not None:
                 hasher.update(chunk)
+            size += len(chunk)
             view = memoryview(chunk)
             while view:
                 take = min(len(view), part_size - filled)
@@ -340,7 +469,7 @@ def _upload_parts(
             settle()
         if before_commit is not None:
             before_commit()
-        upload.complete()
+        upload.complete(replace=replace, size=size)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         upload.abort()
@@ -360,8 +489,10 @@ def assemble(
     progress: Callable[[int], None] | None = None,
     before_commit: Callable[[], None] | None = None,
     log: CastLog | None = None,
+    replace: bool = True,
 ) -> WrittenFile:
-    """Build the planned file inside the store: plain copies server-side, the rest made here."""
+    """Build the planned file inside the store: plain copies server-side, the rest made
+    here (without `replace`, on condition that the key is still free)."""
     log = log if log is not None else CastLog()
     object_plan = plan_object(planned)
     with RangeSources([planned]) as sources:
@@ -378,11 +509,11 @@ def assemble(
             data = make(object_plan.parts[0])
             if before_commit is not None:
                 before_commit()
-            put_bytes(target, data)
+            put_bytes(target, data, replace=replace)
             if progress is not None:
                 progress(planned.size)
         else:
-            _Assembly(object_plan, target, make, progress, before_commit).run()
+            _Assembly(object_plan, target, make, progress, before_commit).run(replace=replace, size=planned.size)
     return WrittenFile(planned.name, planned.size, len(planned.tensors), digest)
 
 
@@ -422,7 +553,7 @@ class _Assembly:
         self.built: dict[str, Future[None]] = {}
         self.uploads: list[MultipartUpload] = []
 
-    def run(self) -> None:
+    def run(self, *, replace: bool = True, size: int | None = None) -> None:
         pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="shardkit-copy")
         final: MultipartUpload | None = None
         try:
@@ -437,7 +568,7 @@ class _Assembly:
                 future.result()
             if self.before_commit is not None:
                 self.before_commit()
-            final.complete()
+            final.complete(replace=replace, size=size)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             for upload in self.uploads:
@@ -474,30 +605,26 @@ class _Assembly:
 # --------------------------------------------------------------------------- extras
 
 
-def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile]) -> list[S3Path]:
+def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile], *, replace: bool) -> list[S3Path]:
     """Config/tokenizer copies, then the index, then the checksum file."""
     done: list[S3Path] = []
     for copy in plan.copies:
         target = dest / copy.name
         source = storage.as_path(copy.source) if isinstance(copy.source, str) else copy.source
         if copy.data is not None:
-            put_bytes(target, copy.data)
+            put_bytes(target, copy.data, replace=replace)
         elif isinstance(source, S3Path) and source.store is dest.store:
-            dest.store.call(
-                "copy_object", str(source), Bucket=dest.bucket, Key=target.key,
-                CopySource={"Bucket": source.bucket, "Key": source.key},
-            )
-            dest.store.count(copied=source.stat().st_size)
+            copy_within(source, target, replace=replace)
         else:
-            put_bytes(target, storage.read_bytes(source))
+            put_bytes(target, storage.read_bytes(source), replace=replace)
         done.append(target)
     if plan.index is not None and plan.index_name is not None:
         target = dest / plan.index_name
-        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode())
+        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode(), replace=replace)
         done.append(target)
     sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:
         target = dest / checksum_file_name(plan)
-        put_bytes(target, format_file_manifest(sums).encode())
+        put_bytes(target, format_file_manifest(sums).encode(), replace=replace)
         done.append(target)
     return done

@@ -20,7 +20,14 @@ from collections.abc import Iterator
 from typing import Any, Literal, overload
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import BadInputError, MissingExtraError, ShardkitError, SourceChangedError, TransportError
+from ..errors import (
+    BadInputError,
+    MissingExtraError,
+    OutputExistsError,
+    ShardkitError,
+    SourceChangedError,
+    TransportError,
+)
 from .location import Traffic
 from .remote import RemotePath, RemoteStat
 
@@ -128,8 +135,11 @@ class S3Store:
         try:
             return getattr(self.client, operation)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - every botocore failure becomes a one-line error
-            if missing_ok and _error_code(exc) in _MISSING_CODES:
+            code = _error_code(exc)
+            if missing_ok and code in _MISSING_CODES:
                 return None
+            if "IfNoneMatch" in kwargs and code in _CHANGED_CODES:  # a no-replace write found an object there
+                raise OutputExistsError(what) from None
             raise self.error(exc, what, kwargs.get("Bucket")) from None
 
     def read_body(self, response: dict[str, Any], what: str) -> bytes:
