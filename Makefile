@@ -52,6 +52,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/bench.py
 	$(PY) bench/bench_s3.py
 	$(PY) bench/bench_headers.py
+	$(PY) bench/fp8_scale.py
 
 fuzz: $(VENV)/.test-installed
 	SHARDKIT_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz_header.py
