@@ -27,6 +27,7 @@ from ..reports import JsonReport
 
 if TYPE_CHECKING:
     from ..checkpoint.pipeline import Pipeline
+    from ..plan.fp8_layout import Fp8Layout
     from .pipeline_runs import PipelineReport
 
 
@@ -134,16 +135,8 @@ def inspect(
     checkpoint = open_checkpoint(location, strict=strict, allow_unindexed=True)
     root = checkpoint.root
     metadata, warnings = metadata_union(checkpoint.shards)
-    quantization, scales = _quantization(checkpoint, warnings)
-    # A million tensors have a few dozen (dtype, shape) kinds: count per kind, multiply once.
-    kinds = Counter(map(_DTYPE_AND_SHAPE, _infos(checkpoint.tensors.values())))
-    if scales:
-        kinds.subtract(map(_DTYPE_AND_SHAPE, _infos(map(checkpoint.tensors.__getitem__, scales))))
-    by_dtype: dict[str, int] = {}
-    for (dtype, shape), count in kinds.items():
-        if count:
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + count * math.prod(shape)
-
+    layout = _fp8_layout(checkpoint, warnings)
+    scale_names = layout.scale_names if layout is not None else frozenset()
     if filter is None:
         selected = list(checkpoint.tensors.values())
     else:
@@ -151,6 +144,24 @@ def inspect(
         if not selected:
             warnings.append(_no_match_hint(filter))
     groups = group_layers(map(_NAME_DTYPE_SHAPE, _infos(selected)))  # groups sort themselves
+    # A million tensors have a few dozen (dtype, shape) kinds: count per kind, multiply
+    # once; the groups of the whole checkpoint have counted them already.
+    kinds: Counter[tuple[str, tuple[int, ...]]] = Counter()
+    scale_kinds: Counter[tuple[str, tuple[int, ...]]] = Counter()
+    if filter is None:
+        for group in groups:
+            kinds[group.dtype, group.shape] += group.count
+            if scale_names:
+                scale_kinds[group.dtype, group.shape] += sum(map(scale_names.__contains__, group.names))
+    else:
+        kinds.update(map(_DTYPE_AND_SHAPE, _infos(checkpoint.tensors.values())))
+        scale_kinds.update(map(_DTYPE_AND_SHAPE, _infos(map(checkpoint.tensors.__getitem__, scale_names))))
+    quantization = _quantization_summary(layout, scale_kinds) if layout is not None else None
+    kinds.subtract(scale_kinds)  # scales are not parameters, as the Hub counts them
+    by_dtype: dict[str, int] = {}
+    for (dtype, shape), count in kinds.items():
+        if count:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + count * math.prod(shape)
     layers = [
         LayerRow(
             g.pattern, g.dtype, list(g.shape), g.count,
@@ -180,7 +191,7 @@ def inspect(
             for h in sorted(checkpoint.shards, key=lambda h: natural_key(h.path))
         ],
         tensors=len(checkpoint.tensors),
-        parameters=checkpoint.parameters - (quantization.scale_parameters if quantization else 0),
+        parameters=sum(by_dtype.values()),
         parameters_by_dtype=dict(sorted(by_dtype.items(), key=lambda item: (-item[1], item[0]))),
         bytes=checkpoint.total_bytes,
         metadata=metadata,
@@ -206,33 +217,28 @@ _DTYPE_AND_SHAPE = itemgetter(slice(1, 3))  # of a TensorInfo: (dtype, shape)
 _NAME_DTYPE_SHAPE = itemgetter(slice(0, 3))
 
 
-def _quantization(checkpoint: Checkpoint, warnings: list[str]) -> tuple[QuantizationSummary | None, frozenset[str]]:
-    """The FP8 layout, if any, and its scale tensors' names; a layout that does not hold
-    is a warning here (inspecting is how one finds out), the error of a conversion."""
+def _fp8_layout(checkpoint: Checkpoint, warnings: list[str]) -> Fp8Layout | None:
+    """The FP8 layout, if any; a layout that does not hold is a warning here
+    (inspecting is how one finds out), the error of a conversion."""
     from ..errors import ShardkitError
     from ..plan.conversion import read_config
     from ..plan.fp8_layout import find_layout
 
     if next(filter(methodcaller("endswith", ("_scale_inv", ".weight_scale")), checkpoint.tensors), None) is None:
-        return None, frozenset()  # no scales: not an FP8 layout, and no config.json read (headers only)
+        return None  # no scales: not an FP8 layout, and no config.json read (headers only)
     try:
-        layout = find_layout(checkpoint, read_config(checkpoint))
+        return find_layout(checkpoint, read_config(checkpoint))
     except ShardkitError as error:
         warnings.append(f"FP8 layout: {error}")
-        return None, frozenset()
-    if layout is None:
-        return None, frozenset()
-    names = layout.scale_names
-    summary = QuantizationSummary(
-        layout.scheme, list(layout.block) if layout.block else None, len(layout.weights), len(names),
-        _parameters(checkpoint.tensors[n].info.shape for n in names),
+        return None
+
+
+def _quantization_summary(layout: Fp8Layout, scale_kinds: Counter[tuple[str, tuple[int, ...]]]) -> QuantizationSummary:
+    """`scale_kinds`: how many of the layout's scale tensors have each (dtype, shape)."""
+    return QuantizationSummary(
+        layout.scheme, list(layout.block) if layout.block else None, len(layout.weights), len(layout.scale_names),
+        sum(math.prod(shape) * count for (_, shape), count in scale_kinds.items()),
     )
-    return summary, names
-
-
-def _parameters(shapes: Iterable[tuple[int, ...]]) -> int:
-    """Elements of tensors of these shapes, multiplied out once per distinct shape."""
-    return sum(math.prod(shape) * count for shape, count in Counter(shapes).items())
 
 
 def _relative(path: str, root: object) -> str:
