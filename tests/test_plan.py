@@ -56,6 +56,40 @@ def test_a_merge_plan_replayed_in_any_tiling_is_what_the_cli_writes(checkpoint, 
         assert tiled(planned, sources, cuts) == expected
 
 
+@pytest.mark.parametrize("target", ["fp16", "fp32"])
+def test_a_conversion_made_in_pieces_of_any_read_size_is_what_the_cli_writes(checkpoint, tmp_path: Path, target):
+    """The block writer converts L2-sized pieces (cast_read), remote reads keep larger
+    ones: the bytes and the loss counts must not depend on it, even for pieces smaller
+    than an element or cut across one."""
+    from shardkit.plan.conversion import choose_dtypes
+
+    opened = open_checkpoint(checkpoint.folder)
+    plan = plan_merge(opened, "model.safetensors", dtype_for=choose_dtypes(opened, target))
+    (planned,) = plan.files
+    sources = source_bytes(plan)
+    written = tmp_path / "converted.safetensors"
+    assert run_cli("merge", checkpoint.folder, "-o", written, "--dtype", target).exit_code == 0
+    expected = written.read_bytes()
+    read = memory_read(sources)
+    counted = []
+    for cast_read in (4096, 1 << 18, 1 << 30):
+        out = bytearray(planned.size)
+        bounds = [0, *range(7, planned.size, 100_003), planned.size]
+        stats: dict = {}
+        for lo, hi in zip(bounds, bounds[1:]):
+            for name, lost in fill(planned, lo, memoryview(out)[lo:hi], read, cast_read=cast_read).items():
+                stats[name] = stats[name] + lost if name in stats else lost
+        assert bytes(out) == expected, cast_read
+        counted.append(stats)
+    assert counted[0] and all(each == counted[0] for each in counted)
+    # pieces of one element or less, in a window that starts and ends inside elements
+    lo, hi = planned.header_size + 4097, planned.header_size + 9001
+    for cast_read in (1, 3):
+        window = bytearray(hi - lo)
+        fill(planned, lo, memoryview(window), read, cast_read=cast_read)
+        assert bytes(window) == expected[lo:hi]
+
+
 def test_a_split_plan_tiles_every_shard_and_names_its_sources_and_writes(checkpoint, tmp_path: Path) -> None:
     plan = plan_split(open_checkpoint(checkpoint.folder), 300_000)
     assert len(plan.files) > 1

@@ -32,7 +32,7 @@ from .. import storage
 from ..checkpoint.manifest import format_file_manifest
 from ..errors import OutputError, OutputExistsError, ShardkitError, WriteError
 from ..plan.files import Copy, Plan, PlannedFile
-from ..plan.fill import CastLog, Read, fill, ordered_chunks
+from ..plan.fill import CAST_READ, SCRATCH, CastLog, Read, fill, ordered_chunks
 from ..storage.location import read_exactly
 from . import atomic, block_writer
 from .byte_copy import RangeCopier
@@ -197,6 +197,9 @@ def copy_method() -> str:
 
 #: Threads converting each block: the block workers share the cores between them.
 CAST_WORKERS = max(1, (os.cpu_count() or 1) // block_writer.WORKERS)
+#: Source bytes per cast call: L2-sized pieces (see CAST_READ) where one thread converts;
+#: split over several threads, a call needs enough for each thread's share.
+CAST_PIECE = CAST_READ if CAST_WORKERS == 1 else SCRATCH
 
 
 def _write_direct(
@@ -243,7 +246,7 @@ def direct_output(
     read = local_read(sources)
 
     def fill_block(start: int, into: memoryview) -> None:
-        log.add(fill(planned, start, into, read, workers=CAST_WORKERS))
+        log.add(fill(planned, start, into, read, workers=CAST_WORKERS, cast_read=CAST_PIECE))
 
     def read_ahead(start: int, end: int) -> None:
         if hasattr(os, "posix_fadvise"):
