@@ -479,3 +479,77 @@ def test_a_bin_checkpoint_over_http_gives_the_bytes_of_a_local_run(tmp_path: Pat
         assert sorted(load_file(tmp_path / "remote" / "merged.safetensors")) == expected
     else:
         assert "lm_head.weight" not in load_file(tmp_path / "remote" / "merged.safetensors")
+
+
+def test_every_range_of_a_gathered_view_is_its_bytes_made_contiguous(tmp_path: Path) -> None:
+    """Views larger than a gather window (so boxes are cut, along the largest stride
+    first), of several layouts, filled by arbitrary ranges (cut mid-element, across
+    boxes), with and without a cast: the bytes torch's `.contiguous()` gives."""
+    import random
+
+    from shardkit.checkpoint.shards import open_checkpoint
+    from shardkit.plan.files import plan_merge
+    from shardkit.plan.fill import fill
+
+    torch.manual_seed(3)
+    cube = torch.randn(40, 96, 300)  # 4.6 MB: more than one 4 MB window
+    views = {
+        "permuted": cube.permute(2, 0, 1),
+        "transposed_slice": torch.randn(700, 900).t()[100:650, 3:601],
+        "every_other": torch.randn(300, 2000)[:, ::2],
+        "expanded": torch.randn(1, 5000).expand(300, 5000),  # stride 0
+        "complex": torch.randn(200, 300, dtype=torch.complex64).t(),  # 8-byte elements
+        "bool_columns": (torch.randn(500, 40) > 0)[:, 5:9],
+    }
+    path = tmp_path / "views.pt"
+    torch.save(views, path)
+    checkpoint = open_checkpoint(path)
+    for dtype_for in (None, lambda tensor: "BF16" if tensor.info.dtype == "F32" else tensor.info.dtype):
+        planned = plan_merge(checkpoint, "out.safetensors", (), dtype_for).files[0]
+        expected = bytearray(planned.size)
+
+        def read(source: str, offset: int, into: memoryview) -> None:
+            with open(source, "rb") as file:
+                file.seek(offset)
+                into[:] = file.read(len(into))
+
+        fill(planned, 0, memoryview(expected), read)
+        header = int.from_bytes(expected[:8], "little") + 8
+        written = {n: (t.to(torch.bfloat16) if dtype_for and t.dtype == torch.float32 else t)
+                   for n, t in views.items()}
+        loaded = safetensors.torch.load(bytes(expected))
+        assert tensor_bytes(loaded) == tensor_bytes(written)
+        rng = random.Random(0)
+        for _ in range(30):
+            start = rng.randrange(header, planned.size)
+            length = rng.randrange(1, min(planned.size - start, 6_000_000) + 1)
+            part = bytearray(length)
+            fill(planned, start, memoryview(part), read)
+            assert part == expected[start : start + length], (start, length)
+
+
+def test_a_transposed_view_is_read_once_per_range_filled(tmp_path: Path) -> None:
+    """A transposed view's output rows each need elements from all over its span: the
+    range a block writer fills (32 MB) is gathered in one pass over the span, not one pass
+    per few hundred thousand elements (a 1.5B model's transposed embedding: > 300 s before,
+    2.9 s CPU after)."""
+    from shardkit.checkpoint.shards import open_checkpoint
+    from shardkit.plan.files import plan_merge
+    from shardkit.plan.fill import fill
+
+    weight = torch.randn(1536, 2048, dtype=torch.bfloat16)  # 6 MB
+    torch.save({"w": weight.t()}, tmp_path / "t.pt")
+    planned = plan_merge(open_checkpoint(tmp_path / "t.pt"), "out.safetensors").files[0]
+    read_bytes = 0
+
+    def read(source: str, offset: int, into: memoryview) -> None:
+        nonlocal read_bytes
+        read_bytes += len(into)
+        with open(source, "rb") as file:
+            file.seek(offset)
+            into[:] = file.read(len(into))
+
+    out = bytearray(planned.size)
+    fill(planned, 0, memoryview(out), read)
+    assert safetensors.torch.load(bytes(out))["w"].equal(weight.t())
+    assert read_bytes <= 1.01 * weight.numel() * 2 + planned.size - weight.numel() * 2

@@ -159,19 +159,35 @@ def _products_buffer() -> memoryview:
     return buffer
 
 
-#: Elements of a strided view gathered per round: bounds the index arrays (8 bytes each).
-GATHER_ELEMENTS = 256 * 1024
+#: Source bytes of a strided view gathered per round when it is cast. A transposed
+#: view's rows are spread over its whole span, so each round reads all of it; uncast,
+#: the elements go straight into the output range, read once per range.
+GATHER_BYTES = 8 * 1024 * 1024
 
 
 def _gathered(step: Transform, into: int, target: memoryview, read: Read) -> CastStats | None:
     """Bytes [into, into + len(target)) of a strided view made contiguous (then cast
-    when the dtypes differ), a bounded number of elements at a time."""
+    when the dtypes differ)."""
+    size = DTYPES[step.src_dtype].bits // 8
+    lo, hi = -(-into // size), (into + len(target)) // size
+    if step.src_dtype != step.dst_dtype or lo >= hi:
+        return _gathered_in_rounds(step, into, target, read)
+    _gather(step, lo, hi - lo, target[lo * size - into : hi * size - into], read)
+    if into < lo * size:  # the ends of elements cut by the range's edges
+        _gathered_in_rounds(step, into, target[: lo * size - into], read)
+    if hi * size < into + len(target):
+        _gathered_in_rounds(step, hi * size, target[hi * size - into :], read)
+    return None
+
+
+def _gathered_in_rounds(step: Transform, into: int, target: memoryview, read: Read) -> CastStats | None:
+    """:func:`_gathered` through a buffer of :data:`GATHER_BYTES` at a time."""
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
     end = into + len(target)
     first, last = into // dst_size, -(-end // dst_size)
     total: CastStats | None = None
-    for lo in range(first, last, GATHER_ELEMENTS):
-        count = min(last, lo + GATHER_ELEMENTS) - lo
+    for lo in range(first, last, GATHER_BYTES // src_size):
+        count = min(last, lo + GATHER_BYTES // src_size) - lo
         elements = bytearray(count * src_size)
         _gather(step, lo, count, memoryview(elements), read)
         produced = memoryview(elements)
@@ -188,33 +204,88 @@ def _gathered(step: Transform, into: int, target: memoryview, read: Read) -> Cas
     return total
 
 
+#: numpy's view of one element, by size: strided copies move whole elements, not bytes.
+_ELEMENT = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}
+
+
 def _gather(step: Transform, first: int, count: int, into: memoryview, read: Read) -> None:
-    """Elements [first, first + count) (C order) of the view into `into`: their source
-    places are computed, sorted, and read a scratch window at a time."""
+    """Elements [first, first + count) (C order) of the view into `into`. The range is
+    cut into boxes (:func:`_boxes`); each box is read a window of source bytes at a
+    time and copied by numpy's strided copy, so no index array is built."""
     import numpy as np
 
     assert step.gather is not None
     itemsize = DTYPES[step.src_dtype].bits // 8
-    index = np.arange(first, first + count, dtype=np.int64)
-    places = np.zeros(count, dtype=np.int64)
-    for size, stride in zip(reversed(step.gather.shape), reversed(step.gather.stride)):
-        index, digit = np.divmod(index, size)
-        places += digit * stride
-    order = np.argsort(places, kind="stable")
-    ordered = places[order]
-    out = np.frombuffer(into, dtype=np.uint8).reshape(count, itemsize)
-    scratch = _scratch_buffer()
-    window = len(scratch) // itemsize
+    out = np.frombuffer(into, dtype=_ELEMENT[itemsize])
+    shape, stride = step.gather.shape, step.gather.stride
     done = 0
-    while done < count:
-        low = int(ordered[done])
-        stop = int(np.searchsorted(ordered, low + window, side="left"))
-        span = int(ordered[stop - 1]) - low + 1
-        buffer = scratch[: span * itemsize]
-        read(step.source, step.source_offset + low * itemsize, buffer)
-        source = np.frombuffer(buffer, dtype=np.uint8).reshape(span, itemsize)
-        out[order[done:stop]] = source[ordered[done:stop] - low]
-        done = stop
+    for index, box in _boxes(shape, first, count):
+        size = _product(box)
+        base = sum(i * s for i, s in zip(index, stride))
+        target = out[done : done + size].reshape(box)
+        _copy_box(step, base, box, stride, target, itemsize, read)
+        done += size
+
+
+def _copy_box(
+    step: Transform, base: int, box: tuple[int, ...], stride: tuple[int, ...], target: object, itemsize: int,
+    read: Read,
+) -> None:
+    """The elements of one box of the view (first at element `base` of the source)
+    into `target` (a numpy array of the box's shape): read whole when its span fits
+    the scratch window, else cut along the dimension of largest stride."""
+    import numpy as np
+
+    window = len(_scratch_buffer()) // itemsize
+    span = 1 + sum((n - 1) * s for n, s in zip(box, stride))
+    if span <= window:
+        buffer = _scratch_buffer()[: span * itemsize]
+        read(step.source, step.source_offset + base * itemsize, buffer)
+        source = np.frombuffer(buffer, dtype=_ELEMENT[itemsize])
+        strides = tuple(s * itemsize for s in stride)
+        target[...] = np.lib.stride_tricks.as_strided(source, box, strides)  # type: ignore[index]
+        return
+    cut = max((d for d in range(len(box)) if box[d] > 1), key=lambda d: stride[d])
+    rest = span - (box[cut] - 1) * stride[cut]
+    per = max(1, (window - rest) // stride[cut] + 1) if rest <= window else 1
+    for lo in range(0, box[cut], per):
+        n = min(per, box[cut] - lo)
+        part = (*box[:cut], n, *box[cut + 1 :])
+        where = (slice(None),) * cut + (slice(lo, lo + n),)
+        _copy_box(step, base + lo * stride[cut], part, stride, target[where], itemsize, read)  # type: ignore[index]
+
+
+def _boxes(shape: tuple[int, ...], first: int, count: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Elements [first, first + count) of `shape` in C order as (start index, box
+    shape) boxes, each a run of that order: a partial row, whole slabs, a partial row."""
+    if count <= 0:
+        return
+    if len(shape) == 1:
+        yield (first,), (count,)
+        return
+    inner = _product(shape[1:])
+    row, offset = divmod(first, inner)
+    end_row, end_offset = divmod(first + count, inner)
+    if row == end_row:
+        for index, box in _boxes(shape[1:], offset, count):
+            yield (row, *index), (1, *box)
+        return
+    if offset:
+        for index, box in _boxes(shape[1:], offset, inner - offset):
+            yield (row, *index), (1, *box)
+        row += 1
+    if end_row > row:
+        yield (row, *(0,) * (len(shape) - 1)), (end_row - row, *shape[1:])
+    if end_offset:
+        for index, box in _boxes(shape[1:], 0, end_offset):
+            yield (end_row, *index), (1, *box)
+
+
+def _product(values: tuple[int, ...]) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result
 
 
 def _scratch_buffer() -> memoryview:
