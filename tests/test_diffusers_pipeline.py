@@ -18,6 +18,7 @@ from diffusers_pipelines import copy_pipeline, save_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
 LABELS = ["text_encoder", "text_encoder (fp16)", "unet", "unet (fp16)", "vae", "vae (fp16)"]
 
 
@@ -391,3 +392,45 @@ def test_stray_weight_file_in_a_component(pipe: Path, tmp_path: Path) -> None:
     result = run_cli("merge", pipe, "-o", out, "--allow-unindexed")
     assert result.exit_code == 0 and "unet-ema.v2.safetensors" in result.stderr
     assert hashlib.sha256(stray.read_bytes()).hexdigest() == before["unet/unet-ema.v2.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["merge", "split"])
+def test_force_keeps_a_file_added_to_the_old_output_while_the_run_wrote(
+    pipe: Path, tmp_path: Path, command: str
+) -> None:
+    """--force checks the old output holds only what shardkit writes, then writes for
+    as long as the model takes; a file a user (or a training run) puts in the old output
+    meanwhile must make the commit refuse, not be deleted with the old folder."""
+    import os
+    import signal
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import sigint_as_in_a_terminal
+
+    # A 48 MB tensor in the unet's last shard: a run long enough to be caught writing.
+    shard, index = pipe / "unet" / "diffusion_pytorch_model-00006-of-00006.safetensors", pipe / "unet" / INDEX
+    save_file({**load_file(shard), "zz_padding": torch.ones(12 * 1024 * 1024)}, shard)
+    weight_map = json.loads(index.read_text())
+    weight_map["weight_map"]["zz_padding"] = shard.name
+    weight_map["metadata"]["total_size"] += 48 * 1024 * 1024
+    index.write_text(json.dumps(weight_map))
+    out = tmp_path / "out"
+    assert run_cli(command, pipe, "-o", out).exit_code == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", command, str(pipe), "-o", str(out), "--force"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal,
+    )
+    while not any(name.startswith(".shardkit-tmp-out.") for name in os.listdir(tmp_path)):  # the run is writing
+        assert process.poll() is None, process.stderr.read()  # type: ignore[union-attr]
+    process.send_signal(signal.SIGSTOP)
+    (out / "unet" / "optimizer.pt").write_bytes(b"the user's optimizer state")
+    before = snapshot(out)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 2, stderr
+    assert "--force replaces only an earlier output" in stderr and "unet/optimizer.pt" in stderr, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert snapshot(out) == before and temporaries(tmp_path) == []

@@ -28,7 +28,8 @@ from ..checkpoint.shards import open_weight_set
 from ..checkpoint.variants import WeightSet
 from ..engine import atomic
 from ..engine.destination import Sources, check_destination
-from ..errors import BadInputError, OutputError, OutputExistsError, ShardkitError
+from ..engine.execute import commit_output
+from ..errors import BadInputError, OutputError, ShardkitError
 from ..plan import output_path
 from ..reports import JsonReport, WriteReport
 from .writing import ProgressCallback
@@ -157,10 +158,7 @@ def write_pipeline(
                     checksum_file = dest / CHECKSUM_FILE
                     _write_checksums(staged, [r for _, r in written])
                 atomic.fsync_path(staged)
-                try:
-                    atomic.commit(staged, dest, replace=force)
-                except FileExistsError:  # another run wrote it meanwhile
-                    raise OutputExistsError(dest) from None
+                commit_output(staged, dest, force, writes)
         except BaseException:
             if not dry_run:
                 atomic.remove(staged)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from .. import storage
@@ -103,7 +103,7 @@ def execute(
         check_sources_unchanged(sources)
         if before_commit is not None:
             before_commit(staged)
-        _commit(staged, dest, force, written_names(plan, sha256))
+        commit_output(staged, dest, force, written_names(plan, sha256))
     except ShardkitError:  # before OSError: OutputExistsError is a FileExistsError too
         atomic.remove(staged)
         raise
@@ -123,7 +123,11 @@ def _everything_read(plan: Plan, protect: Sources | None) -> Sources:
     return Sources(read + (protect.files if protect else ()), protect.folder if protect else None)
 
 
-def _commit(staged: Path, dest: Path, force: bool, writes: set[str]) -> None:
+def commit_output(staged: Path, dest: Path, force: bool, writes: Collection[str]) -> None:
+    """Move the staged output into place. With `force`, the folder it replaces is checked
+    again right before it is deleted: what was added to it while this run wrote (a
+    user's file, another tool's output) makes the commit refuse and stay undone."""
+
     def still_only_shardkit_files(old: Path) -> None:  # nothing was added to it since the check
         refuse_unexpected(dest, unexpected_entries(old, writes))
 
@@ -349,7 +353,7 @@ def write_checksum_beside(dest: storage.Location, written: WrittenFile, *, force
     staged = atomic.temp_name(path)
     try:
         _write_text(staged, manifest)
-        _commit(staged, path, force, set())
+        commit_output(staged, path, force, set())
     except BaseException:
         atomic.remove(staged)
         raise
