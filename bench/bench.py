@@ -21,8 +21,15 @@ save_pretrained) and the BF16 checkpoint with `--dtype fp16` (against its plain 
 The `.bin` rows (`--only torchbin`) convert a `pytorch_model.bin` that torch.save wrote
 from the BF16 checkpoint: `shardkit convert` against `cat`+`sync` of the same bytes and
 against torch.load(weights_only=True, mmap=True) + save_file (time and peak RSS ratios).
+The surgery rows (`--only surgery`) merge the checkpoint with `--rename '(.*)' 'x.\1'` (every
+tensor renamed) against its plain merge, and, once per run, a FLUX.1-shaped checkpoint
+(real key names and shapes, `--flux-blocks` double and single blocks: 2,4 is 2.6 GB) with
+the built-in recipes against the plain merge of the same files: `flux-bfl-to-diffusers` on
+the BFL single file (splits and a swap) and `flux-diffusers-to-bfl` on the diffusers folder
+(fuses).
 
     python bench/bench.py [--shapes 0.5B,1.5B,3B,7B] [--pairs 5] [--other-pairs 3] [--only merge,sha256,...]
+                          [--flux-blocks 2,4]
 """
 
 from __future__ import annotations
@@ -228,7 +235,9 @@ def pairs(
     return result
 
 
-MEASUREMENTS = ("inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive", "convert", "torchbin")
+MEASUREMENTS = (
+    "inspect", "merge", "sha256", "reshard", "checksum", "verify", "naive", "convert", "torchbin", "surgery",
+)
 
 
 def device_floor(shape: str, sources: list[Path], output_size: int, scratch: Path, count: int) -> dict[str, object]:
@@ -337,6 +346,51 @@ def bench_torch_bin(shape: str, shards: list[Path], count: int, others: int) -> 
     return results
 
 
+def bench_rename(shape: str, folder: Path, count: int) -> dict[str, object]:
+    """A merge renaming every tensor against the plain merge: renames are labels, not bytes."""
+    out = DATA / "out" / "renamed.safetensors"
+    merge = [*SHARDKIT, "merge", str(folder), "-o", str(out), "--quiet"]
+    return pairs(f"{shape} merge --rename every tensor vs plain merge", [*merge, "--rename", "(.*)", r"x.\1"],
+                 merge, out, count)
+
+
+def flux_checkpoint(double: int, single: int) -> tuple[Path, Path]:
+    """A FLUX.1-shaped BFL single file and the diffusers folder the built-in recipe splits
+    it into (1 GB shards, as diffusers ships the transformer), both written once."""
+    from shardkit.synthetic import ByteSource, flux_tensors, write_safetensors
+
+    folder = DATA / f"flux1-{double}-double-{single}-single"
+    bfl, diffusers = folder / "flux1-dev.safetensors", folder / "transformer"
+    if not (folder / ".complete").exists():
+        remove(folder)
+        folder.mkdir(parents=True)
+        tensors = flux_tensors(double, single)
+        print(f"generating {folder.name} ({sum(t.nbytes for t in tensors) / 1e9:.1f} GB) ...", flush=True)
+        write_safetensors(bfl, tensors, ByteSource(1), {"format": "pt"})
+        subprocess.run([*SHARDKIT, "split", str(bfl), "-o", str(diffusers), "--recipe", "flux-bfl-to-diffusers",
+                        "--prefix", "diffusion_pytorch_model", "--max-shard-size", "1GB", "--quiet"], check=True)
+        subprocess.run(["sync"], check=True)
+        (folder / ".complete").write_text("ok\n")
+    return bfl, diffusers
+
+
+def bench_flux(blocks: str, count: int) -> list[dict[str, object]]:
+    """The built-in Flux recipes (dim-0 splits, fuses and a half swap) against the plain
+    merge of the same checkpoint."""
+    double, single = (int(n) for n in blocks.split(","))
+    bfl, diffusers = flux_checkpoint(double, single)
+    out = DATA / "out" / "flux.safetensors"
+    results = []
+    for source, recipe, what in ((bfl, "flux-bfl-to-diffusers", "BFL file"),
+                                 (diffusers, "flux-diffusers-to-bfl", "diffusers folder")):
+        merge = [*SHARDKIT, "merge", str(source), "-o", str(out), "--quiet"]
+        row = pairs(f"FLUX.1 {double}+{single} blocks {what} merge --recipe {recipe} vs plain merge",
+                    [*merge, "--recipe", recipe], merge, out, count)
+        row["shape"], row["gigabytes"] = "FLUX.1", round(bfl.stat().st_size / 1e9, 2)
+        results.append(row)
+    return results
+
+
 def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> list[dict[str, object]]:
     """Merge, merge --sha256 and reshard (the ones with targets) get `count` pairs; the rest `others`."""
     folder, shards, total = make_checkpoint(shape)
@@ -396,6 +450,8 @@ def bench_shape(shape: str, count: int, others: int, measurements: set[str]) -> 
         results += bench_conversion(shape, count, others)
     if "torchbin" in measurements:
         results += bench_torch_bin(shape, shards, count, others)
+    if "surgery" in measurements:
+        results.append(bench_rename(shape, folder, count))
     for r in results:
         r["shape"] = shape
         r.setdefault("gigabytes", round(total / 1e9, 2))
@@ -449,6 +505,7 @@ def merged_with_earlier(results: list[dict[str, object]]) -> list[dict[str, obje
 
 def _kind(what: str) -> str:
     for word, kind in (("pytorch_model.bin", "torchbin"), ("--dtype", "convert"), ("inspect", "inspect"),
+                       ("--rename", "surgery"), ("--recipe", "surgery"),
                        ("--sha256", "sha256"),
                        ("reshard", "reshard"), ("device floor", "merge"),
                        ("checksum", "checksum"), ("verify", "verify"), ("naive", "naive"), ("merge", "merge")):
@@ -466,6 +523,8 @@ def main() -> None:
                         help="pairs for checksum and verify")
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ",".join(MEASUREMENTS)),
                         help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
+    parser.add_argument("--flux-blocks", default=os.environ.get("BENCH_FLUX_BLOCKS", "2,4"),
+                        help="double,single blocks of the FLUX.1-shaped checkpoint of the surgery rows (2,4: 2.6 GB)")
     args = parser.parse_args()
     measurements = set(args.only.split(","))
     if measurements - set(MEASUREMENTS):
@@ -480,6 +539,8 @@ def main() -> None:
             print(f"skipping {shape}: needs {need / 1e9:.0f} GB free", flush=True)
             continue
         results += bench_shape(shape, args.pairs, args.other_pairs, measurements)
+    if "surgery" in measurements:
+        results += bench_flux(args.flux_blocks, args.pairs)
     results = merged_with_earlier(results)
     table = write_table(results)
     header = (

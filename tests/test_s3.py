@@ -870,3 +870,37 @@ def test_a_staged_object_over_the_copy_limit_is_committed_in_part_copies(
     assert etag.strip('"').endswith(f"-{-(-local.stat().st_size // (5 * MiB))}")  # one part copy per 5 MiB
     assert staged_keys(store, bucket, f"{prefix}/") == []
     assert unfinished_uploads(store, bucket, f"{prefix}/") == []
+
+
+def test_s3_to_s3_merge_with_a_recipe_stays_server_side(store: SeaweedS3, bucket: str, mid, work: Path) -> None:
+    """Fuses (q/k/v), splits and half swaps re-order the bytes but move none through the
+    client beyond what a plain merge moves: every output range is still a server-side copy."""
+    import shardkit
+
+    layer = "model.layers.{i}"
+    rules = [
+        {"fuse": [f"{layer}.self_attn.{p}_proj.{{w}}" for p in "qkv"], "to": f"{layer}.self_attn.qkv_proj.{{w}}"},
+        {"split": f"{layer}.mlp.gate_proj.weight", "to": [f"{layer}.mlp.gate_proj.{n}.weight" for n in (0, 1)]},
+        {"swap": f"{layer}.mlp.up_proj.weight", "to": f"{layer}.mlp.up_proj_swapped.weight"},
+        {"rename": f"{layer}.{{p}}.weight", "to": f"{layer}.{{p}}.weight"},
+        *({"rename": f"{layer}.{p}.weight", "to": f"{layer}.{p}.weight"}
+          for p in ("self_attn.o_proj", "mlp.down_proj")),
+        {"rename": "{a}.{b}.weight", "to": "{a}.{b}.weight"},
+        {"rename": "lm_head.weight", "to": "lm_head.weight"},
+    ]
+    recipe = work / "mid-recipe.json"
+    recipe.write_text(json.dumps({"rules": rules}))
+    env = s3_env(store)
+    local = work / "mid-recut.safetensors"
+    shardkit.merge(mid.folder, local, recipe=str(recipe))
+    runs = {}
+    for name, extra in (("plain", []), ("recut", ["--recipe", recipe])):
+        result = run_cli("merge", f"s3://{bucket}/mid/", "-o", f"s3://{bucket}/mid-{name}.safetensors", *extra,
+                         "--json", env=env)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = json.loads(result.stdout)["transfer"]
+    assert get_bytes(store, bucket, "mid-recut.safetensors") == local.read_bytes()
+    assert runs["recut"]["server_side"]
+    assert runs["recut"]["bytes_sent"] <= runs["plain"]["bytes_sent"]
+    assert runs["recut"]["bytes_received"] <= runs["plain"]["bytes_received"] + 1 * MiB
+    assert runs["recut"]["bytes_copied"] >= local.stat().st_size - 5 * MiB

@@ -96,6 +96,41 @@ EDGE_TENSORS = [
 ]
 
 
+def flux_tensors(double: int = 19, single: int = 38, hidden: int = 3072, dtype: str = "BF16") -> list[SyntheticTensor]:
+    """A FLUX.1 transformer in BFL's single-file layout (flux1-dev.safetensors): its key
+    names and shapes (hidden 3072, 19 double and 38 single blocks: 11.9B parameters), with
+    fewer blocks for a smaller file; the built-in flux recipes apply to it."""
+    mlp, head = 4 * hidden, 128
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, rows: int, columns: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (rows, columns), (rows,)
+
+    linear("img_in", hidden, 64)
+    linear("txt_in", hidden, 4096)
+    for stem, width in (("time_in", 256), ("vector_in", 768), ("guidance_in", 256)):
+        linear(f"{stem}.in_layer", hidden, width)
+        linear(f"{stem}.out_layer", hidden, hidden)
+    for i in range(double):
+        for side in ("img", "txt"):
+            block = f"double_blocks.{i}.{side}"
+            linear(f"{block}_mod.lin", 6 * hidden, hidden)
+            linear(f"{block}_attn.qkv", 3 * hidden, hidden)
+            shapes[f"{block}_attn.norm.query_norm.scale"] = shapes[f"{block}_attn.norm.key_norm.scale"] = (head,)
+            linear(f"{block}_attn.proj", hidden, hidden)
+            linear(f"{block}_mlp.0", mlp, hidden)
+            linear(f"{block}_mlp.2", hidden, mlp)
+    for i in range(single):
+        block = f"single_blocks.{i}"
+        linear(f"{block}.modulation.lin", 3 * hidden, hidden)
+        linear(f"{block}.linear1", 3 * hidden + mlp, hidden)
+        shapes[f"{block}.norm.query_norm.scale"] = shapes[f"{block}.norm.key_norm.scale"] = (head,)
+        linear(f"{block}.linear2", hidden, hidden + mlp)
+    linear("final_layer.linear", 64, hidden)
+    linear("final_layer.adaLN_modulation.1", 2 * hidden, hidden)
+    return [SyntheticTensor(name, dtype, shape) for name, shape in shapes.items()]
+
+
 def qwen2_config(shape: Qwen2Shape) -> dict[str, object]:
     return {
         "architectures": ["Qwen2ForCausalLM"],
