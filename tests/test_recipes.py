@@ -136,3 +136,34 @@ def test_bad_recipes_are_refused_naming_the_tensors(tmp_path: Path, rules: list[
 def test_an_unknown_recipe_names_the_built_ins(tmp_path: Path) -> None:
     result = run_cli("merge", tmp_path, "-o", tmp_path / "o.safetensors", "--recipe", "flux-nope")
     assert_clean_failure(result, 2, "flux-bfl-to-diffusers, flux-diffusers-to-bfl")
+
+
+def test_dtype_losses_of_a_fused_tensor_are_counted_once_under_its_name(tmp_path: Path) -> None:
+    """`--dtype fp16` on a recipe's outputs: a fused tensor's pieces are cast as one tensor,
+    its overflows and underflows counted once each (pieces larger than a cast round, values
+    at their edges) and reported under the output's name; a split's chunks each count their own."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(300, 1024, generator=generator) for _ in range(3))  # 1.2 MB each
+    k[0, 0], k[-1, -1], k[150, 7] = 1e6, -1e6, 7e4  # over fp16's 65504: to ±inf
+    v[0, 0], v[299, 1023] = 1e-9, -1e-9  # under fp16's smallest subnormal: to zero
+    mlp = torch.randn(400, 8, generator=generator)
+    mlp[399, 0] = 1e5  # in the second half only
+    tensors = {"l.0.q": q, "l.0.k": k, "l.0.v": v, "l.0.mlp": mlp}
+    source = tmp_path / "m.safetensors"
+    save_file(tensors, source)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rules": [
+        {"fuse": ["l.{i}.q", "l.{i}.k", "l.{i}.v"], "to": "l.{i}.qkv"},
+        {"split": "l.{i}.mlp", "to": ["l.{i}.gate", "l.{i}.up"]}]}))
+    out = tmp_path / "out.safetensors"
+    result = run_cli("merge", source, "-o", out, "--recipe", recipe, "--dtype", "fp16", "--json")
+    assert result.exit_code == 0, result.stderr
+    written = load_file(out)
+    fused = torch.cat([q, k, v])
+    assert written["l.0.qkv"].view(torch.int16).equal(fused.to(torch.float16).view(torch.int16))
+    assert written["l.0.up"].equal(mlp[200:].to(torch.float16))
+    report = json.loads(result.stdout)
+    losses = {loss["tensor"]: (loss["overflow"], loss["underflow"]) for loss in report["dtype"]["losses"]}
+    assert losses == {"l.0.qkv": (3, 2), "l.0.up": (1, 0)}
+    assert any("l.0.qkv: F32 → F16: 3 value(s) overflowed to ±inf, 2 underflowed to zero" in w
+               for w in report["warnings"]), report["warnings"]
