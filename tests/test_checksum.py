@@ -209,3 +209,29 @@ def test_help_teaches_with_examples() -> None:
         result = run_cli(command, "--help")
         assert result.exit_code == 0
         assert "Example: shardkit " + command in result.stdout
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json", "alias/config.json"])
+def test_a_manifest_never_replaces_a_file_of_the_checkpoint(
+    checkpoint: SyntheticCheckpoint, tmp_path: Path, name: str
+) -> None:
+    """`-o model/config.json --force` replaced the config a loader reads (a file the
+    manifest itself lists) with the manifest; also through an alias of the folder."""
+    (tmp_path / "alias").symlink_to(checkpoint.folder)
+    output = tmp_path / name if name.startswith("alias/") else checkpoint.folder / name
+    before = snapshot(checkpoint.folder)
+    for kind in ([], ["--tensors"]):
+        result = run_cli("checksum", checkpoint.folder, "-o", output, "--force", *kind)
+        assert_clean_failure(result, 2, f"{output}: output would overwrite the source ")
+        assert snapshot(checkpoint.folder) == before and temporaries(checkpoint.folder) == []
+
+
+def test_an_earlier_manifest_in_the_folder_is_replaced_with_force(checkpoint: SyntheticCheckpoint) -> None:
+    for kind, name in (([], "SHA256SUMS"), (["--tensors"], "tensors.json")):
+        output = checkpoint.folder / name
+        assert run_cli("checksum", checkpoint.folder, "-o", output, *kind).exit_code == 0
+        first = output.read_bytes()
+        assert_clean_failure(run_cli("checksum", checkpoint.folder, "-o", output, *kind), 2, "already exists")
+        replaced = run_cli("checksum", checkpoint.folder, "-o", output, "--force", *kind)
+        assert replaced.exit_code == 0, replaced.stderr
+        assert output.read_bytes() == first and temporaries(checkpoint.folder) == []

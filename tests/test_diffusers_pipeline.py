@@ -434,3 +434,11 @@ def test_force_keeps_a_file_added_to_the_old_output_while_the_run_wrote(
     assert "--force replaces only an earlier output" in stderr and "unet/optimizer.pt" in stderr, stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert snapshot(out) == before and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"])
+def test_a_pipeline_manifest_never_replaces_a_file_a_load_reads(pipe: Path, name: str) -> None:
+    before = snapshot(pipe)
+    result = run_cli("checksum", pipe, "-o", pipe / name, "--force")
+    assert_clean_failure(result, 2, f"{pipe / name}: output would overwrite the source ")
+    assert snapshot(pipe) == before and temporaries(pipe) == []

@@ -25,11 +25,14 @@ from ..checkpoint.manifest import (
     companions,
     format_file_manifest,
     format_tensor_manifest,
+    read_manifest,
     tensor_manifest_document,
 )
 from ..checkpoint.pipeline import find_pipeline
 from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..engine import atomic, stream
+from ..engine.destination import Sources, check_not_a_source
+from ..engine.execute import commit_output
 from ..engine.hashing import Streamer
 from ..errors import BadInputError, OutputError, OutputExistsError
 from ..format.torch_checkpoint import byte_runs
@@ -133,7 +136,7 @@ def checksum(
         notes=list(checkpoint.notes),
     )
     if output is not None:
-        _write_atomically(Path(output), report.manifest())
+        _write_atomically(Path(output), report.manifest(), force)
     return dataclasses.replace(report, seconds=round(time.perf_counter() - started, 6))
 
 
@@ -199,20 +202,35 @@ def _check_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
         raise OutputError(f"{output}: refusing to write a checksum manifest over a weight file")
     if output.is_dir():
         raise OutputError(f"{output}: is a folder; give the manifest's file name (e.g. {output}/SHA256SUMS)")
+    # The config, tokenizer and other files a loader reads, by identity (an alias of the
+    # folder names them too); an earlier manifest among them may be replaced.
+    read = tuple(path for path, _ in companions(checkpoint) if isinstance(path, Path) and not _is_manifest(path))
+    check_not_a_source(output, Sources((*read, *(p for p in [checkpoint.index_path] if isinstance(p, Path)))))
     if output.exists() and not force:
         raise OutputExistsError(output)
     if not output.parent.is_dir():
         raise OutputError(f"{output}: parent folder {output.parent} does not exist")
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _is_manifest(path: Path) -> bool:
+    """Whether `path` is a checksum manifest (either kind) listing something."""
+    try:
+        manifest = read_manifest(path)
+    except BadInputError:
+        return False
+    return bool(manifest.files or manifest.tensors)
+
+
+def _write_atomically(path: Path, text: str, force: bool) -> None:
+    """Stage, then commit without replacing unless `force` (a manifest that appeared
+    meanwhile is never silently replaced)."""
     staged = atomic.temp_name(path)
     try:
         with open(staged, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(staged, path)
+        commit_output(staged, path, force, set())
     except BaseException:
         atomic.remove(staged)
         raise
@@ -240,6 +258,8 @@ def checksum_pipeline(
     if output is not None:
         for _, checkpoint in opened:
             _check_output(Path(output), checkpoint, force)
+        loader_read = tuple(p for p, _ in pipeline.copies if isinstance(p, Path) and not _is_manifest(p))
+        check_not_a_source(Path(output), Sources(loader_read))  # model_index.json, scheduler/, tokenizer/
     entries: list[FileChecksum] = []
     listed: set[str] = set()  # a component's variants share its config and tokenizer files: listed once
     for weight_set, checkpoint in opened:
@@ -256,7 +276,7 @@ def checksum_pipeline(
         entries.append(FileChecksum(name, len(data), hashlib.sha256(data).hexdigest()))
     entries.sort(key=lambda e: e.name)
     if output is not None:
-        _write_atomically(Path(output), format_file_manifest((e.name, e.sha256) for e in entries))
+        _write_atomically(Path(output), format_file_manifest((e.name, e.sha256) for e in entries), force)
     warnings = [*pipeline.warnings, *(f"{s.label}: {w}" for s, c in opened for w in c.warnings)]
     return ChecksumReport(
         shown, "files", entries, {}, sum(e.size for e in entries), elapsed(started),
