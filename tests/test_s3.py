@@ -904,3 +904,42 @@ def test_s3_to_s3_merge_with_a_recipe_stays_server_side(store: SeaweedS3, bucket
     assert runs["recut"]["bytes_sent"] <= runs["plain"]["bytes_sent"]
     assert runs["recut"]["bytes_received"] <= runs["plain"]["bytes_received"] + 1 * MiB
     assert runs["recut"]["bytes_copied"] >= local.stat().st_size - 5 * MiB
+
+
+def test_a_forced_folder_run_that_fails_half_way_leaves_the_earlier_output(store: SeaweedS3, bucket: str, mid) -> None:
+    """Without staging, --force replaced the earlier split's shards one by one, and the
+    failure (a source replaced mid-run) then deleted the new ones: the earlier index
+    named shards that were gone."""
+    prefix = f"half-way-{uuid.uuid4().hex[:6]}"
+    earlier = run_cli("split", f"s3://{bucket}/mid/", "-o", f"s3://{bucket}/{prefix}/sharded/", "-s", "10MB",
+                      env=s3_env(store))
+    assert earlier.exit_code == 0, earlier.stderr
+    before = bucket_state(store, bucket, f"{prefix}/")
+    client = store.client()
+    source = f"{prefix}-source"
+    for name in sorted(p.name for p in mid.folder.iterdir()):
+        client.copy_object(Bucket=bucket, Key=f"{source}/{name}", CopySource={"Bucket": bucket, "Key": f"mid/{name}"})
+    victim = f"{source}/{mid.shard_files[-1]}"
+    changed = bytearray((mid.folder / mid.shard_files[-1]).read_bytes())
+    changed[-1] ^= 0xFF
+
+    def replace_once_a_shard_is_written() -> None:  # the first upload under the prefix completed
+        deadline = time.monotonic() + 60
+        first: list[str] = []
+        while time.monotonic() < deadline:
+            uploads = unfinished_uploads(store, bucket, f"{prefix}/")
+            if first and first[0] not in uploads:
+                break
+            first = first or uploads
+            time.sleep(0.002)
+        client.put_object(Bucket=bucket, Key=victim, Body=bytes(changed))
+
+    replacer = threading.Thread(target=replace_once_a_shard_is_written, daemon=True)
+    replacer.start()
+    result = run_cli("split", f"s3://{bucket}/{source}/", "-o", f"s3://{bucket}/{prefix}/sharded/", "-s", "10MB",
+                     "--force", env=s3_env(store))
+    replacer.join(timeout=60)
+
+    assert_clean_failure(result, 1, f"s3://{bucket}/{victim}: ")
+    assert bucket_state(store, bucket, f"{prefix}/") == before
+    assert unfinished_uploads(store, bucket, f"{prefix}/") == []

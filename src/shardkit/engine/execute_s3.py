@@ -23,7 +23,9 @@ deleted, and with `force` the old output's other objects are deleted after succe
 Without `force` every object is written on condition that its key is free
 (`If-None-Match: *`), so a concurrent writer's output is never silently replaced.
 
-A verified run (`before_commit`) stages: the output is written under a hidden prefix
+A verified run (`before_commit`), and a forced one over an earlier folder (whose
+objects would otherwise be replaced one by one, so a run failing half-way would leave
+it part old, part new, part gone), stages: the output is written under a hidden prefix
 beside the destination (`.shardkit-tmp-<name>.<pid>.<random>/`, which the next run
 to the same destination removes if this one was killed), verified there, and only then
 copied to its final keys inside the store (CopyObject, or UploadPartCopy past 5 GB),
@@ -96,7 +98,10 @@ def execute_s3(
     check_s3_destination(dest, protect, force=force, as_folder=as_folder, writes=writes)
     for target in [dest / f.name for f in plan.files] + [dest] if as_folder else [dest]:
         clean_stale(target)
-    stage = staged_twin(dest) if before_commit is not None else None
+    # A forced folder is staged too: its objects are replaced one by one, and a run that
+    # failed half-way would leave an earlier output with some shards new, some gone.
+    staging = before_commit is not None or (as_folder and force and dest.is_dir())
+    stage = staged_twin(dest) if staging else None
     base = stage if stage is not None else dest
     # Staged keys belong to this run alone; final keys are only replaced when forced.
     replace = force or stage is not None
@@ -116,8 +121,9 @@ def execute_s3(
             completed.append(target)
         if as_folder:
             completed += _write_extras(plan, base, written, replace=replace)
-        if stage is not None and before_commit is not None:
-            before_commit(stage if as_folder else completed[0])
+        if stage is not None:
+            if before_commit is not None:
+                before_commit(stage if as_folder else completed[0])
             finals = [dest / p.key[len(stage.key) + 1 :] for p in completed] if as_folder else [dest]
             with held_signals():  # a Ctrl-C now would leave a folder half old, half new
                 commit_staged(list(zip(completed, finals)), dest, force=force, index_name=plan.index_name)
