@@ -50,6 +50,25 @@ def sigint_as_in_a_terminal() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def kill_while_writing(args: list[object], folder: Path) -> None:
+    """Run `python -m shardkit ARGS` and SIGKILL it once it has a temporary in `folder`
+    (mid-write: nothing can clean up after a SIGKILL but the next run)."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardkit", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal,
+    )
+    deadline = time.monotonic() + 60
+    while not temporaries(folder) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    assert temporaries(folder) and process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (names relative), to prove sources are untouched."""
     return {

@@ -7,10 +7,6 @@ and compares the bytes with transformers' own dequantisers."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
-from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
+from conftest import assert_clean_failure, kill_while_writing, run_cli, snapshot, temporaries
 from shardkit.checkpoint.shards import open_checkpoint
 
 BLOCK = (128, 128)
@@ -262,17 +258,7 @@ def test_a_killed_dequantisation_leaves_nothing(tmp_path: Path) -> None:
     save_file(tensors, source / "model.safetensors")
     dest = tmp_path / "out" / "bf16"
     dest.parent.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shardkit", "merge", source, "-o", dest, "--dtype", "fp32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal,
-    )
-    deadline = time.monotonic() + 60
-    while not temporaries(dest.parent) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    assert temporaries(dest.parent) and process.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    kill_while_writing(["merge", source, "-o", dest, "--dtype", "fp32"], dest.parent)
     assert not dest.exists()
     assert run_cli("merge", source, "-o", dest, "--dtype", "fp32").exit_code == 0
     assert temporaries(dest.parent) == []

@@ -74,10 +74,20 @@ class DtypeReport(JsonReport):
     kept: list[str] = field(default_factory=list)
     not_float: dict[str, int] = field(default_factory=dict)  # dtype -> tensors copied unchanged
     losses: list[TensorLoss] = field(default_factory=list)  # tensors that lost values, by name
-    lossless: bool | None = None  # None before the bytes were made (a dry run)
+    lossless: bool | None = None  # None before the bytes were made (a dry run), and for a quantisation
+    block: list[int] | None = None  # --dtype fp8: the block size of the scales
+    unquantised: int = 0  # --dtype fp8: tensors left as they are (not Linear weights of whole blocks, or kept)
 
     def notes(self) -> list[str]:
         """What the human report prints about the conversion."""
+        if self.block is not None:
+            lines = [
+                f"dtype: {self.converted} weight(s) quantised to {self.target} in {self.block[0]}x{self.block[1]} "
+                f"blocks, each with a F32 weight_scale_inv; {self.unquantised} other tensor(s) copied as they are"
+            ]
+            if self.kept:
+                lines.append(f"not quantised (--keep): {len(self.kept)} weight(s)")
+            return lines
         lines = [f"dtype: {self.converted} tensor(s) converted to {self.target}"]
         if self.already:
             lines[0] += f", {self.already} already {self.target} (copied)"

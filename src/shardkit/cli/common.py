@@ -82,7 +82,19 @@ DtypeOpt = Annotated[
         "FP8/FP6/FP4 tensors are copied unchanged, except in an FP8 checkpoint (weight_scale_inv "
         "tensors, quantization_config in config.json): its FP8 weights are dequantised, as transformers does, "
         "and the scales dropped. Values that overflow to ±inf or underflow to zero are "
-        "reported per tensor. Keep norms or buffers in their dtype with --keep.",
+        "reported per tensor. Keep norms or buffers in their dtype with --keep. "
+        "fp8 quantises instead, as transformers' FP8 quantiser does: Linear weights that divide into "
+        "blocks (not embeddings, lm_head or routers) to F8_E4M3, each with a F32 weight_scale_inv, and "
+        "quantization_config written to config.json.",
+        show_default=False,
+    ),
+]
+BlockSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--block-size",
+        help="With --dtype fp8: the quantisation block, ROWSxCOLUMNS (default 128x128, transformers' "
+        "weight_block_size); a weight whose shape does not divide into it stays as it is.",
         show_default=False,
     ),
 ]
@@ -92,7 +104,8 @@ KeepOpt = Annotated[
         "--keep",
         help="With --dtype: leave tensors whose name matches this glob in their source dtype "
         "(repeatable), e.g. --keep '*norm*' --keep '*inv_freq'; for DeepSeek-style FP8 models "
-        "--keep '*e_score_correction_bias' keeps the router bias in F32, as transformers loads it.",
+        "--keep '*e_score_correction_bias' keeps the router bias in F32, as transformers loads it. "
+        "With --dtype fp8: weights left unquantised (listed in modules_to_not_convert).",
         show_default=False,
     ),
 ]

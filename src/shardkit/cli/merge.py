@@ -8,6 +8,7 @@ import typer
 
 from .common import (
     AllowUnindexedOpt,
+    BlockSizeOpt,
     DebugOpt,
     DropOpt,
     DryRunOpt,
@@ -57,6 +58,7 @@ def merge_command(
     verify: VerifyOpt = False,
     dtype: DtypeOpt = None,
     keep: KeepOpt = None,
+    block_size: BlockSizeOpt = None,
     select: SelectOpt = None,
     drop: DropOpt = None,
     rename: RenameOpt = None,
@@ -83,7 +85,7 @@ def merge_command(
     report = out.call(
         lambda bar: merge(
             source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-            allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (),
+            allow_unindexed=allow_unindexed, verify=verify, dtype=dtype, keep=keep or (), block_size=block_size,
             select=select or (), drop=drop or (), rename=rename_pairs(rename), recipe=recipe,
             endpoint_url=endpoint_url, progress=bar("merging"), verify_progress=bar("verifying") if verify else None,
         )

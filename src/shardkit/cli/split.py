@@ -9,6 +9,7 @@ import typer
 from ..sizes import DEFAULT_MAX_SHARD_SIZE
 from .common import (
     AllowUnindexedOpt,
+    BlockSizeOpt,
     DebugOpt,
     DropOpt,
     DryRunOpt,
@@ -74,6 +75,7 @@ def split_command(
     verify: VerifyOpt = False,
     dtype: DtypeOpt = None,
     keep: KeepOpt = None,
+    block_size: BlockSizeOpt = None,
     select: SelectOpt = None,
     drop: DropOpt = None,
     rename: RenameOpt = None,
@@ -103,7 +105,8 @@ def split_command(
         lambda bar: split(
             source, output, max_shard_size=max_shard_size, prefix=prefix, force=force, sha256=sha256,
             dry_run=dry_run, strict=strict, allow_unindexed=allow_unindexed, verify=verify,
-            dtype=dtype, keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename),
+            dtype=dtype, keep=keep or (), block_size=block_size, select=select or (), drop=drop or (),
+            rename=rename_pairs(rename),
             recipe=recipe,
             endpoint_url=endpoint_url, progress=bar("splitting"),
             verify_progress=bar("verifying") if verify else None,

@@ -45,6 +45,7 @@ def merge(
     verify: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    block_size: str | None = None,
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
@@ -70,6 +71,10 @@ def merge(
     `dtype` ("bf16", "fp16", "fp32" or "bfloat16", "float16", "float32") converts every
     floating-point tensor while writing, bit-identical to torch's `.to()`, except those
     whose name matches a `keep` glob; values that overflow or underflow are reported.
+    An FP8 checkpoint (fine-grained or compressed-tensors) is dequantised. `dtype="fp8"`
+    quantises instead, as transformers' FP8 quantiser does: its Linear weights to
+    F8_E4M3 in `block_size` blocks ("ROWSxCOLUMNS", default "128x128"), each with a
+    F32 `weight_scale_inv`, and `quantization_config` in config.json.
 
     `select` keeps only the tensors matching one of its globs, `drop` then leaves out
     those matching one of its globs, and each `(pattern, replacement)` of `rename` then
@@ -111,7 +116,7 @@ def merge(
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
         refuse_selection_of_pipeline(location, selection, recut)
-        if dtype is not None or keep:
+        if dtype is not None or keep or block_size is not None:
             raise BadInputError(
                 f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
                 f"to one component (e.g. {location}/unet)"
@@ -121,7 +126,7 @@ def merge(
             verify=verify, progress=progress,
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
-    selected, dtypes = reshape(opened, selection, recut, dtype, keep)
+    selected, dtypes = reshape(opened, selection, recut, dtype, keep, block_size)
     checkpoint = selected.checkpoint
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)

@@ -55,6 +55,7 @@ def split(
     verify: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    block_size: str | None = None,
     select: Sequence[str] = (),
     drop: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
@@ -72,7 +73,7 @@ def split(
     tensor larger than the limit gets a shard of its own, as in huggingface_hub, so a
     shard can exceed the limit. The folder is staged and swapped in whole: an old
     index or shard of a replaced `output_dir` can never survive next to the new ones.
-    Source and output may be remote, and `dtype` and `keep` convert, as for
+    Source and output may be remote, and `dtype`, `keep` and `block_size` convert (or quantise), as for
     :func:`~shardkit.commands.merge.merge`; shards are packed by the converted sizes.
     `select`, `drop` and `rename` choose and rename tensors as for merge; shards are
     packed and the index's weight_map written by the new names; so is `recipe`.
@@ -108,7 +109,7 @@ def split(
     pipeline = find_pipeline(location, allow_unindexed=allow_unindexed)
     if pipeline is not None:
         refuse_selection_of_pipeline(location, selection, recut)
-        if prefix != "model" or dtype is not None or keep:
+        if prefix != "model" or dtype is not None or keep or block_size is not None:
             option = "--prefix" if prefix != "model" else "--dtype"
             raise BadInputError(
                 f"{location}: a diffusers pipeline's components keep their own names and dtypes; {option} applies "
@@ -119,7 +120,7 @@ def split(
             strict=strict, verify=verify, progress=progress,
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
-    selected, dtypes = reshape(opened, selection, recut, dtype, keep)
+    selected, dtypes = reshape(opened, selection, recut, dtype, keep, block_size)
     checkpoint = selected.checkpoint
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)

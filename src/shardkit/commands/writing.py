@@ -19,7 +19,7 @@ from ..engine.execute import execute, write_checksum_beside
 from ..errors import BadInputError, OutputExistsError, VerificationError
 from ..format.dtype_cast import CastStats
 from ..format.gc_pause import gc_paused
-from ..plan.conversion import DtypeChoice, choose_dtypes, config_with_dtype, read_config
+from ..plan.conversion import DtypeChoice, choose_dtypes, read_config
 from ..plan.files import FileCopy, Plan
 from ..plan.fill import CastLog
 from ..plan.recipe import Recipe, apply_recipe
@@ -56,9 +56,9 @@ def run_plan(
     conversion the plan was made with: its losses are reported, and `verify`
     recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
     checkpoint already holds the new names), shown in the report."""
-    if verify and dtypes is not None and dtypes.fp8 is not None:
+    if verify and dtypes is not None and (dtypes.fp8 is not None or dtypes.quantised is not None):
         raise BadInputError(
-            "--verify recomputes conversions from the source, which FP8 dequantisation does not support yet; "
+            "--verify recomputes conversions from the source, which FP8 (de)quantisation does not support yet; "
             "run without --verify"
         )
     started = time.perf_counter()
@@ -200,17 +200,26 @@ def refuse_selection_of_pipeline(location: Location, selection: Selection, recip
         )
 
 
-def dtype_choice(checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str]) -> DtypeChoice | None:
+def dtype_choice(
+    checkpoint: Checkpoint, dtype: str | None, keep: Sequence[str], block_size: str | None = None
+) -> DtypeChoice | None:
     """The conversion of a `dtype=` run, or None for a plain copy."""
     if dtype is None:
         if keep:
             raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
+        if block_size is not None:
+            raise BadInputError("--block-size is the block of an FP8 quantisation; pass --dtype fp8 too")
         return None
-    return choose_dtypes(checkpoint, dtype, keep, read_config(checkpoint))
+    return choose_dtypes(checkpoint, dtype, keep, read_config(checkpoint), block_size)
 
 
 def reshape(
-    opened: Checkpoint, selection: Selection, recipe: Recipe | None, dtype: str | None, keep: Sequence[str]
+    opened: Checkpoint,
+    selection: Selection,
+    recipe: Recipe | None,
+    dtype: str | None,
+    keep: Sequence[str],
+    block_size: str | None = None,
 ) -> tuple[Selected, DtypeChoice | None]:
     """What a writing command makes of the tensors it opened, in the documented order:
     the selection (select, drop, rename), then the recipe, then the dtype choice, which
@@ -218,7 +227,7 @@ def reshape(
     selected = apply_selection(opened, selection)
     if recipe is not None:
         selected = dataclasses.replace(selected, checkpoint=apply_recipe(selected.checkpoint, recipe))
-    return selected, dtype_choice(selected.checkpoint, dtype, keep)
+    return selected, dtype_choice(selected.checkpoint, dtype, keep, block_size)
 
 
 def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoice | None) -> list[FileCopy]:
@@ -228,7 +237,7 @@ def companion_copies(checkpoint: Checkpoint, output: Location, dtypes: DtypeChoi
     for path, name in companions(checkpoint, exclude=output):
         data = None
         if dtypes is not None and name == "config.json":
-            data = config_with_dtype(storage.read_bytes(path), dtypes.target, path, dtypes.fp8 is not None)
+            data = dtypes.rewrite_config(storage.read_bytes(path), path)
         copies.append(FileCopy(path, name, data))  # type: ignore[arg-type]
     return copies
 
@@ -239,6 +248,11 @@ def dtype_report(
 ) -> DtypeReport:
     """The report of a run; `stats` (tensor -> CastStats) is None for a dry run."""
     converted = choice.converted(checkpoint)
+    if choice.block is not None:  # a quantisation: nothing is lost beyond what E4M3 is
+        return DtypeReport(
+            choice.target, len(converted), 0, list(choice.kept), {}, [], None, list(choice.block),
+            len(checkpoint.tensors) - len(converted),
+        )
     scales = choice.fp8.scale_names if choice.fp8 is not None else frozenset()
     left = scales.union(choice.kept, choice.not_float)  # sets: the choice's tuples would be scanned per tensor
     already = sum(1 for n, t in checkpoint.tensors.items() if t.info.dtype == choice.target and n not in left)

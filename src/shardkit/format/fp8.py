@@ -88,3 +88,76 @@ def dequantise_into(
         if tail:
             np.multiply(segment[segment.size - tail :], by_column[:tail], out=segment[segment.size - tail :])
         position = band_end
+
+
+# Quantisation, as transformers' `Fp8Quantize._quantize_one` computes it (read from
+# `transformers.integrations.finegrained_fp8`), step by step in float32:
+#   amax  = max |x| over the block (a NaN anywhere in it makes amax NaN)
+#   scale = 448.0 / amax where amax > 0, else 1.0. Python's `448.0 / tensor` is torch's
+#           `tensor.reciprocal() * 448.0`: two roundings, not one division (a true
+#           division differs in about a quarter of the blocks)
+#   scale_inv = 1.0 / scale, i.e. scale.reciprocal() (the stored `weight_scale_inv`)
+#   code  = E4M3(clamp(x * scale, -448, 448)), clamp keeping NaN
+# so a NaN block gets scale 1 (its other values clamped to ±448), an inf block scale 0
+# (finite values to 0, the inf to NaN), and a block whose amax is subnormal scale inf
+# (its zeros to NaN): transformers' results, kept.
+
+_U32 = 0xFFFFFFFF
+#: fp32 bits from which c10's E4M3 conversion gives NaN (480.0: beyond 448 + half a step).
+_E4M3_NAN_FROM = 1087 << 20
+#: below 2^-6 (the smallest normal E4M3) values are rounded in the float unit by adding 2^14.
+_E4M3_NORMAL_FROM = 121 << 23
+_E4M3_DENORMAL_ADD = 141 << 23
+_E4M3_REBIAS = ((7 - 127) << 23) & _U32
+
+
+def encode_e4m3(values: Any, out: Any) -> None:
+    """float32 `values` to E4M3 codes (uint8 `out`), as c10's `fp8e4m3fn_from_fp32_value`:
+    round to nearest even, subnormals kept, |x| ≥ 480 and NaN to NaN (0x7F, sign kept).
+    Callers clamp to ±448 first, as transformers does, so only NaN meets the last rule."""
+    import numpy as np
+
+    bits = values.view(np.uint32)
+    sign = bits & np.uint32(0x80000000)
+    magnitude = bits ^ sign
+    # normal results: rebias the exponent and round the mantissa to 3 bits, ties to even
+    normal = magnitude + np.uint32(_E4M3_REBIAS + 0x7FFFF)
+    normal += (magnitude >> np.uint32(20)) & np.uint32(1)
+    normal >>= np.uint32(20)
+    # subnormal results: the float unit rounds |x| + 2^14 to a multiple of 2^-9
+    with np.errstate(invalid="ignore"):  # NaN lanes: replaced below
+        small = (magnitude.view(np.float32) + np.float32(2.0**14)).view(np.uint32) - np.uint32(_E4M3_DENORMAL_ADD)
+    result = np.where(magnitude < np.uint32(_E4M3_NORMAL_FROM), small, normal)
+    result[magnitude >= np.uint32(_E4M3_NAN_FROM)] = 0x7F
+    result |= sign >> np.uint32(24)
+    np.copyto(out, result, casting="unsafe")
+
+
+def block_scales(values: Any, block: tuple[int, int]) -> tuple[Any, Any]:
+    """(scale, scale_inv) in float32 of each block of `values`, a float32 matrix whose
+    rows and columns are whole blocks: one row of each per band of block rows."""
+    import numpy as np
+
+    rows, columns = values.shape
+    tiles = values.reshape(rows // block[0], block[0], columns // block[1], block[1])
+    amax = np.abs(tiles).max(axis=(1, 3))
+    positive = amax > 0
+    with np.errstate(all="ignore"):  # a subnormal amax overflows to an inf scale, as in torch
+        scale = np.reciprocal(np.where(positive, amax, np.float32(1))) * np.float32(E4M3_MAX)
+        scale = np.where(positive, scale, np.float32(1))
+        return scale, np.reciprocal(scale)
+
+
+def quantise_into(values: Any, block: tuple[int, int], scale: Any, out: Any) -> None:
+    """E4M3 codes of float32 `values` (whole blocks, overwritten as scratch) into uint8
+    `out` of the same shape, given each block's `scale` from :func:`block_scales`.
+    Nothing is counted as lost: rounding to 3 mantissa bits (and values under a
+    block's 1/458,752 of its largest to zero) is what the quantisation is."""
+    import numpy as np
+
+    rows, columns = values.shape
+    tiles = values.reshape(rows // block[0], block[0], columns // block[1], block[1])
+    with np.errstate(all="ignore"):  # inf × 0 is NaN, as in torch
+        np.multiply(tiles, scale[:, None, :, None], out=tiles)
+    np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
+    encode_e4m3(values, out)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..errors import BadInputError
 from ..format.gc_pause import gc_paused
-from .files import ScaleOf
+from .files import QuantiseAs, ScaleOf
 from .fp8_layout import Fp8Layout, find_layout, quantization_config
 
 #: config.json spells dtypes as torch does.
@@ -34,10 +34,26 @@ class DtypeChoice:
     kept: tuple[str, ...]  # float tensors left as they are by --keep
     not_float: tuple[str, ...]  # integer, bool and unscaled FP8/FP6/FP4 tensors, copied unchanged
     fp8: Fp8Layout | None = None  # the FP8 weights dequantised (their scales are not written)
+    quantised: Mapping[str, QuantiseAs] | None = None  # --dtype fp8: the weights quantised, by name
+    block: tuple[int, int] | None = None  # --dtype fp8: the block size
 
     @property
-    def scales(self) -> Mapping[str, ScaleOf] | None:
+    def scales(self) -> Mapping[str, ScaleOf | QuantiseAs] | None:
+        if self.quantised is not None:
+            return self.quantised
         return self.fp8.weights if self.fp8 is not None else None
+
+    def rewrite_config(self, text: bytes, where: object) -> bytes:
+        """The output's config.json: for a quantisation, transformers' quantization_config
+        added; otherwise the new dtype named (and a dequantised FP8 model's
+        quantization_config removed)."""
+        if self.quantised is None:
+            return config_with_dtype(text, self.target, where, self.fp8 is not None)
+        from .fp8_quantise import quantised_config
+
+        assert self.block is not None
+        config = quantised_config(parse_config(text, where), self.block, self.kept)
+        return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     def __call__(self, tensor: SourceTensor) -> str:
         return self.dtypes[tensor.name]
@@ -52,19 +68,26 @@ def choose_dtypes(
     target_name: str,
     keep: Sequence[str] = (),
     config: Mapping[str, object] | None = None,
+    block_size: str | None = None,
 ) -> DtypeChoice:
     """Every F64/F32/F16/BF16 tensor to `target_name` (bf16, fp16, fp32 or their long
     spellings) unless a `keep` glob matches its name; everything else unchanged. In an
     FP8 checkpoint (scale tensors beside the weights, or `config`'s
     quantization_config) every FP8 weight is dequantised to the target and its scale
     tensor left out; `keep` does not apply to them (an FP8 weight cannot be kept
-    without its scales)."""
+    without its scales). `fp8` quantises instead (see :func:`choose_quantised`), in
+    `block_size` blocks ("ROWSxCOLUMNS", 128x128 by default)."""
     from ..format import dtype_cast
+    from .fp8_quantise import is_fp8_target
 
-    target = dtype_cast.parse_target(target_name)
     for pattern in keep:
         if not pattern:
             raise BadInputError("--keep '': give a glob of tensor names, e.g. --keep '*norm*'")
+    if is_fp8_target(target_name):
+        return choose_quantised(checkpoint, keep, config, block_size)
+    if block_size is not None:
+        raise BadInputError(f"--block-size applies to --dtype fp8 (quantisation), not to --dtype {target_name}")
+    target = dtype_cast.parse_target(target_name)
     fp8 = find_layout(checkpoint, config)
     if fp8 is None:
         _refuse_other_quantisation(checkpoint, config)
@@ -87,6 +110,25 @@ def choose_dtypes(
         else:
             dtypes[name] = target
     return DtypeChoice(target, dtypes, tuple(kept), tuple(not_float), fp8)
+
+
+def choose_quantised(
+    checkpoint: Checkpoint, keep: Sequence[str], config: Mapping[str, object] | None, block_size: str | None
+) -> DtypeChoice:
+    """`--dtype fp8`: the weights transformers' FP8 quantiser would quantise become
+    F8_E4M3, each with a F32 scale tensor beside it; every other tensor is copied as it
+    is (the model keeps its dtype, as in transformers)."""
+    from .fp8_layout import FP8_DTYPE
+    from .fp8_quantise import choose_quantised as quantised_weights
+    from .fp8_quantise import parse_block_size
+
+    block = parse_block_size(block_size)
+    quantised, kept = quantised_weights(checkpoint, block, keep, config)
+    dtypes = {name: tensor.info.dtype for name, tensor in checkpoint.tensors.items()}
+    for name, of in quantised.items():
+        dtypes[name] = FP8_DTYPE
+        dtypes[of.scale_name] = "F32"
+    return DtypeChoice(FP8_DTYPE, dtypes, tuple(kept), (), quantised=quantised, block=block)
 
 
 def _refuse_other_quantisation(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> None:

@@ -39,9 +39,10 @@ from ..format.header import (
 
 #: A tensor's dtype in the output: its source dtype unless the run converts it.
 DtypeFor = Callable[[SourceTensor], str]
-#: The FP8 weights a run dequantises: weight name -> how. The scale tensors (and what
-#: goes with them) are not written.
-ScalesFor = Mapping[str, "ScaleOf"]
+#: The FP8 weights a run dequantises (weight name -> ScaleOf: the scale tensors and what
+#: goes with them are not written) or quantises (weight name -> QuantiseAs: a scale
+#: tensor is written beside each).
+ScalesFor = Mapping[str, "ScaleOf | QuantiseAs"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,24 @@ class ScaleOf:
     also_dropped: tuple[str, ...] = ()  # e.g. the activation's input_scale: nothing to apply it to after
 
 
+@dataclass(frozen=True)
+class QuantiseAs:
+    """How one weight is quantised to E4M3: in `block`s, each with its float32 scale,
+    the grid of them written as the tensor `weight` + `_scale_inv`."""
+
+    block: tuple[int, int]
+    weight: str
+
+    @property
+    def scale_name(self) -> str:
+        return self.weight + "_scale_inv"
+
+
 def not_written(scales: ScalesFor) -> set[str]:
     """The tensors a dequantisation leaves out: the scales and what goes with them."""
+    first = next(iter(scales.values()), None)
+    if first is None or isinstance(first, QuantiseAs):  # a quantisation writes every tensor (and makes scales)
+        return set()
     names = set(map(_SCALE_NAME, scales.values()))
     names.update(chain.from_iterable(map(_ALSO_DROPPED, scales.values())))
     return names
@@ -64,6 +81,21 @@ def not_written(scales: ScalesFor) -> set[str]:
 
 _SCALE_NAME = attrgetter("scale.info.name")
 _ALSO_DROPPED = attrgetter("also_dropped")
+
+
+def with_made_scales(tensors: Iterable[SourceTensor], scales: ScalesFor) -> Iterator[SourceTensor]:
+    """`tensors` and, after each weight a quantisation quantises, its scale tensor: the
+    same source bytes under the scale's name (the planner gives it the grid's shape)."""
+    for tensor in tensors:
+        yield tensor
+        of = scales.get(tensor.name)
+        if isinstance(of, QuantiseAs):
+            yield tensor._replace(info=tensor.info._replace(name=of.scale_name))
+
+
+def scales_made(scales: ScalesFor) -> dict[str, QuantiseAs]:
+    """scale tensor name -> the quantisation that makes it."""
+    return {of.scale_name: of for of in scales.values() if isinstance(of, QuantiseAs)}
 
 
 @dataclass(frozen=True)
@@ -134,6 +166,29 @@ class Scales:
 
 
 @dataclass(frozen=True)
+class Quantise:
+    """A weight quantised to E4M3 in `block`s (a `rows` × `columns` matrix of whole
+    blocks): `part` "codes" makes the E4M3 bytes, "scales" the float32 grid of
+    `weight_scale_inv` (one row per band of `block[0]` rows); both read the weight."""
+
+    block: tuple[int, int]
+    rows: int
+    columns: int
+    part: str  # "codes" or "scales"
+
+    @property
+    def band_bytes(self) -> int:
+        """Output bytes per band of block rows."""
+        if self.part == "codes":
+            return self.block[0] * self.columns
+        return self.columns // self.block[1] * 4
+
+    def bands(self, lo: int, hi: int) -> range:
+        """The bands output bytes [lo, hi) of this part lie in."""
+        return range(lo // self.band_bytes, -(-hi // self.band_bytes))
+
+
+@dataclass(frozen=True)
 class Gather:
     """Where a strided tensor's elements are: element (i0, i1, ...) in C order is at
     `source_offset + (i0*stride[0] + i1*stride[1] + ...) * itemsize` of the source.
@@ -171,6 +226,13 @@ class Transform:
     tensor: str
     scales: Scales | None = None  # set: FP8 elements dequantised by these block scales
     gather: Gather | None = None  # set: a strided view gathered into C order
+    quantise: Quantise | None = None  # set: quantised to E4M3 codes or their scale grid
+
+    def band_span(self, band: int) -> tuple[str, int, int]:
+        """The source bytes of one band of block rows of a quantised weight."""
+        assert self.quantise is not None
+        size = self.quantise.block[0] * self.quantise.columns * (DTYPES[self.src_dtype].bits // 8)
+        return self.source, self.source_offset + band * size, size
 
     def scale_span(self, first_element: int, last_element: int) -> tuple[str, int, int]:
         """The scale bytes that elements first..last (inclusive) are multiplied by."""
@@ -232,6 +294,11 @@ class PlannedFile:
                 yield step.source, step.source_offset + lo, hi - lo
             elif isinstance(step, Transform):
                 src, dst = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
+                if step.quantise is not None:  # whole bands of block rows
+                    bands = step.quantise.bands(lo, hi)
+                    source, first, size = step.band_span(bands.start)
+                    yield source, first, size * len(bands)
+                    continue
                 if step.gather is not None:  # any element may be anywhere in the view's span
                     yield step.source, step.source_offset, step.gather.span(src)
                     continue
@@ -358,7 +425,7 @@ def check_planned_file(planned: PlannedFile) -> None:
             raise ValueError(f"{where} starts at {step.offset}, expected {position}")
         if step.length <= 0:
             raise ValueError(f"{where} is empty")
-        if isinstance(step, Transform):
+        if isinstance(step, Transform) and step.quantise is None:
             src, dst = DTYPES[step.src_dtype].bits, DTYPES[step.dst_dtype].bits
             elements = step.source_length * 8 // src
             if step.source_length * 8 % src or step.length * 8 % dst or elements != step.length * 8 // dst:
@@ -402,13 +469,18 @@ def plan_file(
 ) -> PlannedFile:
     """Lay out one file: its header as a literal, then each tensor as a copy (adjacent
     copies coalesced) or, where `dtype_for` changes its dtype, as a transform; a weight
-    in `scales` is dequantised by its scale tensor, which is left out."""
+    in `scales` is dequantised by its scale tensor, which is left out, or quantised (its
+    scale tensor, from :func:`with_made_scales`, among `tensors`)."""
     scales = scales or {}
     dropped = not_written(scales)
+    made = scales_made(scales)
     by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
-    if dtype_for is None:
+    if made:
+        assert dtype_for is not None
+        specs: Iterable[TensorSpec] = (_quantised_spec(t, dtype_for(t), made) for t in by_name.values())
+    elif dtype_for is None:
         infos = map(_INFO, by_name.values())
-        specs: Iterable[TensorSpec] = map(
+        specs = map(
             _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info in infos)
         )
     else:
@@ -422,8 +494,13 @@ def plan_file(
         dest = len(header) + offset
         if spec.nbytes == 0:
             continue
+        of = scales.get(spec.name)
+        quantised = made.get(spec.name) or (of if isinstance(of, QuantiseAs) else None)
+        if quantised is not None:
+            steps.append(_quantise_step(source, dest, spec, quantised))
+            continue
         if not source.pieces:
-            _add_steps(steps, source, dest, spec.dtype, spec.nbytes, _scales(source, scales.get(spec.name)))
+            _add_steps(steps, source, dest, spec.dtype, spec.nbytes, _scales(source, of))
             continue
         if spec.name in scales:
             raise BadInputError(f"{spec.name}: a fused tensor cannot be dequantised by block scales")
@@ -457,8 +534,29 @@ def _add_steps(
         steps.append(Copy(dest, nbytes, source.shard.path, source.offset))
 
 
-def _scales(weight: SourceTensor, of: ScaleOf | None) -> Scales | None:
+def _quantised_spec(tensor: SourceTensor, dtype: str, made: Mapping[str, QuantiseAs]) -> TensorSpec:
+    """A tensor's entry in the header of a quantised file: a made scale tensor has its grid's shape."""
+    of = made.get(tensor.name)
     if of is None:
+        return TensorSpec(tensor.name, dtype, tensor.info.shape, _output_nbytes(tensor, dtype))
+    rows, columns = tensor.info.shape
+    grid = (rows // of.block[0], columns // of.block[1])
+    return TensorSpec(tensor.name, "F32", grid, grid[0] * grid[1] * 4)
+
+
+def _quantise_step(source: SourceTensor, dest: int, spec: TensorSpec, of: QuantiseAs) -> Transform:
+    if source.pieces or source.view is not None:
+        raise BadInputError(f"{spec.name}: a fused or strided tensor cannot be quantised; save it contiguous first")
+    rows, columns = source.info.shape
+    part = "scales" if spec.name == of.scale_name else "codes"
+    return Transform(
+        dest, spec.nbytes, source.shard.path, source.offset, source.info.nbytes, source.info.dtype, spec.dtype,
+        spec.name, quantise=Quantise(of.block, rows, columns, part),
+    )
+
+
+def _scales(weight: SourceTensor, of: ScaleOf | QuantiseAs | None) -> Scales | None:
+    if not isinstance(of, ScaleOf):
         return None
     scale = of.scale
     rows, columns = weight.info.shape[-2:]
@@ -526,7 +624,7 @@ def plan_convert(
     from ..format.torch_checkpoint import safetensors_name
 
     by_shard: dict[str, list[SourceTensor]] = {}
-    for tensor in checkpoint.tensors.values():
+    for tensor in with_made_scales(checkpoint.tensors.values(), scales or {}):
         by_shard.setdefault(tensor.shard.path, []).append(tensor)
     files = tuple(
         plan_file(safetensors_name(Path(shard.path).name), by_shard.get(shard.path, []),
@@ -557,7 +655,8 @@ def plan_merge(
 ) -> Plan:
     """Every tensor into one file called `file_name`."""
     metadata, warnings = merged_metadata(checkpoint)
-    planned = plan_file(file_name, checkpoint.tensors.values(), metadata, dtype_for, scales)
+    tensors = with_made_scales(checkpoint.tensors.values(), scales) if scales else checkpoint.tensors.values()
+    planned = plan_file(file_name, tensors, metadata, dtype_for, scales)
     return Plan(
         (planned,), copies=tuple(copies),
         warnings=checkpoint.notes + checkpoint.warnings + tuple(warnings) + tied_warnings(checkpoint),
@@ -653,17 +752,22 @@ def plan_split(
     `save_pretrained` of the converted model would.
     """
     metadata, warnings = merged_metadata(checkpoint)
-    dropped = not_written(scales or {})
-    order = sorted(
-        (t for t in checkpoint.tensors.values() if t.name not in dropped), key=lambda t: natural_key(t.name)
-    )
-    sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
+    scales = scales or {}
+    dropped = not_written(scales)
+    made = scales_made(scales)
+    written = {t.name: t for t in with_made_scales(checkpoint.tensors.values(), scales) if t.name not in dropped}
+    order = sorted(written.values(), key=lambda t: natural_key(t.name))
+    if made:
+        assert dtype_for is not None
+        sizes = [(t.name, _quantised_spec(t, dtype_for(t), made).nbytes) for t in order]
+    else:
+        sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
     groups = group_into_shards(sizes, max_shard_size)
     if not groups:
         groups = [[]]
     names = shard_file_names(prefix, len(groups))
     files = tuple(
-        plan_file(name, (checkpoint.tensors[t] for t in group), metadata, dtype_for, scales)
+        plan_file(name, (written[t] for t in group), metadata, dtype_for, scales)
         for name, group in zip(names, groups)
     )
     index_name = index = None

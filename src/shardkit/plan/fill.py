@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from ..format.dtype_cast import CastStats, cast_into, cast_parallel
 from ..format.header import DTYPES
@@ -77,6 +78,9 @@ def _transform(
     """Bytes [into, into + len(target)) of a transform's output."""
     if step.gather is not None:
         return _gathered(step, into, target, read)
+    if step.quantise is not None:
+        _quantised(step, into, target, read)
+        return None
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
     produce = _dequantiser(step, read) if step.scales is not None else _caster(step, read, workers)
     # a dequantised element passes through float32 scratch: 4 bytes of it per element
@@ -157,6 +161,72 @@ def _products_buffer() -> memoryview:
     if buffer is None:
         buffer = _scratch.products = memoryview(bytearray(SCRATCH))
     return buffer
+
+
+#: Elements of a quantised weight converted to float32 at a time: a band of block rows
+#: is taken in groups of whole blocks of about this many elements (2 MiB of float32).
+QUANTISE_ELEMENTS = 512 * 1024
+
+
+def _quantised(step: Transform, into: int, target: memoryview, read: Read) -> None:
+    """Bytes [into, into + len(target)) of a quantised weight's E4M3 codes or of its
+    scale grid. Each band of block rows is made whole: a block's scale needs all of it."""
+    quantise = step.quantise
+    assert quantise is not None
+    per_band = quantise.band_bytes
+    end = into + len(target)
+    for band in quantise.bands(into, end):
+        start = band * per_band
+        made = _quantise_band(step, band, read)
+        lo, hi = max(into, start), min(end, start + per_band)
+        target[lo - into : hi - into] = made[lo - start : hi - start]
+
+
+def _quantise_band(step: Transform, band: int, read: Read) -> memoryview:
+    """One band of block rows of a quantised weight: its codes (row-major, as in the
+    weight) or its row of scales, float32 bytes. The band is widened to float32 a
+    group of whole blocks at a time, so memory stays bounded for any width."""
+    import numpy as np
+
+    from ..format import fp8
+
+    quantise = step.quantise
+    assert quantise is not None
+    block_rows, block_columns = quantise.block
+    columns = quantise.columns
+    source, offset, length = step.band_span(band)
+    raw = bytearray(length)
+    read(source, offset, memoryview(raw))
+    src = np.frombuffer(raw, _NUMPY_UINT[step.src_dtype]).reshape(block_rows, columns)
+    group = max(block_columns, QUANTISE_ELEMENTS // block_rows // block_columns * block_columns)
+    codes = np.empty((block_rows, columns), np.uint8) if quantise.part == "codes" else None
+    inverse = np.empty(columns // block_columns, np.float32)
+    for first in range(0, columns, group):
+        last = min(columns, first + group)
+        values = _as_float32(np.ascontiguousarray(src[:, first:last]), step.src_dtype)
+        scale, scale_inv = fp8.block_scales(values, quantise.block)
+        inverse[first // block_columns : last // block_columns] = scale_inv[0]
+        if codes is not None:
+            part = np.empty(values.shape, np.uint8)
+            fp8.quantise_into(values, quantise.block, scale, part)
+            codes[:, first:last] = part
+    made = codes if codes is not None else inverse
+    return memoryview(made.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+_NUMPY_UINT = {"F64": "<u8", "F32": "<u4", "F16": "<u2", "BF16": "<u2"}
+
+
+def _as_float32(elements: Any, dtype: str) -> Any:
+    """Source elements (their bits, as unsigned integers) as float32, as torch's `.to(float32)`."""
+    import numpy as np
+
+    if dtype == "F32":
+        return elements.view(np.float32).copy()
+    out = np.empty(elements.shape, np.float32)
+    cast_into(elements.reshape(-1).view(np.uint8), dtype, "F32", out.reshape(-1).view(np.uint8))
+    return out
+
 
 
 #: Source bytes of a strided view gathered per round when it is cast. A transposed
