@@ -256,7 +256,8 @@ def command_options(name: str) -> set[str]:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # typer imported in-process, for its option table
 def test_verify_checksum_and_diff_take_every_source_option_of_merge(checkpoint: SyntheticCheckpoint) -> None:
     not_source = {"--output", "-o", "--force", "-f", "--sha256", "--dry-run", "--json", "--quiet", "-q", "--verify",
-                  "--debug", "source", "output_arg", "--dtype", "--keep", "--select", "--drop", "--rename", "--recipe"}
+                  "--debug", "source", "output_arg", "--dtype", "--keep", "--block-size", "--select", "--drop",
+                  "--rename", "--recipe"}
     merge_source = command_options("merge") - not_source
     assert merge_source == {"--strict", "--allow-unindexed", "--endpoint-url"}
     for name in ("verify", "checksum", "diff"):

@@ -63,7 +63,7 @@ def quantise_source(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
 @pytest.mark.parametrize("block", [(128, 128), (16, 32), (1, 1)])
 def test_quantise_is_transformers_fp8quantize_bit_for_bit(tmp_path: Path, block: tuple[int, int]) -> None:
     shapes = [(256, 384, torch.bfloat16), (128, 256, torch.float32), (64, 96, torch.float16),
-              (200, 130, torch.bfloat16), (576, 448, torch.bfloat16)]
+              (200, 130, torch.bfloat16), (576, 448, torch.bfloat16), (128, 128, torch.float64)]
     tensors = {
         f"model.layers.{i}.mlp.up_proj.weight": crafted(rows, columns, i, dtype)
         for i, (rows, columns, dtype) in enumerate(shapes)
@@ -89,7 +89,7 @@ def test_quantise_is_transformers_fp8quantize_bit_for_bit(tmp_path: Path, block:
     quantised = {n for n, t in written.items() if t.dtype == torch.float8_e4m3fn}
     # 200x130 and 576x448 are not whole 128x128 blocks: transformers passes them through
     if block == (128, 128):
-        assert quantised == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)}
+        assert quantised == {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1, 5)}
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == list(block)
 

@@ -112,9 +112,46 @@ _E4M3_REBIAS = ((7 - 127) << 23) & _U32
 
 
 def encode_e4m3(values: Any, out: Any) -> None:
-    """float32 `values` to E4M3 codes (uint8 `out`), as c10's `fp8e4m3fn_from_fp32_value`:
-    round to nearest even, subnormals kept, |x| ≥ 480 and NaN to NaN (0x7F, sign kept).
-    Callers clamp to ±448 first, as transformers does, so only NaN meets the last rule."""
+    """float32 `values` to E4M3 codes (uint8 `out`), as c10's `fp8e4m3fn_from_fp32_value`
+    (round to nearest even, subnormals kept, NaN to NaN with its sign; see
+    :func:`_encode_exactly`), by a table: the rounding of a float32 to 3 mantissa bits
+    depends only on its top 16 bits and on whether any lower bit is set, so one lookup
+    in 2^17 codes replaces a dozen passes of bit arithmetic."""
+    import numpy as np
+
+    bits = values.reshape(-1).view(np.uint32)
+    index = np.right_shift(bits, np.uint32(15))
+    lower = np.bitwise_and(bits, np.uint32(0x7FFF))
+    lower += np.uint32(0x7FFF)  # bit 15 set iff any lower bit is
+    lower >>= np.uint32(15)
+    index |= lower
+    np.take(_encode_table(), index, out=out.reshape(-1), mode="clip")  # every index is < 2^17
+
+
+_encode_lock = threading.Lock()
+_encoded: Any = None
+
+
+def _encode_table() -> Any:
+    """E4M3 code of each (top 16 bits, any lower bit set) of a float32."""
+    global _encoded
+    import numpy as np
+
+    with _encode_lock:
+        if _encoded is None:
+            # bit 15 stands for "some of bits 0-15 set": the same rounding as any such value
+            representatives = (np.arange(1 << 17, dtype=np.uint32) << np.uint32(15)).view(np.float32)
+            table = np.empty(1 << 17, np.uint8)
+            _encode_exactly(representatives, table)
+            _encoded = table
+        return _encoded
+
+
+def _encode_exactly(values: Any, out: Any) -> None:
+    """c10's `fp8e4m3fn_from_fp32_value`, vectorised: round to nearest even, subnormals
+    kept, |x| ≥ 480 and NaN to NaN (0x7F, sign kept). Callers clamp to ±448 first, as
+    transformers does, so only NaN meets the last rule (torch saturates 464-480 to 448
+    in its vectorised path; clamped values never get there)."""
     import numpy as np
 
     bits = values.view(np.uint32)
@@ -133,14 +170,32 @@ def encode_e4m3(values: Any, out: Any) -> None:
     np.copyto(out, result, casting="unsafe")
 
 
-def block_scales(values: Any, block: tuple[int, int]) -> tuple[Any, Any]:
-    """(scale, scale_inv) in float32 of each block of `values`, a float32 matrix whose
-    rows and columns are whole blocks: one row of each per band of block rows."""
+#: The unsigned integer of each source dtype's bits, and its magnitude mask.
+_MAGNITUDE = {"F32": ("<u4", 0x7FFFFFFF), "F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF)}
+
+
+def block_amax(bits: Any, dtype: str, block: tuple[int, int]) -> Any:
+    """Each block's largest magnitude as float32 (NaN if it holds one), from the raw
+    bits of a F32, F16 or BF16 matrix of whole blocks: magnitudes order as their bits
+    do, and every NaN's bits exceed inf's, so an integer max is torch's `amax` of the
+    values widened to float32 (exactly, as BF16 and F16 widen)."""
     import numpy as np
 
-    rows, columns = values.shape
-    tiles = values.reshape(rows // block[0], block[0], columns // block[1], block[1])
-    amax = np.abs(tiles).max(axis=(1, 3))
+    uint, mask = _MAGNITUDE[dtype]
+    rows, columns = bits.shape
+    magnitude = bits & np.dtype(uint).type(mask)
+    largest = magnitude.reshape(rows // block[0], block[0], columns // block[1], block[1]).max(axis=(1, 3))
+    if dtype == "F32":
+        return largest.view(np.float32)
+    if dtype == "BF16":
+        return (largest.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return largest.view(np.float16).astype(np.float32)
+
+
+def scales_of(amax: Any) -> tuple[Any, Any]:
+    """(scale, scale_inv) in float32 of blocks whose largest magnitudes are `amax`."""
+    import numpy as np
+
     positive = amax > 0
     with np.errstate(all="ignore"):  # a subnormal amax overflows to an inf scale, as in torch
         scale = np.reciprocal(np.where(positive, amax, np.float32(1))) * np.float32(E4M3_MAX)
@@ -148,9 +203,17 @@ def block_scales(values: Any, block: tuple[int, int]) -> tuple[Any, Any]:
         return scale, np.reciprocal(scale)
 
 
+def block_scales(values: Any, block: tuple[int, int]) -> tuple[Any, Any]:
+    """(scale, scale_inv) in float32 of each block of `values`, a float32 matrix whose
+    rows and columns are whole blocks: one row of each per band of block rows."""
+    import numpy as np
+
+    return scales_of(block_amax(np.ascontiguousarray(values).view(np.uint32), "F32", block))
+
+
 def quantise_into(values: Any, block: tuple[int, int], scale: Any, out: Any) -> None:
     """E4M3 codes of float32 `values` (whole blocks, overwritten as scratch) into uint8
-    `out` of the same shape, given each block's `scale` from :func:`block_scales`.
+    `out` of the same shape, given each block's `scale` from :func:`scales_of`.
     Nothing is counted as lost: rounding to 3 mantissa bits (and values under a
     block's 1/458,752 of its largest to zero) is what the quantisation is."""
     import numpy as np
