@@ -53,6 +53,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/bench_s3.py
 	$(PY) bench/bench_headers.py
 	$(PY) bench/fp8_scale.py
+	$(PY) bench/bench_fp8.py
 
 fuzz: $(VENV)/.test-installed
 	SHARDKIT_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_fuzz_header.py
