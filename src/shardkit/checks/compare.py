@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..engine.source_files import SourceFiles
 from ..format.header import DTYPES
+from ..plan.files import PlannedFile, ScalesFor, Transform, made_by_scales, not_written, scales_made
 from ..plan.tensor_bytes import read_tensor
 
 CHUNK = 8 * 1024 * 1024
@@ -76,6 +77,10 @@ class _Readers:
             return b"".join(self.read(piece, start, size) for piece, start, size in tensor.piece_spans(done, length))
         return read_tensor(tensor, self._files.reader(tensor.shard.path), done, length)
 
+    def read_at(self, path: str, offset: int, into: memoryview) -> None:
+        """Fill `into` with the bytes of the file `path` from `offset` (a plan step's `read`)."""
+        into[:] = self._files.reader(path).read(offset, len(into))
+
     def close(self) -> None:
         self._files.close()
 
@@ -124,6 +129,29 @@ def same_converted(
     return True
 
 
+def same_made(
+    step: Transform, b: SourceTensor, readers: _Readers, on_bytes: Callable[[int], None] | None = None
+) -> bool:
+    """Whether `b` holds exactly what `step` makes (a dequantised weight, a quantised
+    weight's codes or scales), remade chunk by chunk by the writer's own `fill`."""
+    from ..plan.fill import fill
+
+    if step.length != b.info.nbytes:
+        return False
+    planned = PlannedFile(b.name, (step,), (b.name,), step.length)
+    done = 0
+    while done < step.length:
+        size = min(CHUNK, step.length - done)
+        expected = bytearray(size)
+        fill(planned, done, memoryview(expected), readers.read_at)
+        if readers.read(b, done, size) != expected:
+            return False
+        done += size
+        if on_bytes is not None:
+            on_bytes(size)
+    return True
+
+
 def compare_checkpoints(
     a: Checkpoint,
     b: Checkpoint,
@@ -132,6 +160,7 @@ def compare_checkpoints(
     on_bytes: Callable[[int], None] | None = None,
     on_difference: Callable[[SourceTensor, SourceTensor, _Readers], None] | None = None,
     converted: Mapping[str, str] | None = None,
+    scales: ScalesFor | None = None,
 ) -> Comparison:
     """Compare names, dtypes, shapes and (unless `data=False`) every byte.
 
@@ -139,34 +168,50 @@ def compare_checkpoints(
     open, so callers can measure how they differ (e.g. max absolute difference).
     With `converted` (tensor name -> dtype), `b` is expected to hold those tensors of
     `a` converted to that dtype: their dtype must be it and their bytes the cast's.
+    With `scales`, `b` is `a` dequantised or quantised by them (see
+    :data:`shardkit.plan.files.ScalesFor`): a dequantisation's scales are not expected
+    in `b`, a quantisation's are, each made from its weight in `a`, and every such
+    tensor must hold what the writer's step makes from `a`.
     """
-    names_a, names_b = set(a.tensors), set(b.tensors)
+    scales = scales or {}
+    made = scales_made(scales)
+    names_a, names_b = (set(a.tensors) - not_written(scales)) | set(made), set(b.tensors)
     only_a, only_b = sorted(names_a - names_b), sorted(names_b - names_a)
     dtype_changed: list[TensorChange] = []
     shape_changed: list[TensorChange] = []
-    comparable = []
+    comparable: list[tuple[str, SourceTensor, SourceTensor, Transform | None]] = []
     for name in sorted(names_a & names_b):
-        ta, tb = a.tensors[name], b.tensors[name]
+        ta, tb = a.tensors[made[name].weight] if name in made else a.tensors[name], b.tensors[name]
         expected = converted.get(name, ta.info.dtype) if converted is not None else ta.info.dtype
+        step = made_by_scales(name, ta, expected, scales) if scales else None
+        shape = ta.info.shape
+        if name in made:
+            block = made[name].block
+            shape = (shape[0] // block[0], shape[1] // block[1])
         if expected != tb.info.dtype:
             dtype_changed.append(TensorChange(name, expected, tb.info.dtype))
-        elif ta.info.shape != tb.info.shape:
-            shape_changed.append(TensorChange(name, str(list(ta.info.shape)), str(list(tb.info.shape))))
+        elif shape != tb.info.shape:
+            shape_changed.append(TensorChange(name, str(list(shape)), str(list(tb.info.shape))))
         else:
-            comparable.append((ta, tb))
+            comparable.append((name, ta, tb, step))
     if not data:
         return Comparison(only_a, only_b, dtype_changed, shape_changed, data_compared=False)
-    comparable.sort(key=lambda pair: (pair[0].shard.path, pair[0].offset))
+    comparable.sort(key=lambda pair: (pair[1].shard.path, pair[1].offset))
     readers = _Readers()
     different: list[str] = []
     equal = compared = 0
     try:
-        for ta, tb in comparable:
-            same = same_bytes if ta.info.dtype == tb.info.dtype else same_converted
-            if same(ta, tb, readers, on_bytes):
+        for name, ta, tb, step in comparable:
+            if step is not None:
+                same = same_made(step, tb, readers, on_bytes)
+            elif ta.info.dtype == tb.info.dtype:
+                same = same_bytes(ta, tb, readers, on_bytes)
+            else:
+                same = same_converted(ta, tb, readers, on_bytes)
+            if same:
                 equal += 1
             else:
-                different.append(ta.name)
+                different.append(name)
                 if on_difference is not None:
                     on_difference(ta, tb, readers)
             compared += ta.info.nbytes

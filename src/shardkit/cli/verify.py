@@ -11,6 +11,7 @@ import typer
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
 from .common import (
     AllowUnindexedOpt,
+    BlockSizeOpt,
     DebugOpt,
     EndpointOpt,
     JsonOpt,
@@ -55,8 +56,9 @@ VerifyDtypeOpt = Annotated[
     str | None,
     typer.Option(
         "--dtype",
-        help="With --against: PATH is SOURCE converted with --dtype (bf16, fp16, fp32); each converted tensor "
-        "must equal the conversion of the source's, recomputed while reading. Pass the same --keep globs.",
+        help="With --against: PATH is SOURCE converted with --dtype (bf16, fp16, fp32, or fp8: quantised); each "
+        "converted, dequantised or quantised tensor must equal what the conversion makes of the source's, "
+        "recomputed while reading. Pass the same --keep globs (and --block-size).",
         show_default=False,
     ),
 ]
@@ -74,6 +76,7 @@ def verify_command(
     strict: StrictOpt = False,
     dtype: VerifyDtypeOpt = None,
     keep: KeepOpt = None,
+    block_size: BlockSizeOpt = None,
     allow_unindexed: AllowUnindexedOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -104,7 +107,7 @@ def verify_command(
                 lambda: verify(
                     path, checksums=checksums, against=against, config=config,
                     architecture=False if no_architecture else None, strict=strict, allow_unindexed=allow_unindexed,
-                    dtype=dtype, keep=keep or (),
+                    dtype=dtype, keep=keep or (), block_size=block_size,
                     endpoint_url=endpoint_url,
                     progress=progress,
                 ),

@@ -61,6 +61,7 @@ from ..errors import (
 from ..format import header_json
 from ..format.header import Header
 from ..format.torch_checkpoint import byte_runs, is_torch_file
+from ..plan.files import ScalesFor
 from ..reports import JsonReport
 from ..storage.hub_cache import HubBlob, hub_blob
 from .checksum import manifest_name
@@ -122,6 +123,7 @@ def verify(
     strict: bool = False,
     dtype: str | None = None,
     keep: Sequence[str] = (),
+    block_size: str | None = None,
     allow_unindexed: bool = False,
     endpoint_url: str | None = None,
     progress: ProgressCallback | None = None,
@@ -136,9 +138,10 @@ def verify(
     - `checksums`: a `sha256sum` manifest (from `shardkit checksum`) or a per-tensor
       manifest (`shardkit checksum --tensors`, valid across merge and split);
     - `against`: another checkpoint, same names, dtypes, shapes and bytes whatever the
-      sharding; with `dtype` (and `keep`), `path` is `against` converted with
-      `merge`/`split --dtype`, and each converted tensor must hold exactly the cast of
-      the source's, recomputed while reading;
+      sharding; with `dtype` (and `keep`, `block_size`), `path` is `against`
+      converted with `merge`/`split --dtype`, and each converted tensor must hold
+      exactly the cast of the source's, recomputed while reading (a dequantised FP8
+      weight its dequantisation, a quantised one its codes and scales);
     - a Hugging Face cache snapshot, found by itself (its blobs are named by SHA-256).
 
     `config` / `architecture`: with a `config.json` (given, or the folder's own),
@@ -186,13 +189,14 @@ def verify(
         if against is not None
         else None
     )
-    if (dtype is not None or keep) and reference is None:
+    if (dtype is not None or keep or block_size is not None) and reference is None:
         raise BadInputError("--dtype checks a conversion against its source; pass --against SOURCE too")
-    conversion = dtype_choice(reference, dtype, keep) if reference is not None else None
+    conversion = dtype_choice(reference, dtype, keep, block_size) if reference is not None else None
     config_path, note = _architecture_config(path, config, architecture)
 
     run = _Run(path, strict, allow_unindexed)
     run.converted = conversion.dtypes if conversion is not None else None
+    run.scales = conversion.scales if conversion is not None else None
     if note:
         run.notes.append(note)
     files, indexes = weight_files(path)
@@ -331,6 +335,8 @@ class _Run:
         self._broken: set[str] = set()
         #: with --dtype: tensor -> dtype the reference's tensor must have been converted to
         self.converted: Mapping[str, str] | None = None
+        #: with --dtype on an FP8 source, or --dtype fp8: the (de)quantisation
+        self.scales: ScalesFor | None = None
 
     def problem(self, check: str, message: str, file: object = None, tensor: str | None = None) -> None:
         self.problems.append(Problem(check, message, str(file) if file is not None else None, tensor))
@@ -541,7 +547,9 @@ class _Run:
         if self.converted is None:
             comparison = compare_checkpoints(checkpoint, reference, on_bytes=both)
         else:
-            comparison = compare_checkpoints(reference, checkpoint, on_bytes=both, converted=self.converted).swapped()
+            comparison = compare_checkpoints(
+                reference, checkpoint, on_bytes=both, converted=self.converted, scales=self.scales
+            ).swapped()
         self.bytes_read += 2 * comparison.compared_bytes
         source = reference.index_path or reference.shards[0].path
 
@@ -550,16 +558,20 @@ class _Run:
 
         for name in comparison.only_a:
             self.problem("against", f"not in {source}", where(name), name)
+        def origin(name: str) -> str:  # a quantisation's scale tensor is made from its weight
+            tensor = reference.tensors.get(name) or reference.tensors[name.removesuffix("_scale_inv")]
+            return tensor.shard.path
+
         for name in comparison.only_b:
-            self.problem("against", f"missing: {reference.tensors[name].shard.path} has it", self.path, name)
+            self.problem("against", f"missing: {origin(name)} has it", self.path, name)
         has = f"{source} converted with --dtype has" if self.converted is not None else f"{source} has"
         for change in comparison.dtype_changed:
             self.problem("against", f"dtype {change.a}, {has} {change.b}", where(change.name), change.name)
         for change in comparison.shape_changed:
             self.problem("against", f"shape {change.a}, {source} has {change.b}", where(change.name), change.name)
         for name in comparison.data_different:
-            other = reference.tensors[name].shard.path
-            self.problem("against", f"holds different bytes than in {other}", where(name), name)
+            made = "what --dtype makes of" if self.scales is not None else "in"
+            self.problem("against", f"holds different bytes than {made} {origin(name)}", where(name), name)
 
     # ------------------------------------------------------------------ architecture
 

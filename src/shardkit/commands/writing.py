@@ -56,11 +56,6 @@ def run_plan(
     conversion the plan was made with: its losses are reported, and `verify`
     recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
     checkpoint already holds the new names), shown in the report."""
-    if verify and dtypes is not None and (dtypes.fp8 is not None or dtypes.quantised is not None):
-        raise BadInputError(
-            "--verify recomputes conversions from the source, which FP8 (de)quantisation does not support yet; "
-            "run without --verify"
-        )
     started = time.perf_counter()
     timings: dict[str, float] = {}
     traffic_before = storage.traffic()
@@ -78,12 +73,11 @@ def run_plan(
     else:
         total = plan.total_bytes
         on_bytes = (lambda advance: progress(advance, total)) if progress is not None else None
-        cast = dtypes.dtypes if dtypes is not None else None
         copy_started = time.perf_counter()
         written = execute(
             plan, output, as_folder=as_folder, force=force, sha256=sha256, progress=on_bytes, log=log,
             protect=protected_sources(checkpoint, source),
-            before_commit=_staged_verifier(checkpoint, output, as_folder, cast, verify_progress, timings,
+            before_commit=_staged_verifier(checkpoint, output, as_folder, dtypes, verify_progress, timings,
                                            copy_started) if verify else None,
         )
         timings.setdefault("copy", time.perf_counter() - copy_started)
@@ -146,7 +140,7 @@ def _staged_verifier(
     checkpoint: Checkpoint,
     output: Location,
     as_folder: bool,
-    converted: Mapping[str, str] | None,
+    dtypes: DtypeChoice | None,
     progress: ProgressCallback | None,
     timings: dict[str, float],
     copy_started: float,
@@ -158,7 +152,8 @@ def _staged_verifier(
         timings["copy"] = verify_started - copy_started
         written = open_checkpoint(staged) if as_folder else open_file(staged)
         comparison = compare_checkpoints(
-            checkpoint, written, converted=converted, on_bytes=_on_bytes(progress, checkpoint.total_bytes)
+            checkpoint, written, on_bytes=_on_bytes(progress, checkpoint.total_bytes),
+            converted=dtypes.dtypes if dtypes else None, scales=dtypes.scales if dtypes else None,
         )
         timings["verify"] = time.perf_counter() - verify_started
         if not comparison.identical:

@@ -534,6 +534,23 @@ def _add_steps(
         steps.append(Copy(dest, nbytes, source.shard.path, source.offset))
 
 
+def made_by_scales(name: str, source: SourceTensor, dtype: str, scales: ScalesFor) -> Transform | None:
+    """The step (at offset 0) that makes output tensor `name` from `source` in a run that
+    (de)quantises by `scales`: a dequantised weight, a quantised weight's codes, or the
+    scale grid made from the weight `source`; None for any other tensor. What `--verify`
+    recomputes and compares with what was written."""
+    made = scales_made(scales)
+    of = scales.get(name)
+    if name in made:
+        renamed = source._replace(info=source.info._replace(name=name))
+        return _quantise_step(renamed, 0, _quantised_spec(renamed, "F32", made), made[name])
+    if isinstance(of, QuantiseAs):
+        return _quantise_step(source, 0, _quantised_spec(source, dtype, made), of)
+    if isinstance(of, ScaleOf):
+        return tensor_transform(source, 0, dtype, tensor_nbytes(dtype, source.info.shape), _scales(source, of))
+    return None
+
+
 def _quantised_spec(tensor: SourceTensor, dtype: str, made: Mapping[str, QuantiseAs]) -> TensorSpec:
     """A tensor's entry in the header of a quantised file: a made scale tensor has its grid's shape."""
     of = made.get(tensor.name)
