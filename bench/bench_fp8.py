@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench import drop_caches  # bench/bench.py: sync, then drop the page cache when root
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data" / "fp8"
@@ -108,14 +109,6 @@ _, status, usage = os.wait4(pid, 0)
 print(time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
       os.waitstatus_to_exitcode(status), file=sys.stderr)
 """
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass  # not root: runs start warm, every side alike
 
 
 def timed(command: list[str]) -> dict[str, float]:
