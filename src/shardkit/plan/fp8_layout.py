@@ -116,10 +116,10 @@ def _fine_pairs(checkpoint: Checkpoint, scale_names: list[str], block: tuple[int
 def _kinds(
     weights: list[SourceTensor | None], scales: list[SourceTensor]
 ) -> Iterable[tuple[TensorInfo, TensorInfo]]:
-    """One (weight, scale) pair of each distinct pair of (dtype, shape)s (no weight None)."""
-    weight_infos, scale_infos = list(map(_INFO, weights)), list(map(_INFO, scales))
-    kinds = zip(map(_DTYPE_AND_SHAPE, weight_infos), map(_DTYPE_AND_SHAPE, scale_infos))
-    return dict(zip(kinds, zip(weight_infos, scale_infos))).values()
+    """Each distinct (dtype, shape) of a weight and of its scale, as nameless infos (no weight None)."""
+    kinds = set(zip(map(_DTYPE_AND_SHAPE, map(_INFO, weights)), map(_DTYPE_AND_SHAPE, map(_INFO, scales))))
+    return [(TensorInfo("", w_dtype, w_shape, 0, 0), TensorInfo("", s_dtype, s_shape, 0, 0))
+            for (w_dtype, w_shape), (s_dtype, s_shape) in kinds]
 
 
 _INFO = attrgetter("info")
