@@ -195,10 +195,12 @@ def main() -> None:
     count = build(args.folder)
     print(f"{count:,} tensors in {args.folder}", flush=True)
     compile_bytecode()
+    load = os.getloadavg()[0]  # wall times on a shared machine are only as good as its quiet
     results = measure(args.folder, args.runs)
     table = write_table(results)
     header = (
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores by `bench/fp8_scale.py --runs N`: "
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores (load average {load:.1f} before the "
+        f"run, {os.getloadavg()[0]:.1f} after) by `bench/fp8_scale.py --runs N`: "
         f"a DeepSeek-V3-shaped FP8 checkpoint ({count:,} tensors in 163 sparse shards with real headers, "
         "688 GB of F8_E4M3 weights, F32 scale grids and BF16 tensors). Whole processes from the command line, "
         "start-up included (bytecode compiled first, as pip install does), warm page cache, alternating sides, "
