@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from itertools import accumulate, chain
-from operator import attrgetter, itemgetter
+from operator import attrgetter, itemgetter, sub
 from typing import NamedTuple, TypeVar
 
 from ..errors import FormatError
@@ -246,7 +246,9 @@ def parse_header(
     usual = _read_usual(text, path, strict)
     if usual is None:
         return _read_exact(text, path, strict)
-    metadata, entries = usual
+    metadata, entries, end_to_end = usual
+    if end_to_end and _sizes_match(entries):
+        return metadata, tuple(entries)
     tensors = tuple(sorted(entries, key=_DATA_ORDER))
     _validate_offsets(tensors, path)  # the exact reader would have the same tensors here
     return metadata, tensors
@@ -308,15 +310,38 @@ _STRING = r'"(?:[^"\\]|\\.)*"'
 _USUAL_METADATA = re.compile(rf"\{{(?:{_STRING}:{_STRING}(?:,{_STRING}:{_STRING})*)?\}}")
 _DTYPE_CODES = {code: code for code in DTYPES}
 _make_info = record_maker(TensorInfo)
+#: Characters of an entry other than its five fields: `,"` … `]}` around them.
+_ENTRY_FIXED = len(',"":{"dtype":"","shape":[],"data_offsets":[,]}')
+#: Where an entry ends. In a usual header no name holds a quote, so this text is never
+#: inside a name: the entries are cut into runs there (a wrong cut cannot make a
+#: broken header pass: each run must still be tiled by entries).
+_ENTRY_END = re.compile(r'"data_offsets":\[[0-9]+,[0-9]+\]\}')
+#: Characters of header text matched at a time: a run's rows (five strings each) are
+#: alive only until its tensors are built, so a 100 MB header never holds them all.
+_RUN = 1 << 20
 
 
-def _read_usual(text: str, path: str, strict: bool) -> tuple[dict[str, str] | None, list[TensorInfo]] | None:
-    """The metadata and the entries (in file order) of a usual header, or None if
-    the header is not usual. Never raises: a broken header is for the exact reader."""
+class _Shapes(dict[str, tuple[int, ...]]):
+    """Shape tuples by their text: a million tensors have a few dozen shapes, each
+    built once and shared."""
+
+    def __missing__(self, dims: str) -> tuple[int, ...]:
+        shape = self[dims] = tuple(map(int, dims.split(","))) if dims else ()
+        return shape
+
+
+def _read_usual(
+    text: str, path: str, strict: bool
+) -> tuple[dict[str, str] | None, list[TensorInfo], bool] | None:
+    """The metadata and the entries (in file order) of a usual header, and whether the
+    entries lie end to end in file order (then that is their data order: the first
+    begins at 0 and each where the one before ends); None if the header is not usual.
+    Never raises: a broken header is for the exact reader."""
     stop = len(text.rstrip(" ")) - 1  # the reference writer pads with spaces
     if stop < 1 or text[stop] != "}":
         return None
     metadata: dict[str, str] | None = None
+    runs: list[list[tuple[str, ...]]] = []
     if text.startswith(_USUAL_METADATA_START):
         found = _USUAL_METADATA.match(text, len(_USUAL_METADATA_START))
         if found is None:
@@ -326,34 +351,72 @@ def _read_usual(text: str, path: str, strict: bool) -> tuple[dict[str, str] | No
         except (header_json.JsonSyntaxError, FormatError):
             return None
         at = found.end()
-        matches: Iterable[re.Match[str]] = _USUAL_ENTRY.finditer(text, at, stop)
     else:
         first = _USUAL_FIRST_ENTRY.match(text, 1)
         if first is None:
             return None
-        at = 1
-        matches = chain((first,), _USUAL_ENTRY.finditer(text, first.end(), stop))
+        runs.append([first.groups()])
+        at = first.end()
     entries: list[TensorInfo] = []
-    append = entries.append
-    shapes: dict[str, tuple[int, ...]] = {}
-    try:
-        for match in matches:
-            if match.start() != at:
-                return None
-            at = match.end()
-            name, dtype, dims, begin, end = match.groups()
-            shape = shapes.get(dims)
-            if shape is None:
-                shape = shapes[dims] = tuple(map(int, dims.split(","))) if dims else ()
-            append(_make_info((name, _DTYPE_CODES[dtype], shape, int(begin), int(end))))
-    except KeyError:  # a dtype the format does not have
-        return None
-    if at != stop:
-        return None
-    names = {info.name for info in entries}
+    shapes = _Shapes()
+    end_to_end, last_end, last_end_text = True, 0, "0"
+    for rows in chain(runs, _tiled_runs(text, at, stop)):
+        if rows is None:
+            return None
+        names, dtypes, dims, begins, ends = zip(*rows)
+        # Offsets are digits without leading zeros, so equal text is an equal number;
+        # a tensor's begin is then the int object of the previous one's end.
+        end_to_end = end_to_end and begins[0] == last_end_text and begins[1:] == ends[:-1]
+        end_values = list(map(int, ends))
+        begin_values = [last_end, *end_values[:-1]] if end_to_end else map(int, begins)
+        try:
+            entries.extend(
+                map(_make_info, zip(names, map(_DTYPE_CODES.__getitem__, dtypes), map(shapes.__getitem__, dims),
+                                    begin_values, end_values))
+            )
+        except KeyError:  # a dtype the format does not have
+            return None
+        last_end, last_end_text = end_values[-1], ends[-1]
+    names = set(map(_NAME, entries))
     if len(names) != len(entries) or METADATA_KEY in names:
         return None
-    return metadata, entries
+    return metadata, entries, end_to_end
+
+
+def _tiled_runs(text: str, at: int, stop: int) -> Iterator[list[tuple[str, ...]] | None]:
+    """The fields of the entries that tile text[at:stop], a run of about `_RUN`
+    characters at a time; None (and nothing more) where they do not tile it.
+
+    Matches found in a run never overlap, so they tile it exactly when their lengths
+    add up to its length: the check needs no Python step per entry.
+    """
+    while at < stop:
+        cut = _ENTRY_END.search(text, min(at + _RUN, stop), stop)
+        end = cut.end() if cut is not None else stop
+        rows = _USUAL_ENTRY.findall(text, at, end)
+        if not rows or sum(map(len, chain.from_iterable(rows))) + _ENTRY_FIXED * len(rows) != end - at:
+            yield None
+            return
+        yield rows
+        at = end
+
+
+def _sizes_match(entries: list[TensorInfo]) -> bool:
+    """Whether every entry spans the bytes its dtype and shape need (no Python step
+    per entry: the sizes are worked out per distinct dtype and shape). False also for
+    a size the format refuses: :func:`_validate_offsets` then says which rule."""
+    dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
+    sizes = {}
+    for key in set(zip(dtypes, shapes)):
+        try:
+            sizes[key] = tensor_nbytes(*key)
+        except ValueError:
+            return False
+    spans = list(map(sub, map(_END, entries), map(_BEGIN, entries)))
+    return spans == list(map(sizes.__getitem__, zip(dtypes, shapes)))
+
+
+_NAME, _DTYPE, _SHAPE, _BEGIN, _END = map(attrgetter, TensorInfo._fields)
 
 
 def _parse_metadata(value: object, path: str, strict: bool) -> dict[str, str] | None:
