@@ -246,8 +246,8 @@ def parse_header(
     usual = _read_usual(text, path, strict)
     if usual is None:
         return _read_exact(text, path, strict)
-    metadata, entries, end_to_end = usual
-    if end_to_end and _sizes_match(entries):
+    metadata, entries, checked = usual
+    if checked:
         return metadata, tuple(entries)
     tensors = tuple(sorted(entries, key=_DATA_ORDER))
     _validate_offsets(tensors, path)  # the exact reader would have the same tensors here
@@ -293,15 +293,17 @@ def _read_exact(text: str, path: str, strict: bool = False) -> tuple[dict[str, s
 # For such text the exact reader's result is known without building its JSON tree:
 # a string with no backslash and no control character reads as itself, and an
 # integer of at most 19 digits (below 2**64) as that integer, so each entry is one
-# match of _USUAL_ENTRY. The matches must tile the text end to end; a name seen twice,
-# a name `__metadata__`, an unknown dtype, a 20-digit number, a space, an escape or a
+# match of _USUAL_ENTRY (its shape's digits checked once per distinct shape, by
+# _DIMS). The matches must tile the text end to end; a name seen twice, a name
+# `__metadata__`, an unknown dtype, a 20-digit number, a space, an escape or a
 # field in another order makes the text unusual, and the exact reader reads it.
 
 _U64 = r"(?:0|[1-9][0-9]{0,18})"
 _ENTRY = (
-    r'"([^"\\\x00-\x1f]*)":\{"dtype":"([0-9A-Z_]{1,16})",'
-    rf'"shape":\[((?:{_U64}(?:,{_U64})*)?)\],"data_offsets":\[({_U64}),({_U64})\]\}}'
+    r'"([^"\\\x00-\x1f]*+)":\{"dtype":"([0-9A-Z_]++)",'
+    rf'"shape":\[([0-9,]*+)\],"data_offsets":\[({_U64}),({_U64})\]\}}'
 )
+_DIMS = re.compile(rf"(?:{_U64}(?:,{_U64})*)?")
 _USUAL_FIRST_ENTRY = re.compile(_ENTRY)
 _USUAL_ENTRY = re.compile("," + _ENTRY)
 _USUAL_METADATA_START = '{"__metadata__":'
@@ -321,27 +323,19 @@ _ENTRY_END = re.compile(r'"data_offsets":\[[0-9]+,[0-9]+\]\}')
 _RUN = 1 << 20
 
 
-class _Shapes(dict[str, tuple[int, ...]]):
-    """Shape tuples by their text: a million tensors have a few dozen shapes, each
-    built once and shared."""
-
-    def __missing__(self, dims: str) -> tuple[int, ...]:
-        shape = self[dims] = tuple(map(int, dims.split(","))) if dims else ()
-        return shape
-
-
 def _read_usual(
     text: str, path: str, strict: bool
 ) -> tuple[dict[str, str] | None, list[TensorInfo], bool] | None:
-    """The metadata and the entries (in file order) of a usual header, and whether the
-    entries lie end to end in file order (then that is their data order: the first
-    begins at 0 and each where the one before ends); None if the header is not usual.
+    """The metadata and the entries (in file order) of a usual header, and whether
+    they are known to be valid in that order, which is then their data order (the
+    first begins at 0, each where the one before ends, each as long as its dtype and
+    shape need); None if the header is not usual.
     Never raises: a broken header is for the exact reader."""
     stop = len(text.rstrip(" ")) - 1  # the reference writer pads with spaces
     if stop < 1 or text[stop] != "}":
         return None
     metadata: dict[str, str] | None = None
-    runs: list[list[tuple[str, ...]]] = []
+    first_rows: list[list[tuple[str, ...]]] = []  # the first entry, when no comma leads it
     if text.startswith(_USUAL_METADATA_START):
         found = _USUAL_METADATA.match(text, len(_USUAL_METADATA_START))
         if found is None:
@@ -355,37 +349,27 @@ def _read_usual(
         first = _USUAL_FIRST_ENTRY.match(text, 1)
         if first is None:
             return None
-        runs.append([first.groups()])
+        first_rows.append([first.groups()])
         at = first.end()
-    entries: list[TensorInfo] = []
-    shapes = _Shapes()
-    end_to_end, last_end, last_end_text = True, 0, "0"
-    for rows in chain(runs, _tiled_runs(text, at, stop)):
-        if rows is None:
-            return None
-        names, dtypes, dims, begins, ends = zip(*rows)
-        # Offsets are digits without leading zeros, so equal text is an equal number;
-        # a tensor's begin is then the int object of the previous one's end.
-        end_to_end = end_to_end and begins[0] == last_end_text and begins[1:] == ends[:-1]
-        end_values = list(map(int, ends))
-        begin_values = [last_end, *end_values[:-1]] if end_to_end else map(int, begins)
-        try:
-            entries.extend(
-                map(_make_info, zip(names, map(_DTYPE_CODES.__getitem__, dtypes), map(shapes.__getitem__, dims),
-                                    begin_values, end_values))
-            )
-        except KeyError:  # a dtype the format does not have
-            return None
-        last_end, last_end_text = end_values[-1], ends[-1]
-    names = set(map(_NAME, entries))
-    if len(names) != len(entries) or METADATA_KEY in names:
+    entries = _UsualEntries()
+    try:
+        for rows in chain(first_rows, _tiled_runs(text, at, stop)):
+            entries.add(rows)
+    except _Unusual:
         return None
-    return metadata, entries, end_to_end
+    names = set(map(_NAME, entries.infos))
+    if len(names) != len(entries.infos) or METADATA_KEY in names:
+        return None
+    return metadata, entries.infos, entries.checked
 
 
-def _tiled_runs(text: str, at: int, stop: int) -> Iterator[list[tuple[str, ...]] | None]:
+class _Unusual(Exception):
+    """The header is not usual after all: the exact reader reads it."""
+
+
+def _tiled_runs(text: str, at: int, stop: int) -> Iterator[list[tuple[str, ...]]]:
     """The fields of the entries that tile text[at:stop], a run of about `_RUN`
-    characters at a time; None (and nothing more) where they do not tile it.
+    characters at a time; :class:`_Unusual` where they do not tile it.
 
     Matches found in a run never overlap, so they tile it exactly when their lengths
     add up to its length: the check needs no Python step per entry.
@@ -395,28 +379,63 @@ def _tiled_runs(text: str, at: int, stop: int) -> Iterator[list[tuple[str, ...]]
         end = cut.end() if cut is not None else stop
         rows = _USUAL_ENTRY.findall(text, at, end)
         if not rows or sum(map(len, chain.from_iterable(rows))) + _ENTRY_FIXED * len(rows) != end - at:
-            yield None
-            return
+            raise _Unusual
         yield rows
         at = end
 
 
-def _sizes_match(entries: list[TensorInfo]) -> bool:
-    """Whether every entry spans the bytes its dtype and shape need (no Python step
-    per entry: the sizes are worked out per distinct dtype and shape). False also for
-    a size the format refuses: :func:`_validate_offsets` then says which rule."""
-    dtypes, shapes = list(map(_DTYPE, entries)), list(map(_SHAPE, entries))
-    sizes = {}
-    for key in set(zip(dtypes, shapes)):
+class _Kinds(dict[tuple[str, str], tuple[str, tuple[int, ...], int | None]]):
+    """(dtype, shape, bytes) by an entry's dtype and shape text, each worked out once:
+    a million tensors are of a few dozen kinds. :class:`_Unusual` for a dtype the
+    format does not have or a shape not spelled as _DIMS spells it; bytes are None
+    where the format refuses the size (:func:`_validate_offsets` then says why)."""
+
+    def __missing__(self, key: tuple[str, str]) -> tuple[str, tuple[int, ...], int | None]:
+        dtype, dims = key
+        if dtype not in _DTYPE_CODES or not _DIMS.fullmatch(dims):
+            raise _Unusual
+        shape = tuple(map(int, dims.split(","))) if dims else ()
         try:
-            sizes[key] = tensor_nbytes(*key)
+            nbytes: int | None = tensor_nbytes(dtype, shape)
         except ValueError:
-            return False
-    spans = list(map(sub, map(_END, entries), map(_BEGIN, entries)))
-    return spans == list(map(sizes.__getitem__, zip(dtypes, shapes)))
+            nbytes = None
+        kind = self[key] = (_DTYPE_CODES[dtype], shape, nbytes)
+        return kind
 
 
-_NAME, _DTYPE, _SHAPE, _BEGIN, _END = map(attrgetter, TensorInfo._fields)
+class _UsualEntries:
+    """A usual header's entries, built a run of rows at a time column by column, by
+    map and zip: no Python step per entry.
+
+    `checked` stays true while the entries, in file order, lie end to end from 0 and
+    each spans the bytes its dtype and shape need. Offsets are digits without leading
+    zeros, so equal text is an equal number: that is checked on the text, and each
+    entry's begin is the int object of the previous one's end.
+    """
+
+    def __init__(self) -> None:
+        self.infos: list[TensorInfo] = []
+        self.checked = True
+        self._kinds = _Kinds()
+        self._last_end, self._last_end_text = 0, "0"
+
+    def add(self, rows: list[tuple[str, ...]]) -> None:
+        names, dtypes, dims, begins, ends = zip(*rows)
+        kinds = list(map(self._kinds.__getitem__, zip(dtypes, dims)))
+        end_values = list(map(int, ends))
+        if self.checked and begins[0] == self._last_end_text and begins[1:] == ends[:-1]:
+            begin_values = [self._last_end, *end_values[:-1]]
+            self.checked = list(map(sub, end_values, begin_values)) == list(map(_THIRD, kinds))
+        else:
+            self.checked = False
+            begin_values = list(map(int, begins))
+        self.infos.extend(
+            map(_make_info, zip(names, map(_FIRST, kinds), map(_SECOND, kinds), begin_values, end_values))
+        )
+        self._last_end, self._last_end_text = end_values[-1], ends[-1]
+
+
+_NAME = attrgetter("name")
 
 
 def _parse_metadata(value: object, path: str, strict: bool) -> dict[str, str] | None:
