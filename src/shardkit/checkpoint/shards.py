@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, is_, itemgetter, lt, sub
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,7 +35,7 @@ from ..format.gc_pause import gc_paused
 from ..format.header import Header, TensorInfo, record_maker
 from ..format.torch_checkpoint import TORCH_SUFFIXES, TorchHeader, View, is_torch_file, safetensors_name
 from ..storage import Location
-from . import layouts, variants
+from . import index_json, layouts, variants
 from .readability import check_folder_readable, file_problem
 from .variants import WeightSet
 
@@ -105,11 +105,11 @@ class Checkpoint:
 
     @cached_property
     def total_bytes(self) -> int:
-        return sum(t.info.end - t.info.begin for t in self.tensors.values())
+        return _data_bytes(self.tensors)
 
     @cached_property
     def parameters(self) -> int:
-        shapes = Counter(t.info.shape for t in self.tensors.values())  # a few dozen for a million tensors
+        shapes = Counter(map(_SHAPE, self.tensors.values()))  # a few dozen for a million tensors
         return sum(math.prod(shape) * count for shape, count in shapes.items())
 
     @property
@@ -278,28 +278,50 @@ def single_file_name_for(index_name: str) -> str:
     return f"{prefix}.{variant}.safetensors" if variant else f"{prefix}.safetensors"
 
 
-_NAME = attrgetter("name")
+_NAME, _INFO, _BEGIN, _END = attrgetter("name"), attrgetter("info"), attrgetter("begin"), attrgetter("end")
+_SOURCE_NAME, _SHAPE, _SHARD = attrgetter("info.name"), attrgetter("info.shape"), attrgetter("shard")
+_KEY, _VALUE = itemgetter(0), itemgetter(1)
 _make_source = record_maker(SourceTensor)
 #: The fields after (info, shard) as a plain tensor of a shard has them; built from the
 #: defaults, so a field added to SourceTensor cannot be left out of the fast construction.
 _PLAIN_SOURCE_FIELDS = tuple(SourceTensor._field_defaults[f] for f in SourceTensor._fields[2:])
 
 
-def _plain_sources(infos: Iterable[TensorInfo], header: Header) -> Iterator[tuple[object, ...]]:
+def _plain_sources(header: Header) -> Iterator[tuple[object, ...]]:
     """The field tuples of the tensors of one shard, for `_make_source`."""
-    return zip(infos, repeat(header), *map(repeat, _PLAIN_SOURCE_FIELDS))
+    return zip(header.tensors, repeat(header), *map(repeat, _PLAIN_SOURCE_FIELDS))
+
+
+def _sorted_sources(headers: Iterable[Header]) -> list[SourceTensor]:
+    """Every tensor of `headers` as a SourceTensor, in name order: sorted as one list,
+    not as a dict and then a sorted dict of its items (a MoE index has 500,000)."""
+    sources: list[SourceTensor] = []
+    for header in headers:
+        sources.extend(map(_make_source, _plain_sources(header)))
+    sources.sort(key=_SOURCE_NAME)
+    return sources
+
+
+def _sources_by_name(headers: Iterable[Header]) -> dict[str, SourceTensor]:
+    """:func:`_sorted_sources` by name, for headers whose names are known to be distinct."""
+    sources = _sorted_sources(headers)
+    return dict(zip(map(_SOURCE_NAME, sources), sources))
+
+
+def _data_bytes(tensors: dict[str, SourceTensor]) -> int:
+    """Bytes of the tensors' data, summed by map (a Python step per tensor showed at MoE scale)."""
+    infos = list(map(_INFO, tensors.values()))
+    return sum(map(sub, map(_END, infos), map(_BEGIN, infos)))
 
 
 def _single_file(path: Location, strict: bool) -> Checkpoint:
     header = storage.read_header(path, strict=strict)
-    ordered = sorted(header.tensors, key=_NAME)
-    tensors = dict(zip(map(_NAME, ordered), map(_make_source, _plain_sources(ordered, header))))
     return Checkpoint(
         root=path.parent,
         index_path=None,
         index_metadata={},
         shards=(header,),
-        tensors=tensors,
+        tensors=_sources_by_name((header,)),
         weight_files=frozenset({path}),
     )
 
@@ -344,32 +366,17 @@ def _shard_set(root: Location, files: list[Location], strict: bool) -> Checkpoin
 
 def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
     root = index_path.parent
-    metadata, weight_map = _read_index(index_path)
-    by_shard: dict[str, list[str]] = {}
-    for tensor, shard_name in weight_map.items():
-        by_shard.setdefault(shard_name, []).append(tensor)
-
-    # One path object per shard: a remote one remembers its stat, so each shard costs one request.
-    shard_paths = {name: root / name for name in sorted(by_shard)}
-    missing = [name for name, shard_path in shard_paths.items() if not shard_path.exists()]
-    if missing:
-        raise MissingShardsError(index_path, missing, len(by_shard))
-    headers: dict[str, Header] = {}
-    for shard_name, shard_path in shard_paths.items():
-        if not shard_path.is_file():
-            raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
-        headers[shard_name] = storage.read_header(shard_path, strict=strict)
-
-    if not _shards_match_index(headers, by_shard):
-        _refuse_mismatch(index_path, headers, weight_map)
-    tensors = {
-        info.name: source
-        for header in headers.values()
-        for info, source in zip(header.tensors, map(_make_source, _plain_sources(header.tensors, header)))
-    }
-
+    index = _read_index(index_path)
+    headers = _indexed_shards(index_path, index, strict)
+    sources = _sorted_sources(headers.values())
+    names = list(map(_SOURCE_NAME, sources))
+    if not _shards_match_index(headers, sources, names, index):
+        _refuse_mismatch(index_path, headers, index.weight_map)
+    metadata = index.metadata
+    del index  # its 500,000 names (a MoE index) go before the tensors' dict is built
+    tensors = dict(zip(names, sources))
     warnings = []
-    total_bytes = sum(t.info.nbytes for t in tensors.values())
+    total_bytes = _data_bytes(tensors)
     declared = metadata.get("total_size")
     if declared is not None and declared != total_bytes:
         warnings.append(
@@ -380,24 +387,53 @@ def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Check
         index_path=index_path,
         index_metadata=metadata,
         shards=tuple(headers.values()),
-        tensors=dict(sorted(tensors.items())),
+        tensors=tensors,
         weight_files=frozenset({index_path, *(root / name for name in headers)}),
     )
     return _with_folder_checks(checkpoint, find_indexes(root), allow_unindexed, warnings)
 
 
-def _shards_match_index(headers: dict[str, Header], by_shard: dict[str, list[str]]) -> bool:
-    """Each shard holds exactly the tensors weight_map gives it (names within a header
-    are unique, and weight_map's keys are): then no tensor is missing, unlisted or in
-    two shards. One set per shard instead of a lookup per tensor. weight_map may also
-    list a shard's tied duplicates (:func:`tied_duplicates`)."""
+def _indexed_shards(index_path: Location, index: Index, strict: bool) -> dict[str, Header]:
+    """The header of every shard the index names, by name."""
+    root = index_path.parent
+    # One path object per shard: a remote one remembers its stat, so each shard costs one request.
+    shard_paths = {name: root / name for name in sorted(set(index.shards))}
+    missing = [name for name, shard_path in shard_paths.items() if not shard_path.exists()]
+    if missing:
+        raise MissingShardsError(index_path, missing, len(shard_paths))
+    headers: dict[str, Header] = {}
+    for shard_name, shard_path in shard_paths.items():
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard_name} is not a regular file")
+        headers[shard_name] = storage.read_header(shard_path, strict=strict)
+    return headers
+
+
+def _shards_match_index(
+    headers: dict[str, Header], sources: list[SourceTensor], names: list[str], index: Index
+) -> bool:
+    """Each shard holds exactly the tensors weight_map gives it, or those and its tied
+    duplicates (:func:`tied_duplicates`): then no tensor is missing, unlisted or in two
+    shards. `sources` are the shards' tensors in name order, `names` theirs.
+
+    When weight_map lists only what the shards hold (no tied duplicates), both sides
+    are in name order and this compares lists: as many tensors, the same names, each
+    in the shard weight_map gives, without a lookup per tensor (a MoE index lists
+    hundreds of thousands). Otherwise it compares one set per shard."""
+    if len(sources) == len(index.tensors) and names == index.tensors:
+        holders = map(headers.__getitem__, index.shards)
+        if all(map(is_, map(_SHARD, sources), holders)):
+            return True
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard_name in zip(index.tensors, index.shards):
+        by_shard.setdefault(shard_name, []).append(tensor)
     for shard_name, header in headers.items():
-        names = {info.name for info in header.tensors}
+        held = {info.name for info in header.tensors}
         listed = by_shard[shard_name]
-        if len(names) == len(listed) and names.issuperset(listed):
+        if len(held) == len(listed) and held.issuperset(listed):
             continue
-        extra = set(listed) - names
-        if len(listed) - len(extra) != len(names) or not extra <= tied_duplicates(header):
+        extra = set(listed) - held
+        if len(listed) - len(extra) != len(held) or not extra <= tied_duplicates(header):
             return False
     return True
 
@@ -443,9 +479,23 @@ def _refuse_mismatch(index_path: Location, headers: dict[str, Header], weight_ma
     raise AssertionError("unreachable: the shards disagree with the index somewhere")
 
 
-def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]]:
+class Index(NamedTuple):
+    """An index as read: its metadata, and its weight_map as two lists in tensor-name
+    order (the names, each once, and the shard file each is in: one string per shard
+    file, where JSON gives each entry its own copy, 40 MB for a MoE index)."""
+
+    metadata: dict[str, object]
+    tensors: list[str]
+    shards: list[str]
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return dict(zip(self.tensors, self.shards))
+
+
+def _read_index(index_path: Location) -> Index:
     try:
-        document = header_json.loads(index_path.read_text(encoding="utf-8"))
+        document = index_json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, header_json.JsonSyntaxError) as exc:
         raise CheckpointError(f"{index_path}: not a valid JSON index: {exc}") from None
     if not isinstance(document, header_json.Pairs):
@@ -456,24 +506,36 @@ def _read_index(index_path: Location) -> tuple[dict[str, object], dict[str, str]
         raise CheckpointError(layouts.not_an_index(index_path))
     if not isinstance(raw_map, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index has no weight_map object")
-    weight_map = _unique(raw_map, index_path, "weight_map")
-    _check_shard_names(weight_map, index_path)
-    # JSON gives every value its own string: 500,000 copies of a few shard names (40 MB).
-    names = {name: name for name in weight_map.values()}
-    weight_map = dict(zip(weight_map, map(names.__getitem__, weight_map.values())))
+    entries = _in_name_order(raw_map, index_path)
+    _check_shard_names(raw_map, index_path)
     raw_metadata = top.get("metadata", header_json.Pairs())
     if not isinstance(raw_metadata, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index metadata is not an object")
     metadata = {k: _plain(v) for k, v in _unique(raw_metadata, index_path, "metadata").items()}
-    return metadata, weight_map  # type: ignore[return-value]
+    shards = list(map(_VALUE, entries))
+    shared: dict[str, str] = {}
+    return Index(metadata, list(map(_KEY, entries)), list(map(shared.setdefault, shards, shards)))
 
 
-def _check_shard_names(weight_map: dict[str, object], index_path: Location) -> None:
+def _in_name_order(pairs: header_json.Pairs, index_path: Location) -> list[tuple[str, object]]:
+    """weight_map's entries in tensor-name order, refusing a name listed twice.
+    save_pretrained writes them in that order: then they are checked, not sorted."""
+    names = list(map(_KEY, pairs))
+    if all(map(lt, names, names[1:])):
+        return pairs
+    entries = sorted(pairs, key=_KEY)
+    names = list(map(_KEY, entries))
+    if not all(map(lt, names, names[1:])):
+        _unique(pairs, index_path, "weight_map")  # names the first repeated
+    return entries
+
+
+def _check_shard_names(weight_map: header_json.Pairs, index_path: Location) -> None:
     """Every weight_map value names a shard inside the folder. A MoE index names the
     same few shards hundreds of thousands of times: each distinct name is checked once,
     and only when one is bad are the entries walked, to name the first that uses it."""
     try:
-        distinct = set(weight_map.values())
+        distinct = set(map(_VALUE, weight_map))
     except TypeError:  # a list or object among the values
         distinct = None
     if distinct is not None:
@@ -483,7 +545,7 @@ def _check_shard_names(weight_map: dict[str, object], index_path: Location) -> N
             return
         except CheckpointError:
             pass
-    for tensor, shard_name in weight_map.items():
+    for tensor, shard_name in weight_map:
         check_shard_name(shard_name, index_path, tensor)
 
 
@@ -542,10 +604,10 @@ def _with_folder_checks(
         if index == checkpoint.index_path:
             continue  # read already; its shards are among the weight files
         try:
-            _, other_map = _read_index(index)
+            other = _read_index(index)
         except CheckpointError:
             continue
-        covered.update(checkpoint.root / name for name in set(other_map.values()))
+        covered.update(checkpoint.root / name for name in set(other.shards))
     stray = sorted(p for p in checkpoint.root.glob("*.safetensors") if p.is_file() and p not in covered)
     notes = list(checkpoint.notes)
     for path in stray:
@@ -613,10 +675,9 @@ def shard_position(path: Location) -> ShardPosition | None:
     None for a file that is a whole checkpoint by itself."""
     for index in _indexes_beside(path):
         try:
-            _, weight_map = _read_index(index)
+            listed = sorted(set(_read_index(index).shards))
         except CheckpointError:
             continue
-        listed = sorted(set(weight_map.values()))
         if path.name in listed:
             return ShardPosition(listed.index(path.name) + 1, len(listed), index) if len(listed) > 1 else None
     match = SHARD_NAME.match(path.name)
