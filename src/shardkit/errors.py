@@ -16,6 +16,7 @@ verification that did not hold), 130 for an interrupt.
 
 from __future__ import annotations
 
+EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

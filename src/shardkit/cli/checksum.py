@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,12 +17,12 @@ from .common import (
     QuietOpt,
     SourceArg,
     StrictOpt,
-    byte_progress,
-    note,
-    run,
-    warn,
 )
+from .output import Output
 from .render import print_checksum_report
+
+if TYPE_CHECKING:
+    from ..commands.checksum import ChecksumReport
 
 ManifestOutputOpt = Annotated[
     Path | None,
@@ -70,20 +70,19 @@ def checksum_command(
     """
     from ..commands.checksum import checksum
 
-    with byte_progress("hashing", enabled=not (quiet or json_output or output is None)) as progress:
-        report = run(
-            lambda: checksum(
-                path, tensors=tensors, output=output, force=force, strict=strict, allow_unindexed=allow_unindexed,
-                endpoint_url=endpoint_url, progress=progress,
-            ),
-            debug=debug,
-        )
-    if json_output:
-        print(report.to_json())
-        return
-    note(report.notes, quiet)
-    warn(report.warnings, quiet)
-    if output is None:
-        sys.stdout.write(report.manifest())
-    elif not quiet:
-        print_checksum_report(report)
+    out = Output(json=json_output, quiet=quiet, debug=debug)
+    report = out.call(
+        lambda bar: checksum(
+            path, tensors=tensors, output=output, force=force, strict=strict, allow_unindexed=allow_unindexed,
+            endpoint_url=endpoint_url, progress=bar("hashing"),
+        ),
+        progress=output is not None,  # a manifest on stdout is the output: no bar beside it
+    )
+    if output is None:  # the manifest is the answer, quiet or not
+        out.result(report, _print_manifest, quiet=_print_manifest)
+    else:
+        out.result(report, print_checksum_report)
+
+
+def _print_manifest(report: ChecksumReport) -> None:
+    sys.stdout.write(report.manifest())

@@ -1,17 +1,15 @@
-"""What every command shares: option types, error handling, progress, output."""
+"""What every command shares: option types and the output argument (results and errors go
+through :class:`shardkit.cli.output.Output`)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Annotated, TypeVar, cast
 
 import click
 import typer
 
 from ..errors import EXIT_BAD_INPUT
-from .output import Output, fail, progress_bars
+from .output import fail
 
 T = TypeVar("T")
 
@@ -159,11 +157,6 @@ def rename_pairs(values: list[str] | None) -> list[tuple[str, str]]:
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.", hidden=True)]
 
 
-def run(action: Callable[[], T], *, debug: bool = False) -> T:
-    """`Output.run` for the commands not yet written as one `Output` call."""
-    return Output(debug=debug).run(action)
-
-
 def chosen_output(positional: str | None, option: str | None, command: str) -> str:
     """The output given either as the second argument or with -o; a one-line error otherwise."""
     if positional is not None and option is not None and positional != option:
@@ -172,25 +165,3 @@ def chosen_output(positional: str | None, option: str | None, command: str) -> s
     if output is None:
         fail(f"no output given: shardkit {command} SOURCE -o OUTPUT (or SOURCE OUTPUT)", EXIT_BAD_INPUT)
     return output
-
-
-@contextmanager
-def byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """One bar of :func:`~shardkit.cli.output.progress_bars`."""
-    with progress_bars(enabled) as bars:
-        yield bars(description)
-
-
-def warn(messages: list[str], quiet: bool) -> None:
-    if quiet:
-        return
-    for message in messages:
-        print(f"shardkit: warning: {message}", file=sys.stderr)
-
-
-def note(messages: list[str], quiet: bool) -> None:
-    """Facts worth knowing that are not a problem (which shard a file is, which file loaders use)."""
-    if quiet:
-        return
-    for message in messages:
-        print(f"shardkit: note: {message}", file=sys.stderr)

@@ -23,12 +23,10 @@ from .common import (
     Sha256Opt,
     SourceArg,
     VerifyOpt,
-    byte_progress,
     chosen_output,
     rename_pairs,
-    run,
-    warn,
 )
+from .output import Output
 from .render import print_write_report
 
 OutputOpt = Annotated[
@@ -78,18 +76,12 @@ def convert_command(
 
     output = chosen_output(output_arg, output, "convert")
 
-    with byte_progress("converting", enabled=not (quiet or json_output)) as progress:
-        report = run(
-            lambda: convert(
-                source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify, dtype=dtype,
-                keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename), recipe=recipe,
-                endpoint_url=endpoint_url, progress=progress,
-            ),
-            debug=debug,
+    out = Output(json=json_output, quiet=quiet, debug=debug)
+    report = out.call(
+        lambda bar: convert(
+            source, output, force=force, sha256=sha256, dry_run=dry_run, verify=verify, dtype=dtype,
+            keep=keep or (), select=select or (), drop=drop or (), rename=rename_pairs(rename), recipe=recipe,
+            endpoint_url=endpoint_url, progress=bar("converting"),
         )
-    if json_output:
-        print(report.to_json())
-        return
-    warn(report.warnings, quiet)
-    if not quiet:
-        print_write_report(report)
+    )
+    out.result(report, print_write_report)

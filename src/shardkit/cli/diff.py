@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
+from ..errors import EXIT_FAILURE, EXIT_OK
 from .common import (
     AllowUnindexedOpt,
     DebugOpt,
@@ -15,12 +15,9 @@ from .common import (
     QuietOpt,
     RenameOpt,
     StrictOpt,
-    byte_progress,
-    note,
     rename_pairs,
-    run,
-    warn,
 )
+from .output import Output
 from .render import print_diff_report
 
 SideArg = Annotated[
@@ -66,29 +63,23 @@ def diff_command(
     """
     from ..commands.diff import diff
 
-    try:
-        with byte_progress("comparing", enabled=not (quiet or json_output or no_data)) as progress:
-            report = run(
-                lambda: diff(
-                    a, b, data=not no_data, max_abs_diff=max_abs_diff, strict=strict,
-                    allow_unindexed=allow_unindexed, rename=rename_pairs(rename), endpoint_url=endpoint_url,
-                    progress=progress,
-                ),
-                debug=debug,
-            )
-    except typer.Exit as exc:
-        # Exit 1 means "they differ" here, so a failure to compare must not look like it.
-        raise typer.Exit(EXIT_BAD_INPUT if exc.exit_code == EXIT_FAILURE else exc.exit_code) from None
+    # Exit 1 means "they differ" here, so a failure to compare must not look like it (verdict).
+    out = Output(json=json_output, quiet=quiet, debug=debug, verdict=True)
+    report = out.call(
+        lambda bar: diff(
+            a, b, data=not no_data, max_abs_diff=max_abs_diff, strict=strict,
+            allow_unindexed=allow_unindexed, rename=rename_pairs(rename), endpoint_url=endpoint_url,
+            progress=bar("comparing"),
+        ),
+        progress=not no_data,
+    )
+    out.result(report, _print_diff, exit_code=EXIT_OK if report.identical else EXIT_FAILURE)
+
+
+def _print_diff(report: object) -> None:
     from .render_pipeline import is_pipeline_report, print_pipeline_report
 
-    if json_output:
-        print(report.to_json())
+    if is_pipeline_report(report):
+        print_pipeline_report(report)
     else:
-        note(report.notes, quiet)
-        warn(report.warnings, quiet)
-        if not quiet:
-            if is_pipeline_report(report):
-                print_pipeline_report(report)
-            else:
-                print_diff_report(report)
-    raise typer.Exit(0 if report.identical else 1)
+        print_diff_report(report)  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, EndpointOpt, JsonOpt, SourceArg, StrictOpt, note, run, warn
+from .common import DebugOpt, EndpointOpt, JsonOpt, SourceArg, StrictOpt
+from .output import Output
 from .render import print_inspect_report
 
 TensorsOpt = Annotated[
@@ -46,19 +47,17 @@ def inspect_command(
     """
     from ..commands.inspect import inspect
 
-    report = run(
-        lambda: inspect(path, tensors=tensors, filter=filter_glob, strict=strict, endpoint_url=endpoint_url),
-        debug=debug,
+    out = Output(json=json_output, debug=debug)
+    report = out.run(
+        lambda: inspect(path, tensors=tensors, filter=filter_glob, strict=strict, endpoint_url=endpoint_url)
     )
-    if json_output:
-        print(report.to_json())
-        return
+    out.result(report, _print_inspect)
+
+
+def _print_inspect(report: object) -> None:
     from .render_pipeline import is_pipeline_report, print_pipeline_report
 
     if is_pipeline_report(report):
-        warn(report.warnings, quiet=False)
         print_pipeline_report(report)
-        return
-    note(report.notes, quiet=False)
-    warn(report.warnings, quiet=False)
-    print_inspect_report(report)
+    else:
+        print_inspect_report(report)  # type: ignore[arg-type]

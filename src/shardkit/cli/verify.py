@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE
+from ..errors import EXIT_FAILURE, EXIT_OK
 from .common import (
     AllowUnindexedOpt,
     BlockSizeOpt,
@@ -19,11 +19,8 @@ from .common import (
     QuietOpt,
     SourceArg,
     StrictOpt,
-    byte_progress,
-    note,
-    run,
-    warn,
 )
+from .output import Output
 from .render import folded_problems, print_verify_report
 
 ChecksumsOpt = Annotated[
@@ -99,36 +96,33 @@ def verify_command(
     Example: shardkit verify model/ --checksums SHA256SUMS
     """
     from ..commands.verify import verify
-    from .render_pipeline import is_pipeline_report, print_pipeline_report, problem_lines
 
-    try:
-        with byte_progress("verifying", enabled=not (quiet or json_output)) as progress:
-            report = run(
-                lambda: verify(
-                    path, checksums=checksums, against=against, config=config,
-                    architecture=False if no_architecture else None, strict=strict, allow_unindexed=allow_unindexed,
-                    dtype=dtype, keep=keep or (), block_size=block_size,
-                    endpoint_url=endpoint_url,
-                    progress=progress,
-                ),
-                debug=debug,
-            )
-    except typer.Exit as exc:
-        # Exit 1 means "a problem was found", so a failure to verify at all must not look like it.
-        raise typer.Exit(EXIT_BAD_INPUT if exc.exit_code == EXIT_FAILURE else exc.exit_code) from None
-    if json_output:
-        print(report.to_json())
+    # Exit 1 means "a problem was found", so a failure to verify at all must not look like it (verdict).
+    out = Output(json=json_output, quiet=quiet, debug=debug, verdict=True)
+    report = out.call(
+        lambda bar: verify(
+            path, checksums=checksums, against=against, config=config,
+            architecture=False if no_architecture else None, strict=strict, allow_unindexed=allow_unindexed,
+            dtype=dtype, keep=keep or (), block_size=block_size, endpoint_url=endpoint_url,
+            progress=bar("verifying"),
+        )
+    )
+    out.result(report, _print_verify, quiet=_print_problems, exit_code=EXIT_OK if report.ok else EXIT_FAILURE)
+
+
+def _print_verify(report: object) -> None:
+    from .render_pipeline import is_pipeline_report, print_pipeline_report
+
+    if is_pipeline_report(report):
+        print_pipeline_report(report)
     else:
-        note(report.notes, quiet)
-        warn(report.warnings, quiet)
-        if quiet and is_pipeline_report(report):
-            for line in problem_lines(report):
-                print(f"shardkit: {line}", file=sys.stderr)
-        elif quiet:
-            for line in folded_problems(report):
-                print(f"shardkit: {line}", file=sys.stderr)
-        elif is_pipeline_report(report):
-            print_pipeline_report(report)
-        else:
-            print_verify_report(report)
-    raise typer.Exit(0 if report.ok else EXIT_FAILURE)
+        print_verify_report(report)  # type: ignore[arg-type]
+
+
+def _print_problems(report: object) -> None:
+    """--quiet still says what is wrong: one line per problem on stderr."""
+    from .render_pipeline import is_pipeline_report, problem_lines
+
+    lines = problem_lines(report) if is_pipeline_report(report) else folded_problems(report)  # type: ignore[arg-type]
+    for line in lines:
+        print(f"shardkit: {line}", file=sys.stderr)
