@@ -19,7 +19,7 @@ import pytest
 import shardkit
 from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
 from shardkit.checkpoint.shards import open_checkpoint
-from shardkit.errors import VerificationError
+from shardkit.errors import BadInputError, VerificationError
 from shardkit.synthetic import Qwen2Shape, write_checkpoint
 from test_s3 import bucket, mid, store, work  # noqa: F401 - the S3 fixtures
 
@@ -213,6 +213,17 @@ def test_unusable_dtype_options_fail_cleanly(crafted: Path, tmp_path: Path) -> N
     assert snapshot(crafted) == before
     result = run_cli("verify", crafted, "--dtype", "bf16")
     assert_clean_failure(result, 2, "pass --against SOURCE too")
+
+
+def test_unusable_dtype_options_name_the_keywords_for_python_callers(crafted: Path, tmp_path: Path) -> None:
+    """The same mistakes made from Python are told in keyword arguments, not CLI flags."""
+    with pytest.raises(BadInputError) as raised:
+        shardkit.merge(crafted, tmp_path / "out", keep=["*norm*"])
+    assert "keep=… leaves tensors in their source dtype" in str(raised.value)
+    assert "pass dtype=… too" in str(raised.value) and "--" not in str(raised.value)
+    with pytest.raises(BadInputError, match="pass against=… too"):
+        shardkit.verify(crafted, dtype="bf16")
+    assert not (tmp_path / "out").exists() and temporaries(tmp_path) == []
 
 
 def test_dry_run_shows_the_transforms(crafted: Path, tmp_path: Path) -> None:

@@ -47,6 +47,11 @@ def option(keyword: str, value: bool = True, *, metavar: str | None = None) -> s
     return f"{keyword}=…" if metavar is not None else f"{keyword}={value!r}"
 
 
+def option_name(keyword: str) -> str:
+    """An option named without a value, spelled for whoever called: `--dtype` or `dtype=…`."""
+    return f"--{keyword.replace('_', '-')}" if _spelling == "cli" else f"{keyword}=…"
+
+
 class ShardkitError(Exception):
     """Base class: a failure the CLI prints as one line, never as a traceback."""
 

@@ -57,6 +57,7 @@ from ..errors import (
     MissingShardsError,
     PathNotFoundError,
     option,
+    option_name,
 )
 from ..format import header_json
 from ..format.header import Header
@@ -190,7 +191,10 @@ def verify(
         else None
     )
     if (dtype is not None or keep or block_size is not None) and reference is None:
-        raise BadInputError("--dtype checks a conversion against its source; pass --against SOURCE too")
+        raise BadInputError(
+            f"{option_name('dtype')} checks a conversion against its source; "
+            f"pass {option('against', metavar='SOURCE')} too"
+        )
     conversion = dtype_choice(reference, dtype, keep, block_size) if reference is not None else None
     config_path, note = _architecture_config(path, config, architecture)
 

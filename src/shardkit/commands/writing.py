@@ -16,7 +16,7 @@ from ..checkpoint.shards import Checkpoint, open_checkpoint, open_file
 from ..checks.compare import compare_checkpoints
 from ..engine.destination import Sources, check_name_fits
 from ..engine.execute import execute, write_checksum_beside
-from ..errors import BadInputError, OutputExistsError, VerificationError
+from ..errors import BadInputError, OutputExistsError, VerificationError, option_name
 from ..format.dtype_cast import CastStats
 from ..format.gc_pause import gc_paused
 from ..plan.conversion import DtypeChoice, choose_dtypes, read_config
@@ -201,7 +201,10 @@ def dtype_choice(
     """The conversion of a `dtype=` run, or None for a plain copy."""
     if dtype is None:
         if keep:
-            raise BadInputError("--keep leaves tensors in their source dtype during a conversion; pass --dtype too")
+            raise BadInputError(
+                f"{option_name('keep')} leaves tensors in their source dtype during a conversion; "
+                f"pass {option_name('dtype')} too"
+            )
         if block_size is not None:
             raise BadInputError("--block-size is the block of an FP8 quantisation; pass --dtype fp8 too")
         return None
