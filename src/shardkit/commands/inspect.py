@@ -220,12 +220,13 @@ _NAME_DTYPE_SHAPE = itemgetter(slice(0, 3))
 def _fp8_layout(checkpoint: Checkpoint, warnings: list[str]) -> Fp8Layout | None:
     """The FP8 layout, if any; a layout that does not hold is a warning here
     (inspecting is how one finds out), the error of a conversion."""
+    if next(filter(methodcaller("endswith", ("_scale_inv", ".weight_scale")), checkpoint.tensors), None) is None:
+        return None  # no scales: not an FP8 layout, and no config.json read (headers only)
+    # Imported here, past the common case: the planner modules cost `inspect` ~10 ms of start-up.
     from ..errors import ShardkitError
     from ..plan.conversion import read_config
     from ..plan.fp8_layout import find_layout
 
-    if next(filter(methodcaller("endswith", ("_scale_inv", ".weight_scale")), checkpoint.tensors), None) is None:
-        return None  # no scales: not an FP8 layout, and no config.json read (headers only)
     try:
         return find_layout(checkpoint, read_config(checkpoint))
     except ShardkitError as error:

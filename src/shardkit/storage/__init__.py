@@ -62,9 +62,7 @@ def is_url(text: object) -> TypeGuard[str]:
 
 def is_remote(path: object) -> bool:
     """Whether `path` (a location or a location string) is an object store or web location."""
-    from .remote import RemotePath
-
-    return isinstance(path, RemotePath) or is_url(path)
+    return _is_remote_path(path) or is_url(path)
 
 
 def as_path(
@@ -76,9 +74,7 @@ def as_path(
     `AWS_ENDPOINT_URL` environment variable, else AWS itself). With `output`, the
     kinds shardkit cannot write (web URLs, the Hugging Face cache) are refused.
     """
-    from .remote import RemotePath
-
-    if isinstance(path, RemotePath):
+    if _is_remote_path(path):
         return path
     if output and isinstance(path, str) and path.startswith(("http://", "https://", HF_PREFIX)):
         raise OutputError(f"{display(path)}: cannot write there; outputs go to a local path or an s3:// URL")
@@ -100,9 +96,7 @@ def as_path(
 
 def lookup(location: str | os.PathLike[str] | Location) -> Path | RemotePath:
     """The location behind a `Header.path` / `ByteRange.source` string."""
-    from .remote import RemotePath
-
-    if isinstance(location, RemotePath):
+    if _is_remote_path(location):
         return location
     if is_url(location):
         from .remote import registered
@@ -110,6 +104,13 @@ def lookup(location: str | os.PathLike[str] | Location) -> Path | RemotePath:
         known = registered(location)
         return known if known is not None else as_path(location)
     return Path(_local(location))
+
+
+def _is_remote_path(path: object) -> TypeGuard[RemotePath]:
+    """Whether `path` is a RemotePath object. None exists before `.remote` is imported
+    (every remote kind imports it), so a local run never pays for importing it."""
+    remote = sys.modules.get(f"{__name__}.remote")
+    return remote is not None and isinstance(path, remote.RemotePath)
 
 
 def as_remote(location: Location) -> RemotePath:
