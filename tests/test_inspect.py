@@ -339,3 +339,28 @@ def test_names_with_equal_numbers_fold_in_name_order_whatever_the_input_order() 
         (group,) = group_layers([(n, "F16", (2,)) for n in order])
         assert group.names == ("m.layers.1.x", "m.layers.07.x", "m.layers.7.x", "m.layers.10.x")
         assert group.pattern == "m.layers.{1,7,10}.x"
+
+
+def test_inspect_of_a_safetensors_file_loads_no_reader_or_planner_it_does_not_use(tmp_path: Path) -> None:
+    """Start-up is most of a small inspect: the torch-file readers, the planners, the
+    remote locations and fractions (which imports decimal) stay unloaded."""
+    import subprocess
+    import sys
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt")  # a folder of shards, an index and a config
+    code = (
+        "import sys, runpy; sys.argv = ['shardkit', 'inspect', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('shardkit', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('shardkit.', 'fractions', 'decimal')))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint.folder)], capture_output=True, text=True, check=True
+    )
+    loaded = set(done.stdout.split())
+    assert "shardkit.commands.inspect" in loaded and "shardkit.cli.render" in loaded
+    unused = {
+        "shardkit.format.torch_pickle", "shardkit.format.torch_zip", "shardkit.plan.files",
+        "shardkit.plan.conversion", "shardkit.plan.fp8_layout", "shardkit.storage.remote", "fractions", "decimal",
+    }
+    assert loaded & unused == set()
