@@ -124,6 +124,19 @@ def test_model_folder_output_has_companions_and_no_index(checkpoint: SyntheticCh
     assert report.copied_files == [n for n in names if n != "model.safetensors"]
 
 
+def test_weights_of_other_formats_are_not_companions(tmp_path: Path) -> None:
+    """bert-base-uncased ships rust_model.ot and flax_model.msgpack beside model.safetensors:
+    weights in formats shardkit does not write are neither copied nor accepted as an output name."""
+    made = write_checkpoint(tmp_path / "bert")
+    for name in ("rust_model.ot", "flax_model.msgpack", "ggml-model.ggml", "weights.npz"):
+        (made.folder / name).write_bytes(b"not safetensors")
+    report = shardkit.merge(made.folder, tmp_path / "merged")
+    assert not set(report.copied_files) & {"rust_model.ot", "flax_model.msgpack", "ggml-model.ggml", "weights.npz"}
+    assert "config.json" in report.copied_files
+    for name in ("rust_model.ot", "flax_model.msgpack", "ggml-model.ggml", "weights.npz"):
+        assert not (tmp_path / "merged" / name).exists()
+
+
 def test_diffusers_prefix_is_kept(tmp_path: Path) -> None:
     made = write_checkpoint(tmp_path / "unet", prefix="diffusion_pytorch_model", companions=False)
     shardkit.merge(made.folder, tmp_path / "merged")

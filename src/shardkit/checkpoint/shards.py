@@ -47,8 +47,13 @@ _PICKLE_SUFFIXES = (".ckpt", ".pkl", ".pickle")
 TORCH_INDEX_PATTERNS = ("*.bin.index.json",)
 #: torch files of a training folder that are not the model's weights.
 _NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"})
-#: Files that hold weights in some format; a model-folder output never copies them.
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *TORCH_SUFFIXES, *_PICKLE_SUFFIXES)
+#: Files that hold weights in formats shardkit does not write: never an output's name.
+FOREIGN_WEIGHT_SUFFIXES = (
+    *TORCH_SUFFIXES, *_PICKLE_SUFFIXES, ".gguf", ".ggml", ".h5", ".msgpack", ".onnx", ".npz", ".ot",
+)
+#: Files that hold weights in some format (the one list): a model-folder output never
+#: copies them, and a pipeline component holding only such files is refused.
+WEIGHT_SUFFIXES = (".safetensors", *FOREIGN_WEIGHT_SUFFIXES)
 
 
 class SourceTensor(NamedTuple):

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..checkpoint.shards import FOREIGN_WEIGHT_SUFFIXES
 from ..errors import BadInputError, OutputError
 from ..format.header import tensor_nbytes
 
@@ -44,10 +45,6 @@ PLACEHOLDERS = ("name", "slug", "date", "dtype")
 #: Loader-given file names: a file called so is named after its folder, not itself.
 _GENERIC_STEMS = ("model", "diffusion_pytorch_model", "consolidated", "adapter_model", "pytorch_model")
 _SHARD = re.compile(r"-\d+-of-\d+$")
-#: Extensions of weight formats shardkit does not write (it writes safetensors only).
-FOREIGN_WEIGHT_SUFFIXES = (
-    ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".ggml", ".h5", ".msgpack", ".onnx", ".npz", ".ot",
-)
 
 
 def placeholders(template: str) -> list[str]:
