@@ -88,6 +88,29 @@ def test_metadata_union_keeps_keys_and_reports_conflicts(tmp_path: Path) -> None
     assert any("'author' differs between shards" in w for w in report.warnings)
 
 
+def test_merge_writes_the_metadata_inspect_shows(tmp_path: Path) -> None:
+    """Shards named without zero padding (part-2 sorts after part-10 as text): merge,
+    split, inspect and diff all take the first value in natural order, shard 2's."""
+    made = write_checkpoint(tmp_path / "src", companions=False)
+    index_path = made.folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    renamed = {old: f"part-{n}.safetensors" for old, n in zip(made.shard_files, (2, 10, 11, 12, 13, 14, 15))}
+    for old, new in renamed.items():
+        (made.folder / old).rename(made.folder / new)
+    index["weight_map"] = {tensor: renamed[shard] for tensor, shard in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    _rewrite_metadata(made.folder / "part-2.safetensors", {"format": "pt", "author": "two"})
+    _rewrite_metadata(made.folder / "part-10.safetensors", {"format": "pt", "author": "ten"})
+    shown = shardkit.inspect(made.folder)
+    merged = shardkit.merge(made.folder, tmp_path / "out.safetensors")
+    split = shardkit.split(made.folder, tmp_path / "split", max_shard_size="1GB")
+    assert shown.metadata["author"] == "two"
+    assert read_header(tmp_path / "out.safetensors").metadata["author"] == "two"
+    assert read_header(tmp_path / "split" / "model.safetensors").metadata["author"] == "two"
+    assert [w for w in merged.warnings if "'author'" in w] == [w for w in shown.warnings if "'author'" in w]
+    assert [w for w in split.warnings if "'author'" in w] == [w for w in shown.warnings if "'author'" in w]
+
+
 def test_format_pt_is_added_when_missing(tmp_path: Path) -> None:
     made = write_checkpoint(tmp_path / "src", companions=False)
     for name in made.shard_files:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint.manifest import companions
+from ..checkpoint.metadata import metadata_union
 from ..checkpoint.pipeline import is_pipeline
 from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
 from ..checks.compare import compare_checkpoints
 from ..errors import BadInputError, option
 from ..plan.selection import apply_selection, parse_selection
 from ..reports import JsonReport
-from .inspect import metadata_union
 
 if TYPE_CHECKING:
     from .pipeline_runs import PipelineReport

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint.layers import group_layers, natural_key
+from ..checkpoint.metadata import metadata_union
 from ..checkpoint.pipeline import find_pipeline
 from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
 from ..format.gc_pause import gc_paused
-from ..format.header import Header, TensorInfo, tensor_nbytes
+from ..format.header import TensorInfo, tensor_nbytes
 from ..reports import JsonReport
 
 if TYPE_CHECKING:
@@ -250,24 +251,6 @@ def _relative(path: str, root: object) -> str:
         return Path(path).relative_to(root).as_posix()  # type: ignore[arg-type]
     except ValueError:
         return path
-
-
-def metadata_union(shards: Iterable[Header]) -> tuple[dict[str, str], list[str]]:
-    """Every file's `__metadata__` in one dict; a key whose value differs between
-    files keeps the first and is reported, since one value cannot describe both."""
-    union: dict[str, str] = {}
-    origin: dict[str, str] = {}
-    warnings: list[str] = []
-    for header in sorted(shards, key=lambda h: natural_key(h.path)):
-        for key, value in (header.metadata or {}).items():
-            if key not in union:
-                union[key], origin[key] = value, Path(header.path).name
-            elif union[key] != value:
-                warnings.append(
-                    f"metadata {key!r} differs between files: {union[key]!r} in {origin[key]}, "
-                    f"{value!r} in {Path(header.path).name}"
-                )
-    return union, warnings
 
 
 def _no_match_hint(pattern: str) -> str:

@@ -22,6 +22,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from ..checkpoint.layers import natural_key
+from ..checkpoint.metadata import metadata_union
 from ..checkpoint.shards import Checkpoint, SourceTensor, single_file_name_for
 from ..errors import BadInputError
 from ..format import header_json
@@ -436,24 +437,9 @@ def check_planned_file(planned: PlannedFile) -> None:
 
 
 def merged_metadata(checkpoint: Checkpoint) -> tuple[dict[str, str], list[str]]:
-    """Union of the shards' `__metadata__`, with `format: pt` ensured.
-
-    transformers refuses a file whose metadata lacks `format`; a key with different
-    values in different shards keeps the first shard's value and is reported.
-    """
-    metadata: dict[str, str] = {}
-    origin: dict[str, str] = {}
-    warnings: list[str] = []
-    for shard in checkpoint.shards:
-        for key, value in (shard.metadata or {}).items():
-            if key in metadata and metadata[key] != value:
-                warnings.append(
-                    f"metadata {key!r} differs between shards: {metadata[key]!r} in {origin[key]}, "
-                    f"{value!r} in {Path(shard.path).name}; keeping {metadata[key]!r}"
-                )
-            elif key not in metadata:
-                metadata[key] = value
-                origin[key] = Path(shard.path).name
+    """The shards' :func:`~shardkit.checkpoint.metadata.metadata_union`, with
+    `format: pt` ensured: transformers refuses a file whose metadata lacks it."""
+    metadata, warnings = metadata_union(checkpoint.shards)
     metadata.setdefault("format", "pt")
     if metadata["format"] != "pt":
         warnings.append(f"metadata format is {metadata['format']!r}, not 'pt'; kept as is")
