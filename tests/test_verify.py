@@ -452,3 +452,20 @@ def test_synthetic_checkpoint_with_its_config_checks_clean(tmp_path: Path) -> No
     code, report = verify_json(made.folder)
     assert code == 0, report["problems"]
     assert report["checks"] == ["format", "index", "json", "companions", "architecture"]
+
+
+def test_an_index_the_cross_checks_refuse_names_no_file_to_verify(tmp_path: Path) -> None:
+    """The index is read by one strict reader: one that Python's json accepts (NaN) but the
+    format's grammar does not is a problem, and its weight_map is not trusted either."""
+    made = write_checkpoint(tmp_path / "ckpt", companions=False)
+    index_path = made.folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({"metadata": {"total_size": float("nan")}, "weight_map": index["weight_map"]}))
+    before = snapshot(made.folder)
+    result = run_cli("verify", index_path, "--json")
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(result.stdout)
+    expected = f"{index_path}: not a valid JSON index: NaN is not a JSON value"
+    assert [p["message"] for p in report["problems"]] == [expected]
+    assert report["files"] == []
+    assert snapshot(made.folder) == before

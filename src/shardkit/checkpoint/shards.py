@@ -371,7 +371,7 @@ def _shard_set(root: Location, files: list[Location], strict: bool) -> Checkpoin
 
 def _indexed(index_path: Location, strict: bool, allow_unindexed: bool) -> Checkpoint:
     root = index_path.parent
-    index = _read_index(index_path)
+    index = read_index(index_path)
     headers = _indexed_shards(index_path, index, strict)
     sources = _sorted_sources(headers.values())
     names = list(map(_SOURCE_NAME, sources))
@@ -498,7 +498,10 @@ class Index(NamedTuple):
         return dict(zip(self.tensors, self.shards))
 
 
-def _read_index(index_path: Location) -> Index:
+def read_index(index_path: Location, *, check_names: bool = True) -> Index:
+    """An index read strictly (serde_json's grammar, no repeated key, every value of the
+    right type): the one reader of a weight index. Without `check_names`, shard names
+    that are not plain file names in the folder are kept for the caller to judge."""
     try:
         document = index_json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, header_json.JsonSyntaxError) as exc:
@@ -512,7 +515,8 @@ def _read_index(index_path: Location) -> Index:
     if not isinstance(raw_map, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index has no weight_map object")
     entries = _in_name_order(raw_map, index_path)
-    _check_shard_names(raw_map, index_path)
+    if check_names:
+        _check_shard_names(raw_map, index_path)
     raw_metadata = top.get("metadata", header_json.Pairs())
     if not isinstance(raw_metadata, header_json.Pairs):
         raise CheckpointError(f"{index_path}: index metadata is not an object")
@@ -609,7 +613,7 @@ def _with_folder_checks(
         if index == checkpoint.index_path:
             continue  # read already; its shards are among the weight files
         try:
-            other = _read_index(index)
+            other = read_index(index)
         except CheckpointError:
             continue
         covered.update(checkpoint.root / name for name in set(other.shards))
@@ -680,7 +684,7 @@ def shard_position(path: Location) -> ShardPosition | None:
     None for a file that is a whole checkpoint by itself."""
     for index in _indexes_beside(path):
         try:
-            listed = sorted(set(_read_index(index).shards))
+            listed = sorted(set(read_index(index).shards))
         except CheckpointError:
             continue
         if path.name in listed:

@@ -44,6 +44,7 @@ from ..checkpoint.shards import (
     check_shard_name,
     find_indexes,
     open_checkpoint,
+    read_index,
     torch_weight_files,
 )
 from ..checks.compare import compare_checkpoints
@@ -262,9 +263,8 @@ def _index_shards(index: storage.Location) -> set[storage.Location]:
         text = index.read_text(encoding="utf-8")
         if header_json.depth(text) > header_json.MAX_DEPTH:
             raise BadInputError(f"{index}: not an index: JSON nested deeper than {header_json.MAX_DEPTH} levels")
-        weight_map = json.loads(text).get("weight_map")
-        names = set(weight_map.values())
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        names = set(read_index(index, check_names=False).shards)
+    except (OSError, UnicodeDecodeError, CheckpointError, TypeError):
         return set()
     shards = set()
     for name in names:
