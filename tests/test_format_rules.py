@@ -394,3 +394,28 @@ def test_the_header_writer_writes_what_json_dumps_of_the_document_writes() -> No
     reference = save(tensors, metadata={"format": "pt"})
     ours, _ = serialize_header([TensorSpec(n, "F32", t.shape, t.nbytes) for n, t in tensors.items()], {"format": "pt"})
     assert reference.startswith(ours)
+
+
+def test_the_dtype_table_agrees_with_torch_and_safetensors() -> None:
+    """One table of dtype facts: its torch names, float-ness (C64 is not a float, as torch's
+    is_floating_point says) and widths are torch's, and safetensors.torch maps the same names."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import _TYPES as reference
+
+    from shardkit.checks.architecture import _is_float_code
+    from shardkit.format.header import DTYPES
+    from shardkit.format.torch_checkpoint import SAFETENSORS_DTYPES
+
+    assert DTYPES["C64"].is_float is False and _is_float_code("C64") is False
+    for code, dtype in DTYPES.items():
+        assert _is_float_code(code) == dtype.is_float, code
+        if dtype.torch is None:
+            assert code.startswith("F6"), code  # no torch type
+            continue
+        torch_type = getattr(torch, dtype.torch)
+        assert torch_type.is_floating_point == dtype.is_float, code
+        if dtype.bits % 8 == 0:
+            assert torch_type.itemsize * 8 == dtype.bits, code
+            assert SAFETENSORS_DTYPES[dtype.torch] == code
+        if code in reference:
+            assert reference[code] == torch_type, code

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError, MissingExtraError
+from ..format.header import DTYPES
 from ..plan.fp8_layout import is_fp8, quantised_names
 
 __all__ = [
@@ -49,28 +50,7 @@ __all__ = [
 
 # safetensors dtype code -> name of the torch dtype attribute (looked up lazily; some only
 # exist in recent torch versions).
-_CODE_TO_TORCH_NAME = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1fn_x2",
-}
+_CODE_TO_TORCH_NAME = {code: dtype.torch for code, dtype in DTYPES.items() if dtype.torch is not None}
 _TORCH_NAME_TO_CODE = {name: code for code, name in _CODE_TO_TORCH_NAME.items()}
 
 _KIND_ORDER = {"missing": 0, "unexpected": 1, "shape": 2, "dtype": 3}
@@ -244,7 +224,9 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 
 def _is_float_code(code: str | None) -> bool:
-    return code is not None and (code.startswith("F") or code == "BF16")
+    """What transformers casts to the config's dtype on load (C64 is not cast)."""
+    dtype = DTYPES.get(code) if code is not None else None
+    return dtype is not None and dtype.is_float
 
 
 def _code_of(dtype: Any) -> str:

@@ -46,37 +46,40 @@ class DType:
     code: str
     bits: int
     rank: int
-    is_float: bool
+    is_float: bool  # a real floating-point type, as torch's is_floating_point: C64 is not
+    torch: str | None  # torch's dtype name (torch.<name>; config.json's torch_dtype), None without one
 
 
-def _dtypes(*spec: tuple[str, int, bool]) -> dict[str, DType]:
-    return {code: DType(code, bits, rank, is_float) for rank, (code, bits, is_float) in enumerate(spec)}
+def _dtypes(*spec: tuple[str, int, bool, str | None]) -> dict[str, DType]:
+    return {
+        code: DType(code, bits, rank, is_float, torch) for rank, (code, bits, is_float, torch) in enumerate(spec)
+    }
 
 
 #: In the reference enum's order (safetensors/src/tensor.rs `enum Dtype`).
 DTYPES: Mapping[str, DType] = _dtypes(
-    ("BOOL", 8, False),
-    ("F4", 4, True),
-    ("F6_E2M3", 6, True),
-    ("F6_E3M2", 6, True),
-    ("U8", 8, False),
-    ("I8", 8, False),
-    ("F8_E5M2", 8, True),
-    ("F8_E4M3", 8, True),
-    ("F8_E8M0", 8, True),
-    ("F8_E4M3FNUZ", 8, True),
-    ("F8_E5M2FNUZ", 8, True),
-    ("I16", 16, False),
-    ("U16", 16, False),
-    ("F16", 16, True),
-    ("BF16", 16, True),
-    ("I32", 32, False),
-    ("U32", 32, False),
-    ("F32", 32, True),
-    ("C64", 64, True),
-    ("F64", 64, True),
-    ("I64", 64, False),
-    ("U64", 64, False),
+    ("BOOL", 8, False, "bool"),
+    ("F4", 4, True, "float4_e2m1fn_x2"),
+    ("F6_E2M3", 6, True, None),
+    ("F6_E3M2", 6, True, None),
+    ("U8", 8, False, "uint8"),
+    ("I8", 8, False, "int8"),
+    ("F8_E5M2", 8, True, "float8_e5m2"),
+    ("F8_E4M3", 8, True, "float8_e4m3fn"),
+    ("F8_E8M0", 8, True, "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", 8, True, "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", 8, True, "float8_e5m2fnuz"),
+    ("I16", 16, False, "int16"),
+    ("U16", 16, False, "uint16"),
+    ("F16", 16, True, "float16"),
+    ("BF16", 16, True, "bfloat16"),
+    ("I32", 32, False, "int32"),
+    ("U32", 32, False, "uint32"),
+    ("F32", 32, True, "float32"),
+    ("C64", 64, False, "complex64"),
+    ("F64", 64, True, "float64"),
+    ("I64", 64, False, "int64"),
+    ("U64", 64, False, "uint64"),
 )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
-from .header import Header, TensorInfo, tensor_nbytes
+from .header import DTYPES, Header, TensorInfo, tensor_nbytes
 from .tied_weights import kept_name
 
 if TYPE_CHECKING:  # the readers load with the first torch file: every other command starts ~7 ms sooner
@@ -36,18 +36,11 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 #: data.pkl larger than this is no state dict (a 20,000-tensor MoE's is about 3 MB).
 MAX_PICKLE = 256 * 1024 * 1024
 
-#: torch dtype name -> safetensors dtype code (safetensors.torch's table).
-SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "complex64": "C64",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
-}
-_ITEMSIZE = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-    "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "uint16": 2, "uint32": 4, "uint64": 8,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
-}
+#: torch dtype name -> safetensors dtype code (safetensors.torch's table), from the one
+#: dtype table; F4's torch type packs two elements a byte and its shape counts bytes: not read.
+SAFETENSORS_DTYPES = {d.torch: d.code for d in DTYPES.values() if d.torch is not None and d.bits % 8 == 0}
+#: Bytes per element of a storage's dtype; complex128 has no safetensors code but sizes a storage.
+_ITEMSIZE = {**{torch: DTYPES[code].bits // 8 for torch, code in SAFETENSORS_DTYPES.items()}, "complex128": 16}
 
 
 def is_torch_file(name: str) -> bool:

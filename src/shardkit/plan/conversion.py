@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from ..checkpoint.shards import Checkpoint, SourceTensor
 from ..errors import BadInputError
 from ..format.gc_pause import gc_paused
+from ..format.header import DTYPES
 from .files import QuantiseAs, ScaleOf
 from .fp8_layout import Fp8Layout, find_layout, quantization_config
-
-#: config.json spells dtypes as torch does.
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ def config_with_dtype(text: bytes, target: str, where: object, dequantised: bool
     if not keys:
         return text
     for key in keys:
-        config[key] = TORCH_NAMES[target]
+        config[key] = DTYPES[target].torch  # config.json spells dtypes as torch does
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
