@@ -176,6 +176,28 @@ def test_existing_output_needs_force_and_weight_files_are_refused(
     assert temporaries(checkpoint.folder) == [] and temporaries(tmp_path) == []
 
 
+def test_a_manifest_written_meanwhile_is_not_replaced_without_force(
+    checkpoint: SyntheticCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is committed as merge commits its output: a file that appears at -o
+    after the check (another run) is kept, not silently replaced."""
+    from shardkit.commands import checksum as checksum_module
+    from shardkit.errors import OutputExistsError
+
+    target = tmp_path / "SHA256SUMS"
+    checked = checksum_module._check_output
+
+    def check_then_another_run_writes(*args: object) -> None:
+        checked(*args)  # type: ignore[arg-type]
+        target.write_text("another run's\n")
+
+    monkeypatch.setattr(checksum_module, "_check_output", check_then_another_run_writes)
+    with pytest.raises(OutputExistsError, match="already exists; pass force=True"):
+        shardkit.checksum(checkpoint.folder, output=target)
+    assert target.read_text() == "another run's\n"
+    assert temporaries(tmp_path) == []
+
+
 def test_broken_checkpoint_is_never_checksummed(checkpoint: SyntheticCheckpoint, tmp_path: Path) -> None:
     shard = checkpoint.folder / checkpoint.shard_files[1]
     with open(shard, "ab") as handle:

@@ -31,10 +31,9 @@ from ..checkpoint.manifest import (
 from ..checkpoint.pipeline import find_pipeline
 from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..engine import atomic, stream
-from ..engine.destination import Sources, check_not_a_source
-from ..engine.execute import commit_output
+from ..engine.destination import Sources, check_not_a_source, refuse_existing
 from ..engine.hashing import Streamer
-from ..errors import BadInputError, OutputError, OutputExistsError
+from ..errors import BadInputError, OutputError
 from ..format.torch_checkpoint import byte_runs
 from ..reports import JsonReport
 from ..storage import Location
@@ -136,7 +135,7 @@ def checksum(
         notes=list(checkpoint.notes),
     )
     if output is not None:
-        _write_atomically(Path(output), report.manifest(), force)
+        atomic.write_small_file(Path(output), report.manifest(), replace=force)
     return dataclasses.replace(report, seconds=round(time.perf_counter() - started, 6))
 
 
@@ -206,8 +205,7 @@ def _check_output(output: Path, checkpoint: Checkpoint, force: bool) -> None:
     # folder names them too); an earlier manifest among them may be replaced.
     read = tuple(path for path, _ in companions(checkpoint) if isinstance(path, Path) and not _is_manifest(path))
     check_not_a_source(output, Sources((*read, *(p for p in [checkpoint.index_path] if isinstance(p, Path)))))
-    if output.exists() and not force:
-        raise OutputExistsError(output)
+    refuse_existing(output, force=force)
     if not output.parent.is_dir():
         raise OutputError(f"{output}: parent folder {output.parent} does not exist")
 
@@ -219,21 +217,6 @@ def _is_manifest(path: Path) -> bool:
     except BadInputError:
         return False
     return bool(manifest.files or manifest.tensors)
-
-
-def _write_atomically(path: Path, text: str, force: bool) -> None:
-    """Stage, then commit without replacing unless `force` (a manifest that appeared
-    meanwhile is never silently replaced)."""
-    staged = atomic.temp_name(path)
-    try:
-        with open(staged, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        commit_output(staged, path, force, set())
-    except BaseException:
-        atomic.remove(staged)
-        raise
 
 
 def checksum_pipeline(
@@ -276,7 +259,9 @@ def checksum_pipeline(
         entries.append(FileChecksum(name, len(data), hashlib.sha256(data).hexdigest()))
     entries.sort(key=lambda e: e.name)
     if output is not None:
-        _write_atomically(Path(output), format_file_manifest((e.name, e.sha256) for e in entries), force)
+        atomic.write_small_file(
+            Path(output), format_file_manifest((e.name, e.sha256) for e in entries), replace=force
+        )
     warnings = [*pipeline.warnings, *(f"{s.label}: {w}" for s, c in opened for w in c.warnings)]
     return ChecksumReport(
         shown, "files", entries, {}, sum(e.size for e in entries), elapsed(started),

@@ -196,10 +196,7 @@ def _write_checksums(staged: Path, reports: list[WriteReport]) -> None:
         for f in report.files:
             if f.sha256 is not None:
                 entries.append((Path(f.path).relative_to(staged).as_posix(), f.sha256))
-    with open(staged / CHECKSUM_FILE, "w", encoding="utf-8") as handle:
-        handle.write(format_file_manifest(sorted(entries)))
-        handle.flush()
-        os.fsync(handle.fileno())
+    atomic.write_synced(staged / CHECKSUM_FILE, format_file_manifest(sorted(entries)))
 
 
 def relocated(report: Written, old: Path, new: Path) -> Written:

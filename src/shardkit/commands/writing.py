@@ -14,9 +14,9 @@ from .. import storage
 from ..checkpoint.manifest import companions
 from ..checkpoint.shards import Checkpoint, open_checkpoint, open_file
 from ..checks.compare import compare_checkpoints
-from ..engine.destination import Sources, check_name_fits
+from ..engine.destination import Sources, check_name_fits, refuse_existing
 from ..engine.execute import execute, write_checksum_beside
-from ..errors import BadInputError, OutputExistsError, VerificationError, option_name
+from ..errors import BadInputError, VerificationError, option_name
 from ..format.dtype_cast import CastStats
 from ..format.gc_pause import gc_paused
 from ..plan.conversion import DtypeChoice, choose_dtypes, read_config
@@ -64,8 +64,8 @@ def run_plan(
         checksum_file = output.with_name(output.name + ".sha256")
         if isinstance(checksum_file, Path) and not dry_run:
             check_name_fits(checksum_file, "checksum file (--sha256)")
-        if checksum_file.exists() and not force and not dry_run:
-            raise OutputExistsError(checksum_file)
+        if not dry_run:
+            refuse_existing(checksum_file, force=force)
     log = CastLog()
     if dry_run:
         files = [OutputFile(str(output / f.name if as_folder else output), f.size, len(f.tensors)) for f in plan.files]

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import OutputExistsError
+
 TEMP_MARK = ".shardkit-tmp-"
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -209,7 +211,8 @@ def commit(
     """Move a fully written and fsynced `staged` file or folder to `dest`.
 
     Without `replace`, `dest` must not exist (an empty folder aside): the move fails
-    with FileExistsError, atomically, if anything appeared there meanwhile. With
+    with OutputExistsError (a FileExistsError), atomically, if anything appeared there
+    meanwhile. With
     `replace`, a file replaces an existing one atomically (rename); a folder replaces
     an existing one by an atomic exchange where the kernel supports it, otherwise the
     old folder is first renamed aside under a temporary name, so `dest` never holds a
@@ -218,7 +221,10 @@ def commit(
     `staged` holds the new output again.
     """
     if not replace:
-        _commit_new(staged, dest)
+        try:
+            _commit_new(staged, dest)
+        except FileExistsError:  # another run wrote it since the check: the one error for it
+            raise OutputExistsError(dest) from None
     elif staged.is_dir() and dest.is_dir() and not dest.is_symlink():
         exchanged = _rename_exchange(staged, dest)
         old = staged if exchanged else temp_name(dest)
@@ -237,6 +243,27 @@ def commit(
     else:
         os.replace(staged, dest)
     fsync_path(dest.parent)
+
+
+def write_synced(path: Path, text: str) -> None:
+    """Write `text` to `path` and fsync it: a small file (index, manifest) in a staged output."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_small_file(dest: Path, text: str, *, replace: bool) -> None:
+    """A small file (a checksum manifest) written whole beside `dest` and committed: a
+    reader sees the old file or the new one, never a part. Without `replace` it never
+    replaces a file that appeared meanwhile (see :func:`commit`)."""
+    staged = temp_name(dest)
+    try:
+        write_synced(staged, text)
+        commit(staged, dest, replace=replace)
+    except BaseException:
+        remove(staged)
+        raise
 
 
 def _commit_new(staged: Path, dest: Path) -> None:

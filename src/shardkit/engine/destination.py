@@ -104,8 +104,7 @@ def check_destination(
     if dest.is_symlink() or dest.exists():
         if as_folder and dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
             return
-        if not force:
-            raise OutputExistsError(dest)
+        refuse_existing(dest, force=force, exists=True)
         if as_folder != (dest.is_dir() and not dest.is_symlink()):
             kind = "a folder" if dest.is_dir() else "a file"
             raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
@@ -113,6 +112,16 @@ def check_destination(
             check_only_shardkit_files(dest, writes)
     if not dest.parent.is_dir():
         raise OutputError(f"{dest}: parent folder {dest.parent} does not exist")
+
+
+def refuse_existing(dest: Location, *, force: bool, exists: bool | None = None) -> None:
+    """The one `--force` rule for what is there already: an existing output (local or
+    remote, a dangling symlink included) is replaced only when forced. `exists` is what
+    the caller found already (asking a store again costs requests)."""
+    if force:
+        return
+    if exists if exists is not None else (dest.is_symlink() or dest.exists()):
+        raise OutputExistsError(dest)
 
 
 def check_name_fits(path: Path, what: str = "output") -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .. import storage
 from ..checkpoint.manifest import format_file_manifest
-from ..errors import OutputError, OutputExistsError, ShardkitError, WriteError
+from ..errors import OutputError, ShardkitError, WriteError
 from ..plan.files import Copy, Plan, PlannedFile
 from ..plan.fill import CAST_READ, SCRATCH, CastLog, Read, fill, ordered_chunks
 from ..storage.location import read_exactly
@@ -131,10 +131,7 @@ def commit_output(staged: Path, dest: Path, force: bool, writes: Collection[str]
     def still_only_shardkit_files(old: Path) -> None:  # nothing was added to it since the check
         refuse_unexpected(dest, unexpected_entries(old, writes))
 
-    try:
-        atomic.commit(staged, dest, replace=force, check_old=still_only_shardkit_files)
-    except FileExistsError:  # another run wrote it meanwhile
-        raise OutputExistsError(dest) from None
+    atomic.commit(staged, dest, replace=force, check_old=still_only_shardkit_files)
 
 
 def _write_error(exc: OSError, dest: Path) -> WriteError:
@@ -330,10 +327,10 @@ def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
         _fsync_file(target)
     if plan.index is not None and plan.index_name is not None:
         text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
-        _write_text(staged / plan.index_name, text)
+        atomic.write_synced(staged / plan.index_name, text)
     sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:
-        _write_text(staged / checksum_file_name(plan), format_file_manifest(sums))
+        atomic.write_synced(staged / checksum_file_name(plan), format_file_manifest(sums))
 
 
 def write_checksum_beside(dest: storage.Location, written: WrittenFile, *, force: bool = True) -> storage.Location:
@@ -350,21 +347,8 @@ def write_checksum_beside(dest: storage.Location, written: WrittenFile, *, force
             raise OutputError(f"{path}: cannot write there; outputs go to a local path or an s3:// URL")
         put_bytes(path, manifest.encode(), replace=force)
         return path
-    staged = atomic.temp_name(path)
-    try:
-        _write_text(staged, manifest)
-        commit_output(staged, path, force, set())
-    except BaseException:
-        atomic.remove(staged)
-        raise
+    atomic.write_small_file(path, manifest, replace=force)
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _fsync_file(path: Path) -> None:

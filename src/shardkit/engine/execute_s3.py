@@ -46,7 +46,7 @@ from typing import Any, TypeGuard
 
 from .. import storage
 from ..checkpoint.manifest import format_file_manifest
-from ..errors import OutputError, OutputExistsError
+from ..errors import OutputError
 from ..plan.files import Plan, PlannedFile, Source
 from ..plan.fill import CastLog, fill, ordered_chunks
 from ..plan.multipart import CopyPart, ObjectPlan, Part, UploadPart, plan_object
@@ -54,7 +54,7 @@ from ..storage.remote import RemotePath
 from ..storage.s3 import WORKERS, S3Path, S3Store
 from . import stream
 from .atomic import TEMP_MARK
-from .destination import Sources, refuse_unexpected, unexpected_names
+from .destination import Sources, refuse_existing, refuse_unexpected, unexpected_names
 from .held_signals import held_signals
 from .source_reads import RangeSources, check_sources_unchanged, stream_workers
 from .written import WrittenFile, checksum_file_name, written_names
@@ -201,8 +201,7 @@ def check_s3_destination(
     is_file, is_dir = dest.is_file(), dest.is_dir()
     if not (is_file or is_dir):
         return
-    if not force:
-        raise OutputExistsError(dest)
+    refuse_existing(dest, force=force, exists=True)
     if as_folder != is_dir or (is_file and is_dir):
         kind = "a folder" if is_dir else "a file"
         raise OutputError(f"{dest}: already exists and is {kind}; refusing to replace it with the other kind")
