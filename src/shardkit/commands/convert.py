@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .. import storage
 from ..checkpoint.shards import open_checkpoint
+from ..engine.options import WriteOptions
 from ..plan.files import plan_convert, plan_merge
 from ..plan.recipe import load_recipe
 from ..plan.selection import parse_selection
@@ -72,9 +73,9 @@ def convert(
         plan = plan_convert(checkpoint, companion_copies(checkpoint, output_path, dtypes), dtypes, scales)
     else:
         plan = plan_merge(checkpoint, output_path.name, (), dtypes, scales)
+    options = WriteOptions(force=force, sha256=sha256, dry_run=dry_run, verify=verify, progress=progress)
     report = run_plan(
-        ConvertReport, "convert", checkpoint, source_path, plan, output_path,
-        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes, renamed=selected.renamed,
+        ConvertReport, "convert", checkpoint, source_path, plan, output_path, options,
+        as_folder=as_folder, dtypes=dtypes, renamed=selected.renamed,
     )
     return report  # type: ignore[return-value]

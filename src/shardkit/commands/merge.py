@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .. import storage
 from ..checkpoint.shards import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
+from ..engine.options import WriteOptions
 from ..errors import BadInputError
 from ..format.torch_checkpoint import is_torch_file, safetensors_name
 from ..plan import output_path
@@ -108,6 +109,9 @@ def merge(
         print(report.bytes, report.seconds, report.sha256)
     """
     output_path.placeholders(os.fspath(output))
+    options = WriteOptions(
+        force=force, sha256=sha256, dry_run=dry_run, verify=verify, progress=progress, verify_progress=verify_progress
+    )
     selection = parse_selection(select, drop, rename)
     recut = load_recipe(recipe) if recipe is not None else None
     location = storage.as_path(source, endpoint_url=endpoint_url)
@@ -122,8 +126,7 @@ def merge(
                 f"to one component (e.g. {location}/unet)"
             )
         return merge_pipeline(  # type: ignore[return-value]
-            pipeline, source, output, force=force, sha256=sha256, dry_run=dry_run, strict=strict,
-            verify=verify, progress=progress,
+            pipeline, source, output, options, strict=strict
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
     selected, dtypes = reshape(opened, selection, recut, dtype, keep, block_size)
@@ -131,24 +134,16 @@ def merge(
     tensors = output_path.output_dtypes(checkpoint, dtypes)
     destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)
     with output_path.parents_created(destination, enabled=not dry_run):
-        return merge_checkpoint(
-            checkpoint, location, destination, force=force, sha256=sha256, dry_run=dry_run, verify=verify,
-            progress=progress, dtypes=dtypes, verify_progress=verify_progress, renamed=selected.renamed,
-        )
+        return merge_checkpoint(checkpoint, location, destination, options, dtypes=dtypes, renamed=selected.renamed)
 
 
 def merge_checkpoint(
     checkpoint: Checkpoint,
     source: storage.Location,
     output: storage.Location,
+    options: WriteOptions,
     *,
-    force: bool,
-    sha256: bool,
-    dry_run: bool,
-    verify: bool,
-    progress: ProgressCallback | None,
     dtypes: DtypeChoice | None = None,
-    verify_progress: ProgressCallback | None = None,
     renamed: Sequence[tuple[str, str]] = (),
 ) -> MergeReport:
     """Merge an opened checkpoint into `output` (a file, or a folder unless it ends in .safetensors)."""
@@ -160,9 +155,8 @@ def merge_checkpoint(
         weight_name, copies = output.name, []
     plan = plan_merge(checkpoint, weight_name, copies, dtypes, dtypes.scales if dtypes else None)
     report = run_plan(
-        MergeReport, "merge", checkpoint, source, plan, output,
-        as_folder=as_folder, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes, verify_progress=verify_progress, renamed=renamed,
+        MergeReport, "merge", checkpoint, source, plan, output, options,
+        as_folder=as_folder, dtypes=dtypes, renamed=renamed,
     )
     return report  # type: ignore[return-value]
 
@@ -179,8 +173,8 @@ def _weight_file_name(index_path: storage.Location | None, first_shard: str) -> 
 
 
 def merge_pipeline(
-    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], *, force: bool,
-    sha256: bool, dry_run: bool, strict: bool, verify: bool, progress: ProgressCallback | None,
+    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], options: WriteOptions, *,
+    strict: bool,
 ) -> PipelineReport:
     """Each weight set into one file under its loader-given name, in its component's
     folder: `unet/diffusion_pytorch_model.safetensors`, `unet/diffusion_pytorch_model.fp16.safetensors`."""
@@ -189,10 +183,8 @@ def merge_pipeline(
 
     def write(weight_set: WeightSet, checkpoint: Checkpoint, folder: Path, first: bool, on: ProgressCallback | None):
         target = folder if first else folder / _weight_file_name(checkpoint.index_path, checkpoint.shards[0].path)
-        return merge_checkpoint(
-            checkpoint, weight_set.entry, target, force=False, sha256=sha256, dry_run=dry_run, verify=verify,
-            progress=on,
-        ), target
+        # the staged pipeline folder is new: only the whole pipeline's commit may replace
+        component = options.replace(force=False, progress=on, verify_progress=None)
+        return merge_checkpoint(checkpoint, weight_set.entry, target, component), target
 
-    return write_pipeline("merge", pipeline, source, output, write, force=force, sha256=sha256,
-                           dry_run=dry_run, strict=strict, progress=progress)
+    return write_pipeline("merge", pipeline, source, output, write, options, strict=strict)

@@ -29,10 +29,10 @@ from ..checkpoint.variants import WeightSet
 from ..engine import atomic
 from ..engine.destination import Sources, check_destination
 from ..engine.execute import commit_output
+from ..engine.options import WriteOptions
 from ..errors import BadInputError, OutputError, ShardkitError
 from ..plan import output_path
 from ..reports import JsonReport, WriteReport
-from .writing import ProgressCallback
 
 CHECKSUM_FILE = "SHA256SUMS"
 Written = TypeVar("Written", bound=WriteReport)
@@ -114,11 +114,11 @@ def other_pipeline(path: str | os.PathLike[str], what: str) -> Pipeline:
 
 def write_pipeline(
     command: str, pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str],
-    write: Callable[..., tuple[WriteReport, Path]], *, force: bool, sha256: bool, dry_run: bool, strict: bool,
-    progress: ProgressCallback | None,
+    write: Callable[..., tuple[WriteReport, Path]], options: WriteOptions, *, strict: bool,
 ) -> PipelineReport:
     """Stage the whole output folder, write each weight set into it, copy the rest,
     commit it as one: a pipeline appears complete or not at all."""
+    force, sha256, dry_run, progress = options.force, options.sha256, options.dry_run, options.progress
     started = time.perf_counter()
     opened = [(s, open_weight_set(s, strict=strict)) for s in pipeline.weight_sets]
     all_tensors = (each for _, c in opened for each in output_path.output_dtypes(c))

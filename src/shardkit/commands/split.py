@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .. import storage
 from ..checkpoint.layers import natural_key
 from ..checkpoint.shards import Checkpoint, open_checkpoint
+from ..engine.options import WriteOptions
 from ..errors import BadInputError
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
@@ -99,6 +100,9 @@ def split(
         print(report.index, report.layout)
     """
     output_path.placeholders(os.fspath(output_dir))
+    options = WriteOptions(
+        force=force, sha256=sha256, dry_run=dry_run, verify=verify, progress=progress, verify_progress=verify_progress
+    )
     location = storage.as_path(source, endpoint_url=endpoint_url)
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
@@ -116,8 +120,7 @@ def split(
                 f"to one component (e.g. {location}/unet)"
             )
         return split_pipeline(  # type: ignore[return-value]
-            pipeline, source, output_dir, max_shard_size=limit, force=force, sha256=sha256, dry_run=dry_run,
-            strict=strict, verify=verify, progress=progress,
+            pipeline, source, output_dir, options, max_shard_size=limit, strict=strict
         )
     opened = open_checkpoint(location, strict=strict, allow_unindexed=allow_unindexed, whole=True)
     selected, dtypes = reshape(opened, selection, recut, dtype, keep, block_size)
@@ -126,8 +129,7 @@ def split(
     destination = output_path.resolve(output_dir, source=source, tensors=tensors, endpoint_url=endpoint_url)
     with output_path.parents_created(destination, enabled=not dry_run):
         return split_checkpoint(
-            checkpoint, location, destination, max_shard_size=limit, prefix=prefix, force=force, sha256=sha256,
-            dry_run=dry_run, verify=verify, progress=progress, dtypes=dtypes, verify_progress=verify_progress,
+            checkpoint, location, destination, options, max_shard_size=limit, prefix=prefix, dtypes=dtypes,
             renamed=selected.renamed,
         )
 
@@ -136,17 +138,12 @@ def split_checkpoint(
     checkpoint: Checkpoint,
     source: storage.Location,
     output_dir: storage.Location,
+    options: WriteOptions,
     *,
     max_shard_size: int,
     prefix: str = "model",
     variant: str | None = None,
-    force: bool = False,
-    sha256: bool = False,
-    dry_run: bool = False,
-    verify: bool = False,
-    progress: ProgressCallback | None = None,
     dtypes: DtypeChoice | None = None,
-    verify_progress: ProgressCallback | None = None,
     renamed: Sequence[tuple[str, str]] = (),
 ) -> SplitReport:
     """Split an opened checkpoint into `output_dir`. With `variant` (`fp16`), names are
@@ -163,9 +160,8 @@ def split_checkpoint(
     if variant and plan.index_name is not None:
         plan = dataclasses.replace(plan, index_name=f"{prefix}.safetensors.index.{variant}.json")
     report = run_plan(
-        SplitReport, "split", checkpoint, source, plan, output_dir,
-        as_folder=True, force=force, sha256=sha256, dry_run=dry_run, progress=progress, verify=verify,
-        dtypes=dtypes, verify_progress=verify_progress, renamed=renamed,
+        SplitReport, "split", checkpoint, source, plan, output_dir, options,
+        as_folder=True, dtypes=dtypes, renamed=renamed,
     )
     layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
     assert isinstance(report, SplitReport)
@@ -190,8 +186,8 @@ def _check_prefix(prefix: str) -> None:
 
 
 def split_pipeline(
-    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], *, max_shard_size: int,
-    force: bool, sha256: bool, dry_run: bool, strict: bool, verify: bool, progress: ProgressCallback | None,
+    pipeline: Pipeline, source: str | os.PathLike[str], output: str | os.PathLike[str], options: WriteOptions, *,
+    max_shard_size: int, strict: bool,
 ) -> PipelineReport:
     """Each weight set resharded in its component's folder, with the component's own
     prefix and the variant's names (`diffusion_pytorch_model.fp16-00001-of-00002.safetensors`)."""
@@ -202,10 +198,10 @@ def split_pipeline(
     def write(weight_set: WeightSet, checkpoint: Checkpoint, folder: Path, first: bool, on: ProgressCallback | None):
         # A folder is written whole: a second variant goes to a folder of its own in the
         # staging area, and its files are moved beside the first's afterwards.
-        target = folder if first or dry_run else folder.parent / f".{folder.name}.{weight_set.variant}"
+        target = folder if first or options.dry_run else folder.parent / f".{folder.name}.{weight_set.variant}"
         report = split_checkpoint(
-            checkpoint, weight_set.entry, target, max_shard_size=max_shard_size, prefix=weight_set.prefix,
-            variant=weight_set.variant, sha256=sha256, dry_run=dry_run, verify=verify, progress=on,
+            checkpoint, weight_set.entry, target, options.replace(force=False, progress=on, verify_progress=None),
+            max_shard_size=max_shard_size, prefix=weight_set.prefix, variant=weight_set.variant,
         )
         if target != folder:
             written = [Path(f.path).name for f in report.files] + ([Path(report.index).name] if report.index else [])
@@ -215,5 +211,4 @@ def split_pipeline(
             report = relocated(report, target, folder)
         return report, folder
 
-    return write_pipeline("split", pipeline, source, output, write, force=force, sha256=sha256,
-                           dry_run=dry_run, strict=strict, progress=progress)
+    return write_pipeline("split", pipeline, source, output, write, options, strict=strict)

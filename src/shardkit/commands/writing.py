@@ -16,6 +16,7 @@ from ..checkpoint.shards import Checkpoint, open_checkpoint, open_file
 from ..checks.compare import compare_checkpoints
 from ..engine.destination import Sources, check_name_fits, refuse_existing
 from ..engine.execute import execute, write_checksum_beside
+from ..engine.options import ProgressCallback, WriteOptions
 from ..errors import BadInputError, VerificationError, option_name
 from ..format.dtype_cast import CastStats
 from ..format.gc_pause import gc_paused
@@ -27,9 +28,6 @@ from ..plan.selection import Selected, Selection, apply_selection
 from ..reports import DtypeReport, OutputFile, TensorLoss, Transfer, WriteReport
 from ..storage import Location
 
-#: Called as `progress(advance, total)` with bytes just written and the bytes to write.
-ProgressCallback = Callable[[int, int], None]
-
 
 def run_plan(
     report_type: type[WriteReport],
@@ -38,24 +36,21 @@ def run_plan(
     source: Location,
     plan: Plan,
     output: Location,
+    options: WriteOptions,
     *,
     as_folder: bool,
-    force: bool,
-    sha256: bool,
-    dry_run: bool,
-    progress: ProgressCallback | None,
-    verify: bool = False,
     dtypes: DtypeChoice | None = None,
-    verify_progress: ProgressCallback | None = None,
     renamed: Sequence[tuple[str, str]] = (),
 ) -> WriteReport:
-    """Execute `plan` (unless `dry_run`) and report; with `verify`, compare the staged
-    output (a temporary file or folder, or in S3 objects under a staging prefix) with
-    the source tensor by tensor before it is committed, and discard it if they differ
-    (an earlier output at `output` stays as it was). `dtypes` is the
-    conversion the plan was made with: its losses are reported, and `verify`
-    recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
+    """Execute `plan` (unless `options.dry_run`) and report; with `options.verify`,
+    compare the staged output (a temporary file or folder, or in S3 objects under a
+    staging prefix) with the source tensor by tensor before it is committed, and
+    discard it if they differ (an earlier output at `output` stays as it was).
+    `dtypes` is the conversion the plan was made with: its losses are reported, and
+    `verify` recomputes it. `renamed` is (old, new) per tensor a selection renamed (the
     checkpoint already holds the new names), shown in the report."""
+    force, sha256, dry_run, verify = options.force, options.sha256, options.dry_run, options.verify
+    progress, verify_progress = options.progress, options.verify_progress
     started = time.perf_counter()
     timings: dict[str, float] = {}
     traffic_before = storage.traffic()
