@@ -157,8 +157,9 @@ def split_checkpoint(
     copies = companion_copies(checkpoint, output_dir, dtypes)
     scales = dtypes.scales if dtypes else None
     plan = plan_split(checkpoint, max_shard_size, f"{prefix}.{variant}" if variant else prefix, copies, dtypes, scales)
-    if variant and plan.index_name is not None:
-        plan = dataclasses.replace(plan, index_name=f"{prefix}.safetensors.index.{variant}.json")
+    if variant and plan.index is not None:
+        variant_index = dataclasses.replace(plan.index, name=f"{prefix}.safetensors.index.{variant}.json")
+        plan = dataclasses.replace(plan, index=variant_index)
     report = run_plan(
         SplitReport, "split", checkpoint, source, plan, output_dir, options,
         as_folder=True, dtypes=dtypes, renamed=renamed,

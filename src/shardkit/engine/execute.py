@@ -325,9 +325,9 @@ def _write_extras(plan: Plan, staged: Path, written: list[WrittenFile]) -> None:
         else:
             shutil.copyfile(copy.source, target)
         _fsync_file(target)
-    if plan.index is not None and plan.index_name is not None:
-        text = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
-        atomic.write_synced(staged / plan.index_name, text)
+    if plan.index is not None:
+        text = json.dumps(plan.index.document, indent=2, sort_keys=True) + "\n"
+        atomic.write_synced(staged / plan.index.name, text)
     sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:
         atomic.write_synced(staged / checksum_file_name(plan), format_file_manifest(sums))

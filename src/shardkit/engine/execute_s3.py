@@ -623,9 +623,9 @@ def _write_extras(plan: Plan, dest: S3Path, written: list[WrittenFile], *, repla
         else:
             put_bytes(target, storage.read_bytes(source), replace=replace)
         done.append(target)
-    if plan.index is not None and plan.index_name is not None:
-        target = dest / plan.index_name
-        put_bytes(target, (json.dumps(plan.index, indent=2, sort_keys=True) + "\n").encode(), replace=replace)
+    if plan.index is not None:
+        target = dest / plan.index.name
+        put_bytes(target, (json.dumps(plan.index.document, indent=2, sort_keys=True) + "\n").encode(), replace=replace)
         done.append(target)
     sums = [(w.name, w.sha256) for w in written if w.sha256]
     if sums:

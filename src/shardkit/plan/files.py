@@ -324,6 +324,15 @@ class FileCopy:
 
 
 @dataclass(frozen=True)
+class IndexFile:
+    """The index a folder output gets: its file name and its JSON document, one value
+    so that neither can be set without the other."""
+
+    name: str
+    document: Mapping[str, object]
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything a run writes: weight files, then companion files, then the index.
 
@@ -333,8 +342,7 @@ class Plan:
     """
 
     files: tuple[PlannedFile, ...]
-    index_name: str | None = None
-    index: Mapping[str, object] | None = None
+    index: IndexFile | None = None
     copies: tuple[FileCopy, ...] = ()
     warnings: tuple[str, ...] = field(default=())
     sources: tuple[Source, ...] = ()
@@ -352,7 +360,11 @@ class Plan:
         """Every file written, in the order it is written (an index never names a shard
         that is not there yet)."""
         names = [f.name for f in self.files] + [c.name for c in self.copies]
-        return tuple(names + ([self.index_name] if self.index_name else []))
+        return tuple(names + ([self.index.name] if self.index else []))
+
+    @property
+    def index_name(self) -> str | None:
+        return self.index.name if self.index is not None else None
 
     @gc_paused()  # a dict per step, no cycles: collections would only rescan them
     def to_dict(self) -> dict[str, object]:
@@ -368,7 +380,7 @@ class Plan:
                 for f in self.files
             ],
             "index_name": self.index_name,
-            "index": self.index,
+            "index": self.index.document if self.index is not None else None,
             "copies": [
                 {"name": c.name, "source": str(c.source), **({"rewritten": True} if c.data is not None else {})}
                 for c in self.copies
@@ -637,13 +649,12 @@ def plan_convert(
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise BadInputError(f"{checkpoint.root}: two source files would convert to the same name ({names})")
-    index_name = index = None
+    index = None
     if len(files) > 1:
         single = single_file_name_for(checkpoint.index_path.name) if checkpoint.index_path else "model.safetensors"
-        index_name = f"{single}.index.json"
-        index = _hub_index(checkpoint, files)
+        index = IndexFile(f"{single}.index.json", _hub_index(checkpoint, files))
     warnings = tuple(checkpoint.warnings) + tied_warnings(checkpoint)
-    return Plan(files, index_name, index, tuple(copies), warnings, plan_sources(checkpoint))
+    return Plan(files, index, tuple(copies), warnings, plan_sources(checkpoint))
 
 
 
@@ -773,12 +784,9 @@ def plan_split(
         plan_file(name, (written[t] for t in group), metadata, dtype_for, scales)
         for name, group in zip(names, groups)
     )
-    index_name = index = None
-    if len(files) > 1:
-        index_name = f"{prefix}.safetensors.index.json"
-        index = _hub_index(checkpoint, files)
+    index = IndexFile(f"{prefix}.safetensors.index.json", _hub_index(checkpoint, files)) if len(files) > 1 else None
     warnings = [*checkpoint.notes, *checkpoint.warnings, *warnings, *tied_warnings(checkpoint)]
-    return Plan(files, index_name, index, tuple(copies), tuple(warnings), plan_sources(checkpoint))
+    return Plan(files, index, tuple(copies), tuple(warnings), plan_sources(checkpoint))
 
 
 def _hub_index(checkpoint: Checkpoint, files: Sequence[PlannedFile]) -> dict[str, object]:
