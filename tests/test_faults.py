@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 import shardkit
+import shardkit.engine.execute  # monkeypatched below: loaded whatever ran first
 from conftest import assert_clean_failure, run_cli, sigint_as_in_a_terminal, snapshot, temporaries
 from shardkit.engine.atomic import TEMP_MARK
 from shardkit.engine.byte_copy import RangeCopier

@@ -17,7 +17,7 @@ import safetensors
 import torch
 from safetensors.torch import _find_shared_tensors, _is_complete, load_file
 
-from conftest import run_cli
+from conftest import assert_clean_failure, run_cli, snapshot
 
 ALL_DTYPES = [
     torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
@@ -553,3 +553,16 @@ def test_a_transposed_view_is_read_once_per_range_filled(tmp_path: Path) -> None
     fill(planned, 0, memoryview(out), read)
     assert safetensors.torch.load(bytes(out))["w"].equal(weight.t())
     assert read_bytes <= 1.01 * weight.numel() * 2 + planned.size - weight.numel() * 2
+
+
+def test_convert_takes_its_output_path_as_merge_does(tmp_path: Path, bin_file: Path) -> None:
+    """Missing parents are made, {name} expands, and an output named like a torch file is refused."""
+    result = run_cli("convert", bin_file.parent, "-o", tmp_path / "new" / "deeper" / "{name}.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert_same_as_reference(tmp_path / "new" / "deeper" / "source.safetensors", bin_file)
+
+    before = snapshot(tmp_path / "source")
+    result = run_cli("convert", bin_file, "-o", tmp_path / "made" / "model.bin")
+    assert_clean_failure(result, 2, "model.bin")
+    assert not (tmp_path / "made").exists()  # the parent made for the run is gone again
+    assert snapshot(tmp_path / "source") == before

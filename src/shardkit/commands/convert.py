@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .. import storage
 from ..checkpoint.shards import open_checkpoint
 from ..engine.options import WriteOptions
+from ..plan import output_path
 from ..plan.files import plan_convert, plan_merge
 from ..plan.recipe import load_recipe
 from ..plan.selection import parse_selection
@@ -61,21 +62,26 @@ def convert(
         report = shardkit.convert("gpt2-bin/", "gpt2-safetensors/")
         print(report.files, report.warnings)
     """
+    output_path.placeholders(os.fspath(output))
     selection = parse_selection(select, drop, rename)
     recut = load_recipe(recipe) if recipe is not None else None
     source_path = storage.as_path(source, endpoint_url=endpoint_url)
-    output_path = storage.as_path(output, endpoint_url=endpoint_url, output=True)
     selected, dtypes = reshape(open_checkpoint(source_path), selection, recut, dtype, keep)
     checkpoint = selected.checkpoint
-    as_folder = not output_path.name.endswith(".safetensors")
+    # The output path as merge takes it: {name} templates, the foreign-suffix check, and
+    # missing parent folders created (and removed again if the run fails).
+    tensors = output_path.output_dtypes(checkpoint, dtypes)
+    destination = output_path.resolve(output, source=source, tensors=tensors, endpoint_url=endpoint_url)
+    as_folder = not destination.name.endswith(".safetensors")
     scales = dtypes.scales if dtypes else None
     if as_folder:
-        plan = plan_convert(checkpoint, companion_copies(checkpoint, output_path, dtypes), dtypes, scales)
+        plan = plan_convert(checkpoint, companion_copies(checkpoint, destination, dtypes), dtypes, scales)
     else:
-        plan = plan_merge(checkpoint, output_path.name, (), dtypes, scales)
+        plan = plan_merge(checkpoint, destination.name, (), dtypes, scales)
     options = WriteOptions(force=force, sha256=sha256, dry_run=dry_run, verify=verify, progress=progress)
-    report = run_plan(
-        ConvertReport, "convert", checkpoint, source_path, plan, output_path, options,
-        as_folder=as_folder, dtypes=dtypes, renamed=selected.renamed,
-    )
+    with output_path.parents_created(destination, enabled=not dry_run):
+        report = run_plan(
+            ConvertReport, "convert", checkpoint, source_path, plan, destination, options,
+            as_folder=as_folder, dtypes=dtypes, renamed=selected.renamed,
+        )
     return report  # type: ignore[return-value]
