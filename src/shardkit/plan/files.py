@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter, sub
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint.layers import natural_key
 from ..checkpoint.metadata import metadata_union
@@ -472,64 +473,91 @@ def plan_file(
     scales = scales or {}
     dropped = not_written(scales)
     made = scales_made(scales)
-    by_name = {t.info.name: t for t in tensors if t.info.name not in dropped}
+    given = list(tensors)
+    by_name = dict(zip(map(_SOURCE_NAME, given), given))  # by map: a MoE merge plans 500,000
+    for tensor in dropped & by_name.keys():
+        del by_name[tensor]
     if made:
         assert dtype_for is not None
         specs: Iterable[TensorSpec] = (_quantised_spec(t, dtype_for(t), made) for t in by_name.values())
     elif dtype_for is None:
-        infos = map(_INFO, by_name.values())
+        infos = list(map(_INFO, by_name.values()))
+        sizes = map(sub, map(_END, infos), map(_BEGIN, infos))
         specs = map(
-            _make_spec, ((info.name, info.dtype, info.shape, info.end - info.begin) for info in infos)
+            _make_spec, zip(map(_NAME, infos), map(_DTYPE, infos), map(_SHAPE, infos), sizes)
         )
     else:
         dtypes = {n: dtype_for(t) for n, t in by_name.items()}
         specs = (TensorSpec(n, dtypes[n], t.info.shape, _output_nbytes(t, dtypes[n])) for n, t in by_name.items())
     header, placed = serialize_header(specs, metadata)
     refuse_oversized_header(name, header, metadata or {}, len(placed))
-    steps: list[Step] = [Literal(0, header)]
+    steps = _Steps([Literal(0, header)] if header else [])
+    add_copy = steps.copy
     for spec, offset in placed:
-        source = by_name[spec.name]
-        dest = len(header) + offset
         if spec.nbytes == 0:
             continue
+        source = by_name[spec.name]
+        dest = len(header) + offset
         of = scales.get(spec.name)
         quantised = made.get(spec.name) or (of if isinstance(of, QuantiseAs) else None)
         if quantised is not None:
-            steps.append(_quantise_step(source, dest, spec, quantised))
+            steps.add(_quantise_step(source, dest, spec, quantised))
             continue
         if not source.pieces:
-            _add_steps(steps, source, dest, spec.dtype, spec.nbytes, _scales(source, of))
+            scale = _scales(source, of)
+            if spec.dtype == source.info.dtype and source.view is None:
+                shard = source.shard
+                add_copy(dest, spec.nbytes, shard.path, shard.data_start + source.info.begin)
+            else:
+                steps.add(tensor_transform(source, dest, spec.dtype, spec.nbytes, scale))
             continue
         if spec.name in scales:
             raise BadInputError(f"{spec.name}: a fused tensor cannot be dequantised by block scales")
         for piece in source.pieces:  # a recipe's fuse or swap: each piece copied (or cast) in turn
             nbytes = _output_nbytes(piece, spec.dtype)
-            _add_steps(steps, piece, dest, spec.dtype, nbytes, None)
+            if spec.dtype == piece.info.dtype and piece.view is None:
+                add_copy(dest, nbytes, piece.shard.path, piece.offset)
+            else:
+                steps.add(tensor_transform(piece, dest, spec.dtype, nbytes, None))
             dest += nbytes
-    data = sum(spec.nbytes for spec, _ in placed)
-    if not header:
-        steps.pop(0)
-    return PlannedFile(name, tuple(steps), tuple(s.name for s, _ in placed), len(header) + data, len(header))
+    data = sum(map(_NBYTES, map(_FIRST, placed)))
+    return PlannedFile(name, steps.done(), tuple(map(_NAME, map(_FIRST, placed))), len(header) + data, len(header))
 
 
-def _add_steps(
-    steps: list[Step], source: SourceTensor, dest: int, dtype: str, nbytes: int, scale: Scales | None
-) -> None:
-    """The step(s) that put one contiguous source tensor at `dest`: a copy, coalesced
-    with the copy before it when the bytes follow on in the same file, or a transform."""
-    if dtype != source.info.dtype or source.view is not None:
-        steps.append(tensor_transform(source, dest, dtype, nbytes, scale))
-        return
-    last = steps[-1] if steps else None
-    if (
-        isinstance(last, Copy)
-        and last.source == source.shard.path
-        and last.source_offset + last.length == source.offset
-        and last.offset + last.length == dest
-    ):
-        steps[-1] = Copy(last.offset, last.length + nbytes, last.source, last.source_offset)
-    else:
-        steps.append(Copy(dest, nbytes, source.shard.path, source.offset))
+class _Steps:
+    """A file's steps as they are added, adjacent copies coalesced: a copy whose bytes
+    follow on in the same source is kept as four numbers and becomes one Copy when a
+    step that does not follow on comes (a Copy made, then replaced, per tensor was
+    most of planning the merge of a MoE index)."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self._steps = steps
+        self._run: list[Any] | None = None  # [offset, length, source, source_offset]
+
+    def copy(self, offset: int, length: int, source: str, source_offset: int) -> None:
+        run = self._run
+        if run is not None and run[2] == source and run[3] + run[1] == source_offset and run[0] + run[1] == offset:
+            run[1] += length
+            return
+        self._end_run()
+        self._run = [offset, length, source, source_offset]
+
+    def add(self, step: Step) -> None:
+        self._end_run()
+        self._steps.append(step)
+
+    def done(self) -> tuple[Step, ...]:
+        self._end_run()
+        return tuple(self._steps)
+
+    def _end_run(self) -> None:
+        if self._run is not None:
+            self._steps.append(Copy(*self._run))
+            self._run = None
+
+
+_FIRST, _NBYTES, _SOURCE_NAME = itemgetter(0), attrgetter("nbytes"), attrgetter("info.name")
+_NAME, _DTYPE, _SHAPE, _BEGIN, _END = map(attrgetter, ("name", "dtype", "shape", "begin", "end"))
 
 
 def made_by_scales(name: str, source: SourceTensor, dtype: str, scales: ScalesFor) -> Transform | None:
@@ -770,12 +798,15 @@ def plan_split(
     dropped = not_written(scales)
     made = scales_made(scales)
     written = {t.name: t for t in with_made_scales(checkpoint.tensors.values(), scales) if t.name not in dropped}
-    order = sorted(written.values(), key=lambda t: natural_key(t.name))
+    in_order = sorted(written, key=natural_key)
     if made:
         assert dtype_for is not None
-        sizes = [(t.name, _quantised_spec(t, dtype_for(t), made).nbytes) for t in order]
+        sizes = [(name, _quantised_spec(written[name], dtype_for(written[name]), made).nbytes) for name in in_order]
+    elif dtype_for is None:
+        infos = list(map(_INFO, map(written.__getitem__, in_order)))
+        sizes = list(zip(in_order, map(sub, map(_END, infos), map(_BEGIN, infos))))
     else:
-        sizes = [(t.name, _output_nbytes(t, dtype_for(t)) if dtype_for else t.info.nbytes) for t in order]
+        sizes = [(name, _output_nbytes(written[name], dtype_for(written[name]))) for name in in_order]
     groups = group_into_shards(sizes, max_shard_size)
     if not groups:
         groups = [[]]
