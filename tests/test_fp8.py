@@ -402,3 +402,41 @@ def test_verify_accepts_the_scales_of_an_fp8_model(tmp_path: Path) -> None:
     del tensors["model.layers.0.mlp.up_proj.weight_scale_inv"]  # a real problem is still one
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     assert not shardkit.verify(folder).ok
+
+
+def test_the_block_table_lookup_is_the_products_then_cast_bit_for_bit() -> None:
+    """The fast path (each block's 256 results made once, then looked up) gives the bytes and
+    the loss counts of multiplying in float32 and casting, on random ranges of random
+    shapes and blocks; where a scale is not finite or a result is lost it steps aside."""
+    import numpy as np
+
+    from shardkit.format.dtype_cast import cast_into
+    from shardkit.format.fp8 import dequantise_by_lookup, dequantise_into
+
+    rng = np.random.default_rng(7)
+    looked_up = stepped_aside = 0
+    for trial in range(200):
+        rows, columns = int(rng.integers(1, 600)), int(rng.integers(1, 700))
+        block = (int(rng.choice([1, 7, 128])), int(rng.choice([1, 5, 128])))
+        grid = (-(-rows // block[0]), -(-columns // block[1]))
+        scales = (rng.standard_normal(grid) * 10.0 ** float(rng.integers(-8, 8))).astype(np.float32)
+        scales.flat[0] = [0.0, np.inf, np.nan, scales.flat[0]][trial % 4]
+        codes = rng.integers(0, 256, rows * columns, dtype=np.uint8)  # NaN codes included
+        first = int(rng.integers(0, rows * columns))
+        count = int(rng.integers(1, rows * columns - first + 1))
+        band = first // columns // block[0]
+        part = codes[first : first + count]
+        for dst, size in (("BF16", 2), ("F16", 2), ("F32", 4)):
+            products = np.empty(count, np.float32)
+            dequantise_into(part, first, columns, block, scales[band:], band, products)
+            expected = bytearray(count * size)
+            expected_losses = cast_into(products, "F32", dst, memoryview(expected))
+            got = bytearray(count * size)
+            losses = dequantise_by_lookup(part, first, columns, block, scales[band:], band, dst, memoryview(got))
+            if losses is None:
+                stepped_aside += 1
+                continue
+            looked_up += 1
+            assert bytes(got) == bytes(expected), (trial, dst)
+            assert losses == expected_losses, (trial, dst)
+    assert looked_up > 300 and stepped_aside > 50  # both paths were taken

@@ -127,7 +127,7 @@ def _dequantiser(step: Transform, read: Read) -> Produce:
     float32 products cast to the output dtype as any float32 tensor is."""
     import numpy as np
 
-    from ..format.fp8 import dequantise_into, widen
+    from ..format.fp8 import dequantise_by_lookup, dequantise_into, widen
 
     scales = step.scales
     assert scales is not None
@@ -139,8 +139,15 @@ def _dequantiser(step: Transform, read: Read) -> Produce:
         grid = bytearray(length)
         read(source, offset, memoryview(grid))
         rows = widen(grid, scales.dtype).reshape(-1, scales.grid[1])
-        products = _products_buffer()[: count * 4]
         first_band = element // scales.columns // scales.block[0]
+        if scales.product_dtype == "F32":
+            looked_up = dequantise_by_lookup(
+                np.frombuffer(codes, np.uint8), element, scales.columns, scales.block, rows, first_band,
+                step.dst_dtype, out,
+            )
+            if looked_up is not None:
+                return looked_up
+        products = _products_buffer()[: count * 4]
         dequantise_into(
             np.frombuffer(codes, np.uint8), element, scales.columns, scales.block, rows, first_band,
             np.frombuffer(products, np.float32),
