@@ -15,6 +15,7 @@ The widening is a 256-entry table, built once from the format's definition.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from .dtype_cast import CastStats, cast_into
@@ -71,26 +72,43 @@ def dequantise_into(
     import numpy as np
 
     np.take(e4m3_table(), codes, out=out)
-    block_rows, block_columns = block
-    count = codes.size
+    scaled_band = -1
+    by_column: Any = None
+    for band, start, column, rows, length in row_runs(first, codes.size, columns, block[0]):
+        if band != scaled_band:  # each column's scale, for this band of block rows
+            scaled_band, by_column = band, np.repeat(scales[band - first_block_row], block[1])[:columns]
+        segment = out[start : start + length]
+        if rows:
+            whole = segment.reshape(rows, columns)
+            np.multiply(whole, by_column, out=whole)
+        else:
+            np.multiply(segment, by_column[column : column + length], out=segment)
+
+
+def row_runs(
+    first: int, count: int, columns: int, block_rows: int, most: int | None = None
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """The elements [first, first + count) of a row-major matrix with `columns` columns,
+    cut where a band of `block_rows` rows ends (a band shares one row of scales) into
+    runs that are either a piece of one row or whole rows: (band, start, column, rows,
+    length), `start` counted from `first`, `rows` 0 for a piece of a row starting at
+    `column`. With `most`, no run is longer than `most` elements (or one row)."""
     position = 0
     while position < count:
-        row, column = divmod(first + position, columns)
-        band = row // block_rows
-        # every element up to the end of this band of block rows shares one row of scales
+        band = (first + position) // columns // block_rows
         band_end = min(count, (band + 1) * block_rows * columns - first)
-        by_column = np.repeat(scales[band - first_block_row], block_columns)[:columns]
-        segment = out[position:band_end]
-        head = min(segment.size, columns - column if column else 0)
-        if head:
-            np.multiply(segment[:head], by_column[column : column + head], out=segment[:head])
-        rows, tail = divmod(segment.size - head, columns)
-        if rows:
-            whole = segment[head : head + rows * columns].reshape(rows, columns)
-            np.multiply(whole, by_column, out=whole)
-        if tail:
-            np.multiply(segment[segment.size - tail :], by_column[:tail], out=segment[segment.size - tail :])
-        position = band_end
+        while position < band_end:
+            column = (first + position) % columns
+            if column or band_end - position < columns:
+                length = min(columns - column, band_end - position, most or count)
+                yield band, position, column, 0, length
+            else:
+                rows = (band_end - position) // columns
+                if most is not None:
+                    rows = max(1, min(rows, most // columns))
+                length = rows * columns
+                yield band, position, 0, rows, length
+            position += length
 
 
 #: Elements per call of the table-lookup dequantisation: the intp indices of one call
@@ -136,26 +154,13 @@ def dequantise_by_lookup(
     results = np.frombuffer(out, _OUTPUT_WORDS[size], count)
     # each column's offset into its band's tables: its block column's 256 entries
     by_column = (np.arange(columns, dtype=np.intp) // block_columns) * 256
-    position = 0
-    while position < count:
-        row, column = divmod(first + position, columns)
-        band = row // block_rows
-        band_end = min(count, (band + 1) * block_rows * columns - first)
-        table = tables[band - first_band].reshape(-1)
-        while position < band_end:
-            row, column = divmod(first + position, columns)
-            # a run within one row, or whole rows: at most _LOOKUP_CHUNK elements
-            if column or band_end - position < columns:
-                length = min(columns - column, band_end - position, _LOOKUP_CHUNK)
-                index = np.add(codes[position : position + length], by_column[column : column + length],
-                               dtype=np.intp)
-            else:
-                rows = max(1, min((band_end - position) // columns, _LOOKUP_CHUNK // columns))
-                length = rows * columns
-                index = np.add(codes[position : position + length].reshape(rows, columns), by_column,
-                               dtype=np.intp).reshape(-1)
-            np.take(table, index, out=results[position : position + length])
-            position += length
+    for band, start, column, rows, length in row_runs(first, count, columns, block_rows, _LOOKUP_CHUNK):
+        part = codes[start : start + length]
+        if rows:
+            index = np.add(part.reshape(rows, columns), by_column, dtype=np.intp).reshape(-1)
+        else:
+            index = np.add(part, by_column[column : column + length], dtype=np.intp)
+        np.take(tables[band - first_band].reshape(-1), index, out=results[start : start + length])
     nan = int(np.count_nonzero((codes & 0x7F) == 0x7F))
     return CastStats(nan=nan)
 
