@@ -100,6 +100,7 @@ torch.save(state, sys.argv[1])
 class Run:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system: steadier than wall time on a shared machine
 
 
 def drop_caches() -> None:
@@ -121,21 +122,27 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
+print(time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
+      os.waitstatus_to_exitcode(status), file=sys.stderr)
 """
+
+
+def launch(command: list[str]) -> Run:
+    """Wall time, CPU time and peak RSS of `command`, run from the small launcher."""
+    process = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    *_, last = process.stderr.strip().splitlines() or ["0 0 0 1"]
+    seconds, cpu_seconds, maxrss_kb, code = last.split()
+    if int(code) != 0:
+        sys.stderr.write(process.stderr)
+        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
+    return Run(float(seconds), int(maxrss_kb) / 1024, float(cpu_seconds))
 
 
 def timed(command: list[str], cold: bool = True) -> Run:
     if cold:
         drop_caches()
-    process = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    *_, last = process.stderr.strip().splitlines() or ["0 0 1"]
-    seconds, maxrss_kb, code = last.split()
-    if int(code) != 0:
-        sys.stderr.write(process.stderr)
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return Run(float(seconds), int(maxrss_kb) / 1024)
+    return launch(command)
 
 
 def remove(path: Path) -> None:

@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench  # bench/bench.py: the launcher, and the page cache dropped when root
 import numpy as np
-from bench import drop_caches  # bench/bench.py: sync, then drop the page cache when root
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data" / "fp8"
@@ -98,29 +98,9 @@ for shard in sys.argv[3:]:
 os.sync()
 """
 
-# wait4() of a forked child: its own peak RSS (not the bench's) and CPU time.
-LAUNCHER = """
-import os, sys, time
-started = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
-      os.waitstatus_to_exitcode(status), file=sys.stderr)
-"""
-
-
 def timed(command: list[str]) -> dict[str, float]:
-    drop_caches()
-    process = subprocess.run([sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    *_, last = process.stderr.strip().splitlines() or ["0 0 0 1"]
-    wall, cpu, rss_kb, code = last.split()
-    if int(code) != 0:
-        sys.stderr.write(process.stderr)
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return {"wall": float(wall), "cpu": float(cpu), "rss_mb": int(rss_kb) / 1024}
+    run = bench.timed(command)  # cold cache, from bench.py's launcher
+    return {"wall": run.seconds, "cpu": run.cpu_seconds, "rss_mb": run.peak_rss_mb}
 
 
 def layer_tensors(layer: int, experts: int) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -12,7 +12,7 @@ the headers) and measures, as whole processes in the same run, side by side:
   `safe_open` of every shard it names.
 
 Alternating which side goes first, median of N runs each; CPU time and peak RSS from
-wait4() in a small launcher process (see LAUNCHER).
+wait4() in a small launcher process (bench.py's LAUNCHER).
 Warm page cache (headers are small and read once). Ratios go to stdout and
 bench/RESULTS_HEADERS.md.
 
@@ -26,11 +26,11 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from bench import launch as timed  # bench/bench.py: the one launcher (wait4 of a forked child)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data" / "headers"
@@ -157,33 +157,6 @@ CASES = {
     "index-500k": lambda: indexed(500_000, 128),
 }
 MEASUREMENTS = ("parse", "inspect", "merge", "split", "verify")
-
-
-@dataclass
-class Run:
-    seconds: float
-    cpu_seconds: float  # user + system: steadier than wall time on a shared machine
-    peak_rss_mb: float
-
-
-#: Starts the measured command from a small process: Linux carries a process's peak
-#: RSS across fork and exec, so a child of this (large) process would start with its size.
-LAUNCHER = """
-import json, os, subprocess, sys, time
-started = time.perf_counter()
-process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
-_, status, usage = os.wait4(process.pid, 0)
-print(json.dumps([time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
-                  os.waitstatus_to_exitcode(status)]))
-"""
-
-
-def timed(command: list[str]) -> Run:
-    launched = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True)
-    seconds, cpu_seconds, peak_rss_mb, code = json.loads(launched.stdout)
-    if code != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    return Run(seconds, cpu_seconds, peak_rss_mb)
 
 
 def commands(path: Path, scratch: Path) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ real headers, sparse data (bench-data/deepseek-v3-shaped/, about 20 MB). The lim
 (issue 15, "Scale"): inspect within 1.0 s, the dry run within 3 s, from the command line.
 
 Each command is a whole process, start-up included, started from a small launcher
-(bench_headers.timed: wall time, CPU time and peak RSS from wait4()); shardkit and the
+(bench.launch: wall time, CPU time and peak RSS from wait4()); shardkit and the
 reference alternate which goes first, median of `--runs`. Warm page cache (headers are
 read once), shardkit's modules compiled to bytecode first as an installed copy has
 them. Results go to stdout, bench/RESULTS_FP8.md and bench/results_fp8.json.
@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_headers import Run, timed
+from bench import Run
+from bench import launch as timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
