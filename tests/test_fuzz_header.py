@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+import pytest
 import safetensors
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -558,3 +559,18 @@ def test_writers_output_is_read_by_the_fast_reader() -> None:
     prefix, _ = serialize_header([TensorSpec("w", "BF16", (2, 2), 8), TensorSpec("v", "F32", (), 4)], None)
     usual = shardkit_format._read_usual(prefix[8:].decode(), "x", True)
     assert usual is not None and usual[2]
+
+
+@pytest.mark.parametrize("text", [
+    '{"__metadata__":{}',
+    '{"__metadata__":{"format":"pt"}',
+    '{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}',
+    '{"__metadata__":{},"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}',
+])
+def test_a_usual_header_without_its_closing_brace_is_refused_like_the_reference(text: str) -> None:
+    """Found by the fuzzing: the fast reader's last brace was the metadata's or the
+    last entry's own, and it accepted the header the reference refuses."""
+    header = text.encode()
+    raw = struct.pack("<Q", len(header)) + header + (b"\0\0" if '"a"' in text else b"")
+    assert_agree(raw)
+    readers_agree(raw)

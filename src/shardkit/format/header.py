@@ -354,6 +354,8 @@ def _read_usual(
             return None
         first_rows.append([first.groups()])
         at = first.end()
+    if at > stop:  # what was read ends on the last brace: the outer object's own is missing
+        return None
     entries = _UsualEntries()
     try:
         for rows in chain(first_rows, _tiled_runs(text, at, stop)):
