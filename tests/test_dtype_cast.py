@@ -322,7 +322,7 @@ def test_cast_parallel_reports_a_bad_buffer_before_starting() -> None:
 def test_targets_and_their_spellings() -> None:
     assert {name: parse_target(name) for name in TARGETS} == TARGETS
     assert parse_target("BF16") == "BF16"
-    with pytest.raises(BadInputError, match="unknown --dtype 'int8': choose one of bf16, fp16, fp32"):
+    with pytest.raises(BadInputError, match="unknown dtype='int8': choose one of bf16, fp16, fp32"):
         parse_target("int8")
 
 

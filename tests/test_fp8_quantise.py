@@ -296,9 +296,9 @@ def fp8_checkpoint(folder: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--dtype", "fp8", "--block-size", "128"], "--block-size '128': expected ROWSxCOLUMNS"),
-        (["--dtype", "fp8", "--block-size", "0x128"], "--block-size '0x128': expected ROWSxCOLUMNS"),
-        (["--dtype", "fp8", "--block-size", "128,128"], "expected ROWSxCOLUMNS, two positive integers such as 128x128"),
+        (["--dtype", "fp8", "--block-size", "128"], "--block-size 128: expected ROWSxCOLUMNS"),
+        (["--dtype", "fp8", "--block-size", "0x128"], "--block-size 0x128: expected ROWSxCOLUMNS"),
+        (["--dtype", "fp8", "--block-size", "128,128"], "two positive integers such as --block-size 128x128"),
         (["--dtype", "bf16", "--block-size", "128x128"], "--block-size applies to --dtype fp8"),
         (["--block-size", "128x128"], "--block-size is the block of an FP8 quantisation; pass --dtype fp8 too"),
         (["--dtype", "fp8", "--block-size", "512x512"], "found no Linear weight whose shape divides into 512x512"),

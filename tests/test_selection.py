@@ -115,7 +115,7 @@ def test_a_pipeline_refuses_a_selection_naming_the_component_to_use(tmp_path: Pa
          "'model.layers.1.input_layernorm.weight'"),
         (["--rename", "lm_head.weight", "model.norm.weight"],
          "'lm_head.weight', 'model.norm.weight' → 'model.norm.weight'"),
-        (["--rename", "layers", "x"], "--rename 'layers' matches no tensor name whole"),
+        (["--rename", "layers", "x"], "--rename layers x matches no tensor name whole"),
         (["--rename", "(", "x"], "--rename '(': not a regular expression"),
         (["--rename", r"model\.(.*)", r"\2"], "bad replacement"),
         (["--rename", "lm_head.weight", ""], "renames 'lm_head.weight' to an empty name"),

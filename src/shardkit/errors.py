@@ -16,6 +16,8 @@ verification that did not hold), 130 for an interrupt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -32,18 +34,26 @@ def use_cli_spelling() -> None:
     _spelling = "cli"
 
 
-def option(keyword: str, value: bool = True, *, metavar: str | None = None) -> str:
+def option(keyword: str, value: bool | str | Sequence[str] = True, *, metavar: str | None = None) -> str:
     """The option a message tells the user to pass, spelled for whoever called.
 
     `option("allow_unindexed")` is `--allow-unindexed` or `allow_unindexed=True`;
     `option("data", False)` is `--no-data` or `data=False`; `option("config", metavar="PATH")`
-    is `--config PATH` or `config=…`.
+    is `--config PATH` or `config=…`. A value the user gave is quoted as each would type
+    it: `option("select", "vision.*")` is `--select 'vision.*'` (a shell word) or
+    `select='vision.*'` (a Python literal); a sequence is one flag with several words
+    (`option("rename", ("a", "b"))` is `--rename a b` or `rename=('a', 'b')`).
     """
     flag = keyword.replace("_", "-")
     if _spelling == "cli":
         if metavar is not None:
             return f"--{flag} {metavar}"
-        return f"--{flag}" if value else f"--no-{flag}"
+        if isinstance(value, bool):
+            return f"--{flag}" if value else f"--no-{flag}"
+        import shlex  # here: only a failing run spells a value
+
+        words = [value] if isinstance(value, str) else list(value)
+        return " ".join([f"--{flag}", *(shlex.quote(str(word)) for word in words)])
     return f"{keyword}=…" if metavar is not None else f"{keyword}={value!r}"
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import storage
-from ..errors import CheckpointError
+from ..errors import CheckpointError, option
 from ..storage import Location
 from .readability import check_folder_readable
 from .shards import WEIGHT_SUFFIXES
@@ -76,7 +76,7 @@ def find_pipeline(path: object, *, allow_unindexed: bool = False) -> Pipeline | 
         for file in stray:
             message = f"{file}: not a weight file diffusers would load (its name fits no variant of {component})"
             if not allow_unindexed:
-                raise CheckpointError(message + "; pass --allow-unindexed to ignore it")
+                raise CheckpointError(message + f"; pass {option('allow_unindexed')} to ignore it")
             warnings.append(message + "; ignored")
         if found:
             sets += found

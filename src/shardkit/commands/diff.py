@@ -23,7 +23,7 @@ from ..checkpoint.metadata import metadata_union
 from ..checkpoint.pipeline import is_pipeline
 from ..checkpoint.shards import Checkpoint, SourceTensor, open_checkpoint
 from ..checks.compare import compare_checkpoints
-from ..errors import BadInputError, option
+from ..errors import BadInputError, option, option_name
 from ..plan.selection import apply_selection, parse_selection
 from ..reports import JsonReport
 
@@ -150,7 +150,9 @@ def diff(
         require_numeric(option("max_abs_diff"))
     if any(is_pipeline(storage.as_path(p, endpoint_url=endpoint_url)) for p in (a, b)):
         if rename:
-            raise BadInputError(f"{a}: --rename applies to one component of a pipeline (e.g. {a}/transformer)")
+            raise BadInputError(
+                f"{a}: {option_name('rename')} applies to one component of a pipeline (e.g. {a}/transformer)"
+            )
 
         return diff_pipelines(  # type: ignore[return-value]
             str(a), str(b), data=data, max_abs_diff=max_abs_diff, strict=strict, progress=progress

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .. import storage
 from ..checkpoint.shards import SHARD_NAME, Checkpoint, open_checkpoint, single_file_name_for
 from ..engine.options import WriteOptions
-from ..errors import BadInputError
+from ..errors import BadInputError, option_name
 from ..format.torch_checkpoint import is_torch_file, safetensors_name
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
@@ -122,8 +122,8 @@ def merge(
         refuse_selection_of_pipeline(location, selection, recut)
         if dtype is not None or keep or block_size is not None:
             raise BadInputError(
-                f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); --dtype applies "
-                f"to one component (e.g. {location}/unet)"
+                f"{location}: a diffusers pipeline's variants are named after their dtype (fp16); "
+                f"{option_name('dtype')} applies to one component (e.g. {location}/unet)"
             )
         return merge_pipeline(  # type: ignore[return-value]
             pipeline, source, output, options, strict=strict

@@ -18,7 +18,7 @@ from .. import storage
 from ..checkpoint.layers import natural_key
 from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..engine.options import WriteOptions
-from ..errors import BadInputError
+from ..errors import BadInputError, option_name
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
 from ..plan.files import plan_split
@@ -114,9 +114,9 @@ def split(
     if pipeline is not None:
         refuse_selection_of_pipeline(location, selection, recut)
         if prefix != "model" or dtype is not None or keep or block_size is not None:
-            option = "--prefix" if prefix != "model" else "--dtype"
+            given = option_name("prefix" if prefix != "model" else "dtype")
             raise BadInputError(
-                f"{location}: a diffusers pipeline's components keep their own names and dtypes; {option} applies "
+                f"{location}: a diffusers pipeline's components keep their own names and dtypes; {given} applies "
                 f"to one component (e.g. {location}/unet)"
             )
         return split_pipeline(  # type: ignore[return-value]

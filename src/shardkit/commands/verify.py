@@ -710,14 +710,16 @@ def verify_pipeline(
 
 
     if config is not None:
-        raise BadInputError(f"{shown}: --config applies to one component; name it as PATH (e.g. {shown}/unet)")
+        raise BadInputError(
+            f"{shown}: {option_name('config')} applies to one component; name it as PATH (e.g. {shown}/unet)"
+        )
     started = time.perf_counter()
     manifest = read_manifest(Path(checksums)) if checksums is not None else None
     if manifest is not None and manifest.kind != "files":
         raise BadInputError(
             f"{manifest.path}: a tensor manifest covers one checkpoint; verify each component against its own"
         )
-    reference = other_pipeline(against, "--against") if against is not None else None
+    reference = other_pipeline(against, option_name("against")) if against is not None else None
     problems: list[str] = []
     rows = []
     claimed: set[str] = set()

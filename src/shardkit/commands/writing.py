@@ -17,7 +17,7 @@ from ..checks.compare import compare_checkpoints
 from ..engine.destination import Sources, check_name_fits, refuse_existing
 from ..engine.execute import execute, write_checksum_beside
 from ..engine.options import ProgressCallback, WriteOptions
-from ..errors import BadInputError, VerificationError, option_name
+from ..errors import BadInputError, VerificationError, option, option_name
 from ..format.dtype_cast import CastStats
 from ..format.gc_pause import gc_paused
 from ..plan.conversion import DtypeChoice, choose_dtypes, read_config
@@ -185,8 +185,9 @@ def refuse_selection_of_pipeline(location: Location, selection: Selection, recip
     """Tensor names differ from component to component: a selection or recipe names one."""
     if selection or recipe is not None:
         raise BadInputError(
-            f"{location}: a diffusers pipeline's components have tensors of their own; --select, --drop, "
-            f"--rename and --recipe apply to one component (e.g. {location}/transformer)"
+            f"{location}: a diffusers pipeline's components have tensors of their own; {option_name('select')}, "
+            f"{option_name('drop')}, {option_name('rename')} and {option_name('recipe')} apply to one component "
+            f"(e.g. {location}/transformer)"
         )
 
 
@@ -201,7 +202,9 @@ def dtype_choice(
                 f"pass {option_name('dtype')} too"
             )
         if block_size is not None:
-            raise BadInputError("--block-size is the block of an FP8 quantisation; pass --dtype fp8 too")
+            raise BadInputError(
+                f"{option_name('block_size')} is the block of an FP8 quantisation; pass {option('dtype', 'fp8')} too"
+            )
         return None
     return choose_dtypes(checkpoint, dtype, keep, read_config(checkpoint), block_size)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import OutputError, OutputExistsError
+from ..errors import OutputError, OutputExistsError, option_name
 from . import atomic
 
 if TYPE_CHECKING:
@@ -171,8 +171,8 @@ def refuse_unexpected(folder: object, unexpected: list[str]) -> None:
         more = len(unexpected) - _NAMED
         named = ", ".join(unexpected[:_NAMED]) + (f" and {more} more" if more > 0 else "")
         raise OutputError(
-            f"{folder}: --force replaces only an earlier output (weight, index, config, tokenizer and checksum "
-            f"files), but the folder also holds {named}; move those away or choose another output"
+            f"{folder}: {option_name('force')} replaces only an earlier output (weight, index, config, tokenizer and "
+            f"checksum files), but the folder also holds {named}; move those away or choose another output"
         )
 
 

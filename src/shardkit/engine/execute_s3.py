@@ -46,7 +46,7 @@ from typing import Any, TypeGuard
 
 from .. import storage
 from ..checkpoint.manifest import format_file_manifest
-from ..errors import OutputError
+from ..errors import OutputError, option
 from ..plan.files import Plan, PlannedFile, Source
 from ..plan.fill import CastLog, fill, ordered_chunks
 from ..plan.multipart import CopyPart, ObjectPlan, Part, UploadPart, plan_object
@@ -257,7 +257,7 @@ def commit_staged(
         if replaced:
             raise OutputError(
                 f"{dest}: committing the verified output stopped after replacing {len(replaced)} of {len(pairs)} "
-                "earlier objects, so it holds old and new files; run again with --force"
+                f"earlier objects, so it holds old and new files; run again with {option('force')}"
             ) from None
         raise
 

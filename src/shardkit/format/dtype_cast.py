@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from ..errors import BadInputError
+from ..errors import BadInputError, option
 from .header import DTYPES
 
 #: --dtype spellings → safetensors dtype code.
@@ -51,7 +51,9 @@ def parse_target(name: str) -> str:
     """The safetensors dtype code for a --dtype value."""
     code = TARGETS.get(name.strip().lower())
     if code is None:
-        raise BadInputError(f"unknown --dtype {name!r}: choose one of bf16, fp16, fp32 (or bfloat16, float16, float32)")
+        raise BadInputError(
+            f"unknown {option('dtype', name)}: choose one of bf16, fp16, fp32 (or bfloat16, float16, float32)"
+        )
     return code
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
-from ..errors import BadInputError
+from ..errors import BadInputError, option, option_name
 from ..format.gc_pause import gc_paused
 from ..format.header import DTYPES
 from .files import QuantiseAs, ScaleOf
@@ -80,11 +80,14 @@ def choose_dtypes(
 
     for pattern in keep:
         if not pattern:
-            raise BadInputError("--keep '': give a glob of tensor names, e.g. --keep '*norm*'")
+            raise BadInputError(f"{option('keep', '')}: give a glob of tensor names, e.g. {option('keep', '*norm*')}")
     if is_fp8_target(target_name):
         return choose_quantised(checkpoint, keep, config, block_size)
     if block_size is not None:
-        raise BadInputError(f"--block-size applies to --dtype fp8 (quantisation), not to --dtype {target_name}")
+        raise BadInputError(
+            f"{option_name('block_size')} applies to {option('dtype', 'fp8')} (quantisation), "
+            f"not to {option('dtype', target_name)}"
+        )
     target = dtype_cast.parse_target(target_name)
     fp8 = find_layout(checkpoint, config)
     if fp8 is None:
@@ -139,8 +142,8 @@ def _refuse_other_quantisation(checkpoint: Checkpoint, config: Mapping[str, obje
     if section is not None:
         raise BadInputError(
             f"{checkpoint.root / 'config.json'}: the checkpoint is quantised (quantization_config.quant_method "
-            f"{section.get('quant_method')!r}) and has no FP8 weights to dequantise; --dtype would round its "
-            "scales; convert the unquantised checkpoint instead"
+            f"{section.get('quant_method')!r}) and has no FP8 weights to dequantise; {option_name('dtype')} would "
+            "round its scales; convert the unquantised checkpoint instead"
         )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from ..checkpoint.layers import natural_key
 from ..checkpoint.metadata import metadata_union
 from ..checkpoint.shards import Checkpoint, SourceTensor, single_file_name_for
-from ..errors import BadInputError
+from ..errors import BadInputError, option_name
 from ..format import header_json
 from ..format.gc_pause import gc_paused
 from ..format.header import (
@@ -732,7 +732,7 @@ def refuse_oversized_header(name: str, header: bytes, metadata: Mapping[str, str
     if freed < excess:
         raise BadInputError(
             f"{over}: {tensors:,} tensors are too many for one header; spread them over more files "
-            "(a smaller --max-shard-size)"
+            f"(a smaller {option_name('max_shard_size')})"
         )
     shown = ", ".join(culprits[:10]) + (f" and {len(culprits) - 10} more" if len(culprits) > 10 else "")
     raise BadInputError(

@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
-from ..errors import BadInputError
+from ..errors import BadInputError, option, option_name
 from .files import QuantiseAs
 from .fp8_layout import DEFAULT_BLOCK, find_layout, quantization_config
 
@@ -53,11 +53,13 @@ def parse_block_size(text: str | None) -> tuple[int, int]:
     """`--block-size ROWSxCOLUMNS` (e.g. 128x128); the default is transformers' 128x128."""
     if text is None:
         return DEFAULT_BLOCK
-    match = _BLOCK_SIZE.fullmatch(text)
+    # A Python caller may pass (128, 128) or 128: refused as the text it is not, not a TypeError.
+    match = _BLOCK_SIZE.fullmatch(text) if isinstance(text, str) else None
     block = (int(match[1]), int(match[2])) if match else (0, 0)
     if not all(0 < side <= 1 << 20 for side in block):
         raise BadInputError(
-            f"--block-size {text!r}: expected ROWSxCOLUMNS, two positive integers such as 128x128"
+            f"{option('block_size', text)}: expected ROWSxCOLUMNS, two positive integers such as "
+            f"{option('block_size', '128x128')}"
         )
     return block
 
@@ -84,10 +86,10 @@ def choose_quantised(
             continue
         quantised[name] = QuantiseAs(block, name)
     if not quantised:
+        left_out = f" (or {option_name('keep')} left them out)" if kept else ""
         raise BadInputError(
-            f"{checkpoint.root}: --dtype fp8 found no Linear weight whose shape divides into "
-            f"{block[0]}x{block[1]} blocks{' (or --keep left them out)' if kept else ''}; nothing to quantise "
-            "(try a smaller --block-size)"
+            f"{checkpoint.root}: {option('dtype', 'fp8')} found no Linear weight whose shape divides into "
+            f"{block[0]}x{block[1]} blocks{left_out}; nothing to quantise (try a smaller {option_name('block_size')})"
         )
     return quantised, kept
 
@@ -113,16 +115,19 @@ def _model_type(config: Mapping[str, object] | None) -> object:
 def _refuse_quantised(checkpoint: Checkpoint, config: Mapping[str, object] | None) -> None:
     section = quantization_config(config)
     if section is not None:
+        fp8 = find_layout(checkpoint, config) is not None
         raise BadInputError(
             f"{checkpoint.root / 'config.json'}: the checkpoint is already quantised (quantization_config."
-            f"quant_method {section.get('quant_method')!r}); --dtype fp8 quantises a BF16, F16 or F32 checkpoint"
-            + ("; dequantise it first with --dtype bf16" if find_layout(checkpoint, config) is not None else "")
+            f"quant_method {section.get('quant_method')!r}); {option('dtype', 'fp8')} quantises a BF16, F16 or F32 "
+            "checkpoint"
+            + (f"; dequantise it first with {option('dtype', 'bf16')}" if fp8 else "")
         )
     for name, tensor in checkpoint.tensors.items():
         if tensor.info.dtype.startswith("F8_") or name.endswith(("_scale_inv", ".weight_scale")):
             raise BadInputError(
                 f"{checkpoint.root}: tensor {name!r} is {tensor.info.dtype}: the checkpoint is already "
-                "quantised; --dtype fp8 quantises a BF16, F16 or F32 checkpoint (dequantise it first with --dtype bf16)"
+                f"quantised; {option('dtype', 'fp8')} quantises a BF16, F16 or F32 checkpoint (dequantise it first "
+                f"with {option('dtype', 'bf16')})"
             )
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
-from ..errors import BadInputError
+from ..errors import BadInputError, option
 from .selection import named
 
 OPERATIONS = ("rename", "fuse", "split", "swap", "drop")
@@ -75,7 +75,7 @@ def load_recipe(spec: str) -> Recipe:
     path = Path(spec)
     if not path.is_file():
         raise BadInputError(
-            f"--recipe {spec!r}: neither a recipe file nor a built-in recipe ({', '.join(sorted(BUILTIN))})"
+            f"{option('recipe', spec)}: neither a recipe file nor a built-in recipe ({', '.join(sorted(BUILTIN))})"
         )
     text = path.read_bytes()
     try:

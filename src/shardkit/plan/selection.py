@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..checkpoint.shards import Checkpoint, SourceTensor
-from ..errors import BadInputError
+from ..errors import BadInputError, option, option_name
 
 #: How many tensor names a message lists before it says "and N more".
 SHOWN = 5
@@ -52,19 +52,22 @@ def parse_selection(
 ) -> Selection:
     """Check the options themselves (before any checkpoint is read): globs non-empty,
     each rename a valid regular expression and a replacement."""
-    for flag, globs in (("--select", select), ("--drop", drop)):
+    for keyword, globs in (("select", select), ("drop", drop)):
         for glob in globs:
             if not glob:
-                raise BadInputError(f"{flag} '': give a glob of tensor names, e.g. {flag} 'model.layers.*'")
+                raise BadInputError(
+                    f"{option(keyword, '')}: give a glob of tensor names, e.g. {option(keyword, 'model.layers.*')}"
+                )
     compiled = []
     for pair in rename:
-        if isinstance(pair, str) or len(pair) != 2:
-            raise BadInputError(f"--rename {pair!r}: give a pattern and its replacement, e.g. --rename '^model\\.' ''")
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            example = option("rename", (r"^model\.(.*)", r"\1"))
+            raise BadInputError(f"{option('rename', pair)}: give a pattern and its replacement, e.g. {example}")
         source, target = pair
         try:
             compiled.append((re.compile(source), target))
         except re.error as exc:
-            raise BadInputError(f"--rename {source!r}: not a regular expression ({exc})") from None
+            raise BadInputError(f"{option('rename', source)}: not a regular expression ({exc})") from None
     return Selection(tuple(select), tuple(drop), tuple(compiled))
 
 
@@ -77,15 +80,17 @@ def apply_selection(checkpoint: Checkpoint, selection: Selection) -> Selected:
     where = checkpoint.index_path or checkpoint.root
     names = list(checkpoint.tensors)
     if selection.select:
-        _each_matches(where, "--select", selection.select, names)
+        _each_matches(where, "select", selection.select, names)
         names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in selection.select)]
     if selection.drop:
-        _each_matches(where, "--drop", selection.drop, names)
+        _each_matches(where, "drop", selection.drop, names)
         names = [n for n in names if not any(fnmatch.fnmatchcase(n, g) for g in selection.drop)]
     if not names:
+        asked = (("select", selection.select), ("drop", selection.drop))
+        given = (option(keyword, list(globs)) for keyword, globs in asked if globs)
         raise BadInputError(
-            f"{where}: the selection leaves no tensor (--select {' '.join(selection.select) or '…'}, "
-            f"--drop {' '.join(selection.drop) or '…'}); check the globs against `shardkit inspect --tensors`"
+            f"{where}: the selection leaves no tensor ({', '.join(given)}); "
+            f"check the globs against the names `shardkit inspect` lists with {option('tensors')}"
         )
     new_names = _renamed(where, names, selection.rename)
     tensors = {
@@ -99,11 +104,11 @@ def apply_selection(checkpoint: Checkpoint, selection: Selection) -> Selected:
     )
 
 
-def _each_matches(where: object, flag: str, globs: Iterable[str], names: Sequence[str]) -> None:
+def _each_matches(where: object, keyword: str, globs: Iterable[str], names: Sequence[str]) -> None:
     for glob in globs:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
             raise BadInputError(
-                f"{where}: {flag} {glob!r} matches no tensor (of {len(names)}, e.g. {_listed(names[:3])}); "
+                f"{where}: {option(keyword, glob)} matches no tensor (of {len(names)}, e.g. {_listed(names[:3])}); "
                 "globs match whole names, e.g. 'model.layers.*'"
             )
 
@@ -121,15 +126,15 @@ def _renamed(where: object, names: Sequence[str], rules: Sequence[tuple[re.Patte
             try:
                 current[i] = match.expand(target)
             except (re.error, IndexError) as exc:
-                raise BadInputError(f"--rename {pattern.pattern!r} {target!r}: bad replacement ({exc})") from None
+                raise BadInputError(f"{option('rename', (pattern.pattern, target))}: bad replacement ({exc})") from None
             if not current[i]:
                 raise BadInputError(
-                    f"{where}: --rename {pattern.pattern!r} {target!r} renames {names[i]!r} to an empty name"
+                    f"{where}: {option('rename', (pattern.pattern, target))} renames {names[i]!r} to an empty name"
                 )
         if not hits:
             raise BadInputError(
-                f"{where}: --rename {pattern.pattern!r} matches no tensor name whole (e.g. {_listed(current[:3])}); "
-                "the pattern must match the entire name, e.g. '^model\\.(.*)'"
+                f"{where}: {option('rename', (pattern.pattern, target))} matches no tensor name whole "
+                f"(e.g. {_listed(current[:3])}); the pattern must match the entire name, e.g. '^model\\.(.*)'"
             )
     _refuse_collisions(where, names, current)
     return current
@@ -143,7 +148,7 @@ def _refuse_collisions(where: object, old: Sequence[str], new: Sequence[str]) ->
     if clashes:
         shown = "; ".join(f"{_listed(b)} → {a!r}" for a, b in list(clashes.items())[:SHOWN])
         more = f" (and {len(clashes) - SHOWN} more names)" if len(clashes) > SHOWN else ""
-        raise BadInputError(f"{where}: --rename gives several tensors one name: {shown}{more}")
+        raise BadInputError(f"{where}: {option_name('rename')} gives several tensors one name: {shown}{more}")
 
 
 def named(tensor: SourceTensor, name: str) -> SourceTensor:
