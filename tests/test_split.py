@@ -13,7 +13,7 @@ from safetensors import deserialize, safe_open
 
 import shardkit
 from conftest import assert_clean_failure, run_cli, snapshot, temporaries
-from shardkit.checkpoint.layers import natural_key
+from shardkit.checkpoint.layers import natural_key, natural_keys_distinct
 from shardkit.errors import BadInputError
 from shardkit.format.header import read_header
 from shardkit.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -120,6 +120,39 @@ def test_packing_follows_huggingface_hub_exactly(tmp_path: Path) -> None:
         "model-00002-of-00003.safetensors": 1000,
         "model-00003-of-00003.safetensors": 600,
     }
+
+
+def test_the_layout_of_names_that_tie_in_the_natural_order(tmp_path: Path) -> None:
+    """`a.001.w`, `a.01.w` and `a.1.w` have one natural key: they are packed in name
+    order, and a shard holding them all lists them as the natural sort of its tensors
+    in data order (F32 before the 2-byte dtypes) has always listed them. The layout
+    otherwise reuses the planner's order instead of sorting again; this keeps the one
+    case where the two differ as it was."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    tensors = [SyntheticTensor("a.001.w", "F16", (2,)), SyntheticTensor("a.01.w", "F32", (4,)),
+               SyntheticTensor("a.1.w", "BF16", (4,)), SyntheticTensor("b.10", "F32", (3,)),
+               SyntheticTensor("b.2", "F32", (3,))]
+    write_safetensors(folder / "model.safetensors", tensors, ByteSource(3), {"format": "pt"})
+    one_each = shardkit.split(folder, tmp_path / "each", max_shard_size=1, dry_run=True)
+    assert [names for names in one_each.layout.values()] == [["a.001.w"], ["a.01.w"], ["a.1.w"], ["b.2"], ["b.10"]]
+    together = shardkit.split(folder, tmp_path / "one", max_shard_size=1000, dry_run=True)
+    assert together.layout == {"model.safetensors": ["a.01.w", "a.1.w", "a.001.w", "b.2", "b.10"]}
+    result = run_cli("split", folder, "-o", tmp_path / "one", "-s", "1000", "--dry-run")
+    assert "model.safetensors        5  388 B  a.01.w … b.10" in result.stdout
+    assert not (tmp_path / "one").exists() and not (tmp_path / "each").exists()
+
+
+@pytest.mark.parametrize(
+    ("names", "distinct"),
+    [(["model.layers.10.mlp.experts.0.w", "model.layers.2.x", "b.0", "x0", "10.0", "a.100.b"], True),
+     (["a.01", "a.1"], False), (["a.00"], False), (["01.x"], False), (["a.٣", "a.3"], False), (["é"], False)],
+)
+def test_names_that_can_share_a_natural_key_are_found(names: list[str], distinct: bool) -> None:
+    assert natural_keys_distinct(names) is distinct
+    keys = [natural_key(n) for n in names]
+    if distinct:  # the claim itself: no two keys equal
+        assert all(a != b for i, a in enumerate(keys) for b in keys[i + 1:])
 
 
 @pytest.mark.parametrize("limit", [1, 200_000, 300_000, 524_288, 1_000_000, 2_000_000, 3_700_000])

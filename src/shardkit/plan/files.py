@@ -256,6 +256,7 @@ class PlannedFile:
     tensors: tuple[str, ...]  # in data order
     size: int
     header_size: int = 0  # bytes before the first tensor (length prefix + JSON)
+    packed: tuple[str, ...] = ()  # a split's shard: its tensors in the (natural name) order they were packed
 
     @property
     def data_bytes(self) -> int:
@@ -797,7 +798,11 @@ def plan_split(
     scales = scales or {}
     dropped = not_written(scales)
     made = scales_made(scales)
-    written = {t.name: t for t in with_made_scales(checkpoint.tensors.values(), scales) if t.name not in dropped}
+    # Without scales nothing is added or left out: the checkpoint's own name -> tensor map
+    # is what would be rebuilt (a third of a second for 500,000 tensors), as plan_merge takes it.
+    written = checkpoint.tensors if not scales else {
+        t.name: t for t in with_made_scales(checkpoint.tensors.values(), scales) if t.name not in dropped
+    }
     in_order = sorted(written, key=natural_key)
     if made:
         assert dtype_for is not None
@@ -812,7 +817,9 @@ def plan_split(
         groups = [[]]
     names = shard_file_names(prefix, len(groups))
     files = tuple(
-        plan_file(name, (written[t] for t in group), metadata, dtype_for, scales)
+        dataclasses.replace(
+            plan_file(name, (written[t] for t in group), metadata, dtype_for, scales), packed=tuple(group)
+        )
         for name, group in zip(names, groups)
     )
     index = IndexFile(f"{prefix}.safetensors.index.json", _hub_index(checkpoint, files)) if len(files) > 1 else None
