@@ -53,12 +53,12 @@ CASES = {
 }
 
 
-def refused_both_ways(source: Path, tmp_path: Path, case: tuple[Any, ...]) -> None:
+def refused_both_ways(source: Path, tmp_path: Path, case: tuple[Any, ...], out: Path | None = None) -> None:
     """Run `case` through the CLI and through the API; both refuse, naming the option
     their way, and leave no output, no temporary and the source as it was."""
     command, flags, flag_message, keywords, keyword_message = case
     before = snapshot(source)
-    out = tmp_path / ("out" if command == "split" else "out.safetensors")
+    out = out or tmp_path / ("out" if command == "split" else "out.safetensors")
     result = run_cli(command, source, "-o", out, *flags)
     assert_clean_failure(result, 2, flag_message)
     assert "=…" not in result.stderr and "='" not in result.stderr
@@ -95,6 +95,17 @@ def test_the_flags_of_a_pipeline_refusal_are_named_as_the_caller_spells_them(tmp
         "split", ["--prefix", "x"], "keep their own names and dtypes; --prefix applies to one component",
         {"prefix": "x"}, "keep their own names and dtypes; prefix=… applies to one component",
     ))
+
+
+def test_a_checksum_name_too_long_names_the_option_as_the_caller_spells_it(
+    checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    """The output's name fits the filesystem (252 bytes); with `.sha256` added it does not."""
+    out = tmp_path / ("x" * 240 + ".safetensors")
+    refused_both_ways(checkpoint.folder, tmp_path, (
+        "merge", ["--sha256"], "the checksum file (--sha256) name is 259 bytes",
+        {"sha256": True}, "the checksum file (sha256=True) name is 259 bytes",
+    ), out)
 
 
 def test_a_block_size_that_is_not_text_is_refused_not_a_type_error(checkpoint: SyntheticCheckpoint, tmp_path: Path):

@@ -58,7 +58,7 @@ def run_plan(
     if sha256 and not as_folder:
         checksum_file = output.with_name(output.name + ".sha256")
         if isinstance(checksum_file, Path) and not dry_run:
-            check_name_fits(checksum_file, "checksum file (--sha256)")
+            check_name_fits(checksum_file, f"checksum file ({option('sha256')})")
         if not dry_run:
             refuse_existing(checksum_file, force=force)
     log = CastLog()
