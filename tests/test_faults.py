@@ -415,10 +415,13 @@ INT, TERM, HUP, QUIT = signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQ
     # Ctrl-C pressed twice, or a supervisor's SIGTERM right after it: pending together, the later
     # ones arrived while the temporary was being removed and left it behind
     ("merge", [INT, TERM, HUP]), ("split", [INT, TERM, HUP]),
-], ids=lambda v: v if isinstance(v, str) else "+".join(signal.Signals(s).name for s in v))
+    # converting: the workers wait on the source stream's reader, which must let them go
+    ("merge --dtype fp16", [INT]), ("split --dtype fp16", [TERM]),
+], ids=lambda v: v.replace(" ", "") if isinstance(v, str) else "+".join(signal.Signals(s).name for s in v))
 def test_interrupt_removes_temporaries_and_exits_130(big: Big, tmp_path: Path, command: str, signals) -> None:
-    dest = tmp_path / ("merged.safetensors" if command == "merge" else "split")
-    process = start_cli(command, big.source, "-o", dest)
+    name, *options = command.split()
+    dest = tmp_path / ("merged.safetensors" if name == "merge" else "split")
+    process = start_cli(name, big.source, "-o", dest, *options)
     # frozen while its temporary exists, so the signal lands mid-copy on any machine
     assert wait_until(lambda: bool(own_temporaries(tmp_path, process.pid)), process)
     os.kill(process.pid, signal.SIGSTOP)
@@ -694,14 +697,18 @@ def flip_byte(path: Path, offset: int) -> bytes:
     return byte
 
 
-@pytest.mark.parametrize("change", ["touch", "append", "replace", "truncate", "rsync-inplace"])
-def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path, change: str) -> None:
+@pytest.mark.parametrize(("change", "options"), [
+    ("touch", ()), ("append", ()), ("replace", ()), ("truncate", ()), ("rsync-inplace", ()),
+    # a conversion reads its sources through the O_DIRECT stream, not the page cache
+    ("truncate", ("--dtype", "fp16")), ("replace", ("--dtype", "fp16")),
+], ids=lambda v: v if isinstance(v, str) else "".join(v))
+def test_source_changed_during_copy_discards_the_output(big: Big, tmp_path: Path, change: str, options) -> None:
     """rsync-inplace is `rsync --inplace -t`: same inode and size, bytes rewritten, the
     modification time put back; only the change time tells, and no one can set it back."""
     shard = sorted(big.source.glob("*.safetensors"))[-1]
     original = shard.stat()
     dest = tmp_path / "merged.safetensors"
-    process = start_cli("merge", big.source, "-o", dest)
+    process = start_cli("merge", big.source, "-o", dest, *options)
     _freeze_when_copying(process, tmp_path)
     try:
         if change == "touch":

@@ -88,26 +88,40 @@ class Output:
     read_ahead: ReadAhead | None = None
 
 
-def write_files(outputs: Sequence[Output], *, on_progress: Callable[[int], None] | None = None) -> None:
+def write_files(
+    outputs: Sequence[Output],
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
     """Write each output's bytes (from its `fill`) as one stream of blocks.
 
     Every `fd` must be open with O_DIRECT (:func:`enable`) on an empty file.
-    `on_progress` is called from either worker thread, one call at a time.
+    `on_progress` is called from either worker thread, one call at a time. `on_stop`
+    is called when a worker fails or is interrupted, before the other is waited for:
+    whatever feeds the outputs' `fill` from another thread (a source stream) must then
+    wake a worker it keeps waiting.
 
     Why one stream: started one after the other, every file paid for a pipeline that
     fills (its first block written alone) and drains (its last block with one worker
     idle); here the blocks of the next file are read while the last ones of the
     previous file are written.
     """
-    _BlockWriter(outputs, on_progress).run()
+    _BlockWriter(outputs, on_progress, on_stop).run()
 
 
-class _Stopped(Exception):
-    """Another worker failed; this one stops quietly and the failure is re-raised."""
+class Stopped(Exception):
+    """Another worker failed; this one stops quietly and the failure is re-raised. What
+    feeds a worker from another thread (a source stream) raises it once told to stop."""
 
 
 class _BlockWriter:
-    def __init__(self, outputs: Sequence[Output], on_progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        outputs: Sequence[Output],
+        on_progress: Callable[[int], None] | None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
         self.outputs = outputs
         #: global block number of each output's first block (blocks are numbered across outputs)
         self.first_blocks: list[int] = []
@@ -116,6 +130,7 @@ class _BlockWriter:
             self.first_blocks.append(self.blocks)
             self.blocks += -(-output.size // BLOCK)
         self.on_progress = on_progress
+        self.on_stop = on_stop
         self.lock = threading.Condition()
         self.next_block = 0
         self.next_turn = 0  # the block whose write (and hash) may start next
@@ -140,7 +155,7 @@ class _BlockWriter:
                         helper = None
                         raise
                 self._work(buffer)
-        except _Stopped:
+        except Stopped:
             pass  # the helper failed; its failure is raised below
         except BaseException as exc:  # Ctrl-C included: stop the helper before unwinding
             self._fail(exc)
@@ -183,7 +198,7 @@ class _BlockWriter:
     def _helper(self) -> None:
         try:
             self._work(block_buffer(BLOCK))
-        except _Stopped:
+        except Stopped:
             pass
         except BaseException as exc:
             self._fail(exc)
@@ -193,7 +208,7 @@ class _BlockWriter:
         while True:
             with self.lock:
                 if self.stop:
-                    raise _Stopped
+                    raise Stopped
                 index = self.next_block
                 if index >= self.blocks:
                     break
@@ -209,10 +224,12 @@ class _BlockWriter:
 
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
-            if self.failure is None and not isinstance(exc, _Stopped):
+            if self.failure is None and not isinstance(exc, Stopped):
                 self.failure = exc
             self.stop = True
             self.lock.notify_all()
+        if self.on_stop is not None:
+            self.on_stop()
 
     # ------------------------------------------------------------------ block bytes
 
@@ -257,7 +274,7 @@ class _BlockWriter:
         with self.lock:
             self.lock.wait_for(lambda: self.next_turn == index or self.stop)
             if self.stop:
-                raise _Stopped
+                raise Stopped
             future = None
             hasher = self.outputs[which].hasher
             if self.hash_pool is not None and hasher is not None:

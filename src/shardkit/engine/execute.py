@@ -37,8 +37,10 @@ from ..storage.location import read_exactly
 from . import atomic, block_writer
 from .byte_copy import RangeCopier
 from .destination import Sources, check_destination, refuse_unexpected, unexpected_entries
+from .read_ahead import will_need
 from .source_files import SourceFiles
 from .source_reads import RangeSources, check_sources_unchanged, stream_workers
+from .source_stream import SourceStream
 from .written import WrittenFile, checksum_file_name, written_names
 
 #: Room kept free beyond the output's size for metadata and the filesystem itself.
@@ -217,8 +219,12 @@ def _write_direct(
         if method == "kernel" or not all(block_writer.enable(fd) for fd in fds):
             raise block_writer.DirectIOUnavailable("O_DIRECT not enabled on the output")
         hashers = [hashlib.sha256() if sha256 else None for _ in planned]
-        outputs = [direct_output(*each, sources, log) for each in zip(fds, planned, hashers)]
-        block_writer.write_files(outputs, on_progress=progress)
+        with SourceStream(planned, block_writer.BLOCK, sources) as stream:
+            outputs = [
+                direct_output(fd, f, hasher, sources, log, stream, which)
+                for which, (fd, f, hasher) in enumerate(zip(fds, planned, hashers))
+            ]
+            block_writer.write_files(outputs, on_progress=progress, on_stop=stream.abort)
     except block_writer.DirectIOUnavailable as exc:
         if method == "direct":
             refused = f"the destination filesystem refuses O_DIRECT writes ({exc})"
@@ -241,19 +247,34 @@ def local_read(sources: SourceFiles) -> Read:
 
 
 def direct_output(
-    fd: int, planned: PlannedFile, hasher: hashlib._Hash | None, sources: SourceFiles, log: CastLog
+    fd: int,
+    planned: PlannedFile,
+    hasher: hashlib._Hash | None,
+    sources: SourceFiles,
+    log: CastLog,
+    stream: SourceStream | None = None,
+    which: int = 0,
 ) -> block_writer.Output:
-    """A planned file as a block-writer output: every block made by `fill` from its steps."""
+    """A planned file (output number `which` of `stream`) as a block-writer output:
+    every block made by `fill` from its steps, a converted block's sources read from
+    `stream`, the others' from the page cache, hinted ahead."""
     read = local_read(sources)
 
-    def fill_block(start: int, into: memoryview) -> None:
+    def make(start: int, into: memoryview, read: Read) -> None:
         log.add(fill(planned, start, into, read, workers=CAST_WORKERS, cast_read=CAST_PIECE))
 
+    def fill_block(start: int, into: memoryview) -> None:
+        if stream is not None and stream.streams(which, start):
+            stream.fill(which, start, into, make)
+        else:
+            make(start, into, read)
+
     def read_ahead(start: int, end: int) -> None:
-        if hasattr(os, "posix_fadvise"):
-            for source, offset, length in planned.source_spans(start, end):
-                with sources.use(source) as source_fd:
-                    os.posix_fadvise(source_fd, offset, length, os.POSIX_FADV_WILLNEED)
+        if stream is not None and stream.streams(which, start):
+            return  # read by the stream, with O_DIRECT: the page cache would read it twice
+        for source, offset, length in planned.source_spans(start, end):
+            with sources.use(source) as source_fd:
+                will_need(source_fd, offset, length)
 
     return block_writer.Output(fd, planned.size, fill_block, hasher, read_ahead)
 

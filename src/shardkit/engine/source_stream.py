@@ -1,0 +1,357 @@
+"""The sources of converted blocks, read as one ordered O_DIRECT stream ahead of the
+block writer's workers.
+
+Why: a block the block writer copies is read through the page cache, which costs
+this process little. A block that converts tensors is CPU work, and on this
+project's benchmark machine copying freshly read page-cache pages into the process
+was most of it: 64% of an F32 → BF16 merge's CPU time was the kernel's
+`_copy_to_iter` (perf), at about 1.5 GB/s per core. Read with O_DIRECT, the device
+writes the bytes straight into this process's buffer and that copy is gone (7.7 s of
+CPU became 2.9 s).
+
+Why a stream and one reader thread: read by each worker for its own block, the two
+workers fell into step, both reading (and sharing the disk) and then both writing,
+with the disk idle for reads meanwhile. One thread reading every converted block's
+sources front to back, a few pieces ahead, keeps one read in flight all the time,
+beside the workers' writes: what `fio` measures as the device's floor for reading
+and writing at once.
+
+How: at the start, each block that holds a transform (a block of plain copies keeps
+the page cache and its read-ahead) is cut into pieces whose source bytes, as
+4096-aligned spans, fit one slot buffer (:data:`SLOT`). The reader fills
+:data:`SLOTS` slots in piece order; a worker takes the pieces of its block in
+order, makes the bytes of each from the slot (:meth:`SourceStream.fill`), and gives
+the slot back. Whatever a piece's steps read outside its spans is read as before,
+so the bytes never depend on how the pieces were cut. Memory: SLOTS × SLOT, whatever
+the model size. Where O_DIRECT is refused (tmpfs on older kernels, some FUSE
+filesystems), the same stream reads through the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..plan.files import PlannedFile, Transform
+from ..plan.fill import Read
+from .block_writer import ALIGN, Stopped, block_buffer
+from .source_files import SourceFiles
+
+#: Bytes of one slot, a multiple of ALIGN: the device's largest request here (4 MiB,
+#: `max_sectors_kb`), at which fio reads this disk at its O_DIRECT rate.
+SLOT = 4 * 1024 * 1024
+#: Slots: the readers stay this far ahead of the workers (48 MiB, a block and a half).
+SLOTS = 12
+#: Reader threads, each with one request in flight. One alone, beside the block
+#: writer's writes, read this disk at 0.92 GB/s, as fio does with one request: a BF16
+#: → FP16 merge then took 1.29x a plain merge; with three readers and 12 slots, 1.01x.
+READERS = 3
+#: Spans of one source closer than this are read as one (the gap is read too): a
+#: tensor's neighbours are usually its neighbours in the file, and fewer requests are
+#: faster than the few bytes between them.
+GAP = 256 * 1024
+#: O_DIRECT descriptors kept open: sources are read front to back, one after another.
+OPEN_DIRECT = 8
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Source bytes [start, end) of `source`, read as [aligned_start, aligned_end) into
+    a slot from `at`."""
+
+    source: str
+    start: int
+    end: int
+    at: int
+
+    @property
+    def aligned_start(self) -> int:
+        return self.start // ALIGN * ALIGN
+
+    @property
+    def aligned_end(self) -> int:
+        return -(-self.end // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Output bytes [start, start + length) of output `which`, made from `spans`."""
+
+    number: int
+    which: int
+    start: int
+    length: int
+    spans: tuple[_Span, ...]
+
+
+class SourceStream:
+    """Reads the sources of the converted blocks of `files` (blocks of `block` bytes,
+    numbered across the files as the block writer numbers them) ahead of their use.
+
+    Use as a context manager: leaving it stops the reader thread and closes its
+    descriptors, before `sources` is closed.
+    """
+
+    def __init__(
+        self, files: Sequence[PlannedFile], block: int, sources: SourceFiles, *, slot: int | None = None,
+        slots: int | None = None,
+    ) -> None:
+        self.sources = sources
+        self.slot = slot = SLOT if slot is None else slot
+        self.pieces: list[_Piece] = []
+        self.blocks: dict[tuple[int, int], list[_Piece]] = {}
+        for which, planned in enumerate(files):
+            for start in range(0, planned.size, block):
+                cut = _cut(planned, which, start, min(start + block, planned.size), slot, len(self.pieces))
+                if cut:
+                    self.blocks[which, start] = cut
+                    self.pieces += cut
+        self._cond = threading.Condition()
+        self._free: list[memoryview] = []
+        self._buffers_made = 0
+        self._slots = SLOTS if slots is None else slots
+        self._ready: dict[int, memoryview] = {}
+        self._failure: BaseException | None = None
+        self._stopped = False
+        self._next = 0
+        self._readers = [
+            threading.Thread(target=self._read_all, name=f"shardkit-source-reader-{n}", daemon=True)
+            for n in range(min(READERS, len(self.pieces)))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def __enter__(self) -> SourceStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def streams(self, which: int, start: int) -> bool:
+        """Whether the block at `start` of output `which` is made from this stream."""
+        return (which, start) in self.blocks
+
+    def fill(self, which: int, start: int, into: memoryview, make: Callable[[int, memoryview, Read], None]) -> None:
+        """Make the block at `start` of output `which` into `into`, piece by piece:
+        `make(piece_start, piece_bytes, read)` with a `read` that serves the piece's
+        source bytes from its slot."""
+        for piece in self.blocks[which, start]:
+            buffer = self._take(piece.number)
+            try:
+                make(piece.start, into[piece.start - start : piece.start - start + piece.length],
+                     _slot_read(piece, buffer, self._fallback))
+            finally:
+                self._give_back(buffer)
+
+    def abort(self) -> None:
+        """Wake every worker waiting for a piece (they raise) and stop the reader: the
+        block writer calls this when one of its workers fails."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.abort()
+        for reader in self._readers:
+            _join(reader)
+
+    # ------------------------------------------------------------------ workers' side
+
+    def _take(self, number: int) -> memoryview:
+        with self._cond:
+            while number not in self._ready:
+                if self._failure is not None:
+                    raise self._failure
+                if self._stopped:
+                    raise Stopped
+                self._cond.wait()
+            return self._ready.pop(number)
+
+    def _give_back(self, buffer: memoryview) -> None:
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify_all()
+
+    def _fallback(self, source: str, offset: int, into: memoryview) -> None:
+        from ..storage.location import read_exactly
+
+        with self.sources.use(source) as fd:
+            read_exactly(fd, into, offset, source)
+
+    # ------------------------------------------------------------------ the reader
+
+    def _read_all(self) -> None:
+        direct = _DirectFiles(self.sources)
+        try:
+            while (taken := self._next_piece()) is not None:
+                piece, buffer = taken
+                for span in piece.spans:
+                    self._read_span(span, buffer, direct)
+                with self._cond:
+                    self._ready[piece.number] = buffer
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the worker that needs the piece
+            with self._cond:
+                self._failure = self._failure or exc
+                self._cond.notify_all()
+        finally:
+            direct.close()
+
+    def _next_piece(self) -> tuple[_Piece, memoryview] | None:
+        """The next piece nobody reads yet, with a free slot for it; None once every piece
+        is taken or the stream stops. A slot is found before the piece is taken, so the
+        pieces being read are always the first ones not yet read: the piece a worker
+        waits for never waits for a slot that later pieces hold."""
+        with self._cond:
+            while not self._free and self._buffers_made == self._slots and not self._stopped:
+                self._cond.wait()
+            if self._stopped or self._failure is not None or self._next == len(self.pieces):
+                return None
+            piece = self.pieces[self._next]
+            self._next += 1
+            if self._free:
+                return piece, self._free.pop()
+            self._buffers_made += 1
+        return piece, block_buffer(self.slot)
+
+    def _read_span(self, span: _Span, buffer: memoryview, direct: _DirectFiles) -> None:
+        """Read `span` into its place in `buffer`; a source that ends before the span
+        does has shrunk."""
+        start, end = span.aligned_start, span.aligned_end
+        target = buffer[span.at : span.at + end - start]
+        fd = direct.get(span.source)
+        with self.sources.use(span.source) as cached:
+            filled = 0
+            while filled < len(target):
+                try:
+                    got = os.preadv(cached if fd is None else fd, [target[filled:]], start + filled)
+                except OSError as exc:
+                    if fd is None or exc.errno != errno.EINVAL:
+                        raise
+                    direct.refuse(span.source)  # the device wants a larger alignment
+                    fd = None
+                    continue
+                if got == 0:
+                    break
+                filled += got
+        if start + filled < span.end:
+            raise OSError(errno.EIO, f"source ended early at offset {start + filled} (file shrank?)", span.source)
+
+
+class _DirectFiles:
+    """One reader's O_DIRECT descriptors of the sources, the last few used kept open
+    (sources are read front to back, one after another)."""
+
+    def __init__(self, sources: SourceFiles) -> None:
+        self.sources = sources
+        self.fds: OrderedDict[str, int | None] = OrderedDict()
+
+    def get(self, source: str) -> int | None:
+        """An O_DIRECT descriptor of `source`, or None where O_DIRECT is refused."""
+        if source in self.fds:
+            self.fds.move_to_end(source)
+            return self.fds[source]
+        with self.sources.use(source) as cached:
+            fd = self.fds[source] = open_direct(cached)
+        while len(self.fds) > OPEN_DIRECT:
+            self._close(self.fds.popitem(last=False)[1])
+        return fd
+
+    def refuse(self, source: str) -> None:
+        """Read `source` through the page cache from now on."""
+        self._close(self.fds.get(source))
+        self.fds[source] = None
+
+    def close(self) -> None:
+        while self.fds:
+            self._close(self.fds.popitem()[1])
+
+    @staticmethod
+    def _close(fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+
+
+def open_direct(fd: int) -> int | None:
+    """A second descriptor of the file open as `fd`, with O_DIRECT (reopened through
+    /proc, so it is the same inode whatever its path became), or None where the
+    filesystem, the platform or a missing /proc refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+def _slot_read(piece: _Piece, buffer: memoryview, fallback: Read) -> Read:
+    def read(source: str, offset: int, into: memoryview) -> None:
+        end = offset + len(into)
+        for span in piece.spans:
+            if span.source == source and span.start <= offset and end <= span.end:
+                at = span.at + offset - span.aligned_start
+                into[:] = buffer[at : at + len(into)]
+                return
+        fallback(source, offset, into)
+
+    return read
+
+
+def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int, first: int) -> list[_Piece]:
+    """The pieces of block [start, end) of `planned`, or none where it transforms
+    nothing (plain copies stay on the page-cache path) or a piece would not fit a slot
+    (a strided view's source span may be the whole tensor)."""
+    if not any(isinstance(step, Transform) for step in planned.steps_in(start, end)):
+        return []
+    pieces: list[_Piece] = []
+    at = start
+    while at < end:
+        length = end - at
+        while True:
+            spans = _spans(planned, at, at + length)
+            need = spans[-1].at + spans[-1].aligned_end - spans[-1].aligned_start if spans else 0
+            if need <= slot:
+                break
+            if length <= ALIGN:
+                return []
+            length = max(ALIGN, length * slot // need // ALIGN * ALIGN)
+        pieces.append(_Piece(first + len(pieces), which, at, length, tuple(spans)))
+        at += length
+    return pieces
+
+
+def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
+    """The source bytes of output bytes [start, end), neighbours joined, laid out one
+    after the other in a slot."""
+    joined: list[tuple[str, int, int]] = []
+    for source, offset, length in planned.source_spans(start, end):
+        if length <= 0:
+            continue
+        if joined and joined[-1][0] == source and joined[-1][1] <= offset <= joined[-1][2] + GAP:
+            joined[-1] = (source, joined[-1][1], max(joined[-1][2], offset + length))
+        else:
+            joined.append((source, offset, offset + length))
+    spans: list[_Span] = []
+    at = 0
+    for source, begin, finish in joined:
+        spans.append(_Span(source, begin, finish, at))
+        at += spans[-1].aligned_end - spans[-1].aligned_start
+    return spans
+
+
+def _join(thread: threading.Thread) -> None:
+    """Join `thread`; a Ctrl-C meanwhile is raised once it has ended (it holds descriptors
+    the caller is about to close)."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            thread.join()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
