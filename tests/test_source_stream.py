@@ -280,11 +280,12 @@ def test_a_worker_failing_mid_block_does_not_leave_the_other_waiting(tmp_path: P
     write_safetensors(source, [SyntheticTensor(f"w{i}", "F32", (2_500_000,)) for i in range(3)], ByteSource(3))
     monkeypatch.setattr(block_writer, "BLOCK", 1 << 20)
     monkeypatch.setattr(source_stream, "SLOT", 128 * 1024)
+    monkeypatch.setattr(source_stream, "SLOTS", 2)  # the pieces left behind fill every slot
     real_fill, calls = shardkit.engine.execute.fill, []
 
     def failing_fill(*args, **kwargs):
         calls.append(threading.current_thread().name)
-        if len(calls) == 21:  # the 6th piece of the 3rd block (8 pieces per block of 1 MiB)
+        if len(calls) == 37:  # the 5th piece of the 3rd block (16 pieces per block of 1 MiB)
             raise RuntimeError("failed in the middle of a block")
         return real_fill(*args, **kwargs)
 
@@ -304,3 +305,20 @@ def test_a_worker_failing_mid_block_does_not_leave_the_other_waiting(tmp_path: P
     assert [str(e) for e in outcome] == ["failed in the middle of a block"]
     assert len(set(calls)) == 2  # both workers converted
     assert temporaries(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["thirty.safetensors"]
+
+
+def test_a_split_streams_every_output_in_one_order(
+    mixed: Path, tmp_path: Path, monkeypatch, recorded: list[int]
+) -> None:
+    """A split's files are one stream of blocks: the stream numbers its pieces across
+    them, and each file is the page-cache path's, byte for byte."""
+    monkeypatch.setattr(block_writer, "BLOCK", 256 * 1024)
+    monkeypatch.setattr(source_stream, "SLOT", 64 * 1024)
+    shardkit.split(mixed, tmp_path / "streamed", max_shard_size=1_500_000, dtype="fp16")
+    monkeypatch.setenv("SHARDKIT_COPY_METHOD", "kernel")
+    shardkit.split(mixed, tmp_path / "kernel", max_shard_size=1_500_000, dtype="fp16")
+    names = sorted(p.name for p in (tmp_path / "streamed").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) >= 3
+    assert names == sorted(p.name for p in (tmp_path / "kernel").iterdir())
+    assert all((tmp_path / "streamed" / n).read_bytes() == (tmp_path / "kernel" / n).read_bytes() for n in names)
+    assert len(recorded) == 1 and recorded[0] > 20
