@@ -103,13 +103,19 @@ def mixed(tmp_path: Path) -> Path:
 
 
 class Recorded(source_stream.SourceStream):
-    """The real stream, remembering how many pieces each run read through it."""
+    """The real stream, counting the pieces each run's workers took from it."""
 
     pieces_read: list[int] = []
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        Recorded.pieces_read.append(len(self.pieces))
+        self.run = len(Recorded.pieces_read)
+        Recorded.pieces_read.append(0)
+
+    def _take(self, key):
+        taken = super()._take(key)
+        Recorded.pieces_read[self.run] += 1
+        return taken
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import errno
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..plan.files import PlannedFile, Transform
@@ -54,6 +54,8 @@ READERS = 3
 #: tensor's neighbours are usually its neighbours in the file, and fewer requests are
 #: faster than the few bytes between them.
 GAP = 256 * 1024
+#: Blocks whose pieces are remembered: the few the workers and the readers are at.
+CUTS_KEPT = 64
 #: O_DIRECT descriptors kept open: sources are read front to back, one after another.
 OPEN_DIRECT = 8
 
@@ -81,7 +83,6 @@ class _Span:
 class _Piece:
     """Output bytes [start, start + length) of output `which`, made from `spans`."""
 
-    number: int
     which: int
     start: int
     length: int
@@ -100,27 +101,25 @@ class SourceStream:
         self, files: Sequence[PlannedFile], block: int, sources: SourceFiles, *, slot: int | None = None,
         slots: int | None = None,
     ) -> None:
+        self.files = files
+        self.block = block
         self.sources = sources
-        self.slot = slot = SLOT if slot is None else slot
-        self.pieces: list[_Piece] = []
-        self.blocks: dict[tuple[int, int], list[_Piece]] = {}
-        for which, planned in enumerate(files):
-            for start in range(0, planned.size, block):
-                cut = _cut(planned, which, start, min(start + block, planned.size), slot, len(self.pieces))
-                if cut:
-                    self.blocks[which, start] = cut
-                    self.pieces += cut
+        self.slot = SLOT if slot is None else slot
+        self._cuts: OrderedDict[tuple[int, int], tuple[_Piece, ...]] = OrderedDict()
         self._cond = threading.Condition()
         self._free: list[memoryview] = []
         self._buffers_made = 0
         self._slots = SLOTS if slots is None else slots
-        self._ready: dict[int, memoryview] = {}
+        self._ready: dict[tuple[int, int], memoryview] = {}
         self._failure: BaseException | None = None
         self._stopped = False
-        self._next = 0
+        #: what the readers read, in order; pieces are cut as they are reached, so memory
+        #: does not grow with the model (a 1.3 TB output would be 300,000 pieces)
+        self._order = (piece for which, start in self._blocks() for piece in self.pieces_of(which, start))
+        converts = any(isinstance(step, Transform) for planned in files for step in planned.steps)
         self._readers = [
             threading.Thread(target=self._read_all, name=f"shardkit-source-reader-{n}", daemon=True)
-            for n in range(min(READERS, len(self.pieces)))
+            for n in range(READERS if converts else 0)
         ]
         for reader in self._readers:
             reader.start()
@@ -133,14 +132,29 @@ class SourceStream:
 
     def streams(self, which: int, start: int) -> bool:
         """Whether the block at `start` of output `which` is made from this stream."""
-        return (which, start) in self.blocks
+        return bool(self.pieces_of(which, start))
+
+    def pieces_of(self, which: int, start: int) -> tuple[_Piece, ...]:
+        """The pieces of a block (none where it is not streamed), cut once: the readers,
+        the worker and the read-ahead hint all ask."""
+        key = (which, start)
+        with self._cond:
+            cut = self._cuts.get(key)
+        if cut is None:
+            planned = self.files[which]
+            cut = _cut(planned, which, start, min(start + self.block, planned.size), self.slot)
+            with self._cond:
+                self._cuts[key] = cut
+                while len(self._cuts) > CUTS_KEPT:
+                    self._cuts.popitem(last=False)
+        return cut
 
     def fill(self, which: int, start: int, into: memoryview, make: Callable[[int, memoryview, Read], None]) -> None:
         """Make the block at `start` of output `which` into `into`, piece by piece:
         `make(piece_start, piece_bytes, read)` with a `read` that serves the piece's
         source bytes from its slot."""
-        for piece in self.blocks[which, start]:
-            buffer = self._take(piece.number)
+        for piece in self.pieces_of(which, start):
+            buffer = self._take((which, piece.start))
             try:
                 make(piece.start, into[piece.start - start : piece.start - start + piece.length],
                      _slot_read(piece, buffer, self._fallback))
@@ -161,15 +175,15 @@ class SourceStream:
 
     # ------------------------------------------------------------------ workers' side
 
-    def _take(self, number: int) -> memoryview:
+    def _take(self, key: tuple[int, int]) -> memoryview:
         with self._cond:
-            while number not in self._ready:
+            while key not in self._ready:
                 if self._failure is not None:
                     raise self._failure
                 if self._stopped:
                     raise Stopped
                 self._cond.wait()
-            return self._ready.pop(number)
+            return self._ready.pop(key)
 
     def _give_back(self, buffer: memoryview) -> None:
         with self._cond:
@@ -192,7 +206,7 @@ class SourceStream:
                 for span in piece.spans:
                     self._read_span(span, buffer, direct)
                 with self._cond:
-                    self._ready[piece.number] = buffer
+                    self._ready[piece.which, piece.start] = buffer
                     self._cond.notify_all()
         except BaseException as exc:  # handed to the worker that needs the piece
             with self._cond:
@@ -200,6 +214,12 @@ class SourceStream:
                 self._cond.notify_all()
         finally:
             direct.close()
+
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        """(output, start) of every block, in the block writer's order."""
+        for which, planned in enumerate(self.files):
+            for start in range(0, planned.size, self.block):
+                yield which, start
 
     def _next_piece(self) -> tuple[_Piece, memoryview] | None:
         """The next piece nobody reads yet, with a free slot for it; None once every piece
@@ -209,10 +229,11 @@ class SourceStream:
         with self._cond:
             while not self._free and self._buffers_made == self._slots and not self._stopped:
                 self._cond.wait()
-            if self._stopped or self._failure is not None or self._next == len(self.pieces):
+            if self._stopped or self._failure is not None:
                 return None
-            piece = self.pieces[self._next]
-            self._next += 1
+            piece = next(self._order, None)  # cut under the lock: one reader at a time
+            if piece is None:
+                return None
             if self._free:
                 return piece, self._free.pop()
             self._buffers_made += 1
@@ -301,12 +322,12 @@ def _slot_read(piece: _Piece, buffer: memoryview, fallback: Read) -> Read:
     return read
 
 
-def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int, first: int) -> list[_Piece]:
+def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int) -> tuple[_Piece, ...]:
     """The pieces of block [start, end) of `planned`, or none where it transforms
     nothing (plain copies stay on the page-cache path) or a piece would not fit a slot
     (a strided view's source span may be the whole tensor)."""
     if not any(isinstance(step, Transform) for step in planned.steps_in(start, end)):
-        return []
+        return ()
     pieces: list[_Piece] = []
     at = start
     while at < end:
@@ -317,11 +338,11 @@ def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int, firs
             if need <= slot:
                 break
             if length <= ALIGN:
-                return []
+                return ()
             length = max(ALIGN, length * slot // need // ALIGN * ALIGN)
-        pieces.append(_Piece(first + len(pieces), which, at, length, tuple(spans)))
+        pieces.append(_Piece(which, at, length, tuple(spans)))
         at += length
-    return pieces
+    return tuple(pieces)
 
 
 def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
