@@ -8,7 +8,9 @@ So each output block is assembled in user memory (by the output's `fill` functio
 the plan's header bytes, byte ranges of the shards read with `preadv`, converted
 tensors), then written straight to the disk
 while the other worker assembles the next block. The read of block N+2 is announced
-ahead (`POSIX_FADV_WILLNEED`) so it is usually in the page cache when its turn comes.
+ahead (`POSIX_FADV_WILLNEED`, :mod:`shardkit.engine.read_ahead`) so it is usually in
+the page cache when its turn comes; a block that converts tensors gets its source
+bytes from :mod:`shardkit.engine.source_stream` instead (O_DIRECT, read ahead in order).
 
 Writes start in file order (a worker waits for the previous block's turn), so the
 file grows front to back; the files of a split are one stream of blocks, so the next

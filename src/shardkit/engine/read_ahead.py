@@ -6,8 +6,8 @@ and silently drops the rest. Measured on this project's benchmark disk
 (`read_ahead_kb` 8192): one hint for 128 MiB left 8 MiB in the page cache, the same
 hint as 4 MiB pieces all 128 MiB. The block writer hints 32 MiB blocks ahead, so three
 quarters of every block used to be read by the worker that needed it, while it
-waited: a BF16 → FP16 merge spent 2.4 s of its 3.9 s in those reads, and 2.9 s in all
-with the hints in pieces.
+waited: in a 3.8 s BF16 → FP16 merge its two workers waited 2.4 s (together) in
+those reads; with the hints in pieces, 0.8 s, and the merge took 2.9 s.
 """
 
 from __future__ import annotations
