@@ -56,8 +56,10 @@ READERS = 3
 GAP = 256 * 1024
 #: Blocks whose pieces are remembered: the few the workers and the readers are at.
 CUTS_KEPT = 64
-#: O_DIRECT descriptors kept open: sources are read front to back, one after another.
-OPEN_DIRECT = 8
+#: O_DIRECT descriptors each reader keeps open: sources are read front to back, one
+#: after another, and a piece rarely spans more than two; few, because they come on top
+#: of SourceFiles' own under the same RLIMIT_NOFILE.
+OPEN_DIRECT = 2
 
 
 @dataclass(frozen=True)
