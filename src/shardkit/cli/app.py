@@ -8,6 +8,7 @@ take well under 0.3 s), so only the command being run is imported and registered
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -77,6 +78,10 @@ def invoked_command(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    # numpy's OpenBLAS starts a thread per core that spins after the import (0.12 s of
+    # CPU measured here); no command does linear algebra, and a conversion wants those
+    # cores. A user's own setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     name = invoked_command(sys.argv[1:])
     register([name] if name else list(COMMANDS))
     app()
