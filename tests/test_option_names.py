@@ -113,3 +113,22 @@ def test_a_block_size_that_is_not_text_is_refused_not_a_type_error(checkpoint: S
     with pytest.raises(BadInputError, match=r"block_size=\(128, 128\): expected ROWSxCOLUMNS"):
         shardkit.merge(checkpoint.folder, tmp_path / "out.safetensors", dtype="fp8", block_size=(128, 128))  # type: ignore[arg-type]
     assert temporaries(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_python_caller_may_give_one_glob_as_a_string(tmp_path: Path) -> None:
+    """`select="model.norm.*"` is the glob, not its characters (which gave `select='m'
+    matches no tensor`); the same for drop and keep."""
+    import json
+
+    source = write_checkpoint(tmp_path / "src", "tiny").folder
+    one, many = tmp_path / "one.safetensors", tmp_path / "many.safetensors"
+    shardkit.merge(source, one, select="model.layers.0.*", drop="*.bias", dtype="fp16", keep="*norm*")
+    shardkit.merge(source, many, select=["model.layers.0.*"], drop=["*.bias"], dtype="fp16", keep=["*norm*"])
+    assert one.read_bytes() == many.read_bytes()
+    header = json.loads(one.read_bytes()[8 : 8 + int.from_bytes(one.read_bytes()[:8], "little")])
+    names = [name for name in header if name != "__metadata__"]
+    assert names and all(n.startswith("model.layers.0.") and not n.endswith(".bias") for n in names)
+    assert {header[n]["dtype"] for n in names if "norm" in n} != {"F16"}
+    for out, globs in (("split-one", "model.layers.0.*"), ("split-many", ["model.layers.0.*"])):
+        shardkit.split(source, tmp_path / out, select=globs, max_shard_size="1MB")
+    assert snapshot(tmp_path / "split-one") == snapshot(tmp_path / "split-many")

@@ -21,6 +21,7 @@ from ..format.gc_pause import gc_paused
 from ..format.header import DTYPES
 from .files import QuantiseAs, ScaleOf
 from .fp8_layout import Fp8Layout, find_layout, quantization_config
+from .selection import as_globs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def choose_dtypes(
     from ..format import dtype_cast
     from .fp8_quantise import is_fp8_target
 
+    keep = as_globs(keep)
     for pattern in keep:
         if not pattern:
             raise BadInputError(f"{option('keep', '')}: give a glob of tensor names, e.g. {option('keep', '*norm*')}")

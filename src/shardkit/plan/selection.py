@@ -47,11 +47,18 @@ class Selected:
     dropped: tuple[str, ...] = ()
 
 
+def as_globs(value: Sequence[str]) -> tuple[str, ...]:
+    """The globs a Python caller gave: `select="model.*"` is one glob (a str is a
+    sequence too, and iterating it gave `select='m' matches no tensor`)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def parse_selection(
     select: Sequence[str] = (), drop: Sequence[str] = (), rename: Sequence[Sequence[str]] = ()
 ) -> Selection:
     """Check the options themselves (before any checkpoint is read): globs non-empty,
     each rename a valid regular expression and a replacement."""
+    select, drop = as_globs(select), as_globs(drop)
     for keyword, globs in (("select", select), ("drop", drop)):
         for glob in globs:
             if not glob:
@@ -68,7 +75,7 @@ def parse_selection(
             compiled.append((re.compile(source), target))
         except re.error as exc:
             raise BadInputError(f"{option('rename', source)}: not a regular expression ({exc})") from None
-    return Selection(tuple(select), tuple(drop), tuple(compiled))
+    return Selection(select, drop, tuple(compiled))
 
 
 def apply_selection(checkpoint: Checkpoint, selection: Selection) -> Selected:
