@@ -15,7 +15,9 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,24 @@ def evict(path: Path) -> None:
 def on_tmpfs(path: Path) -> bool:
     """tmpfs keeps every page resident: what the page cache holds cannot be seen there."""
     return os.statvfs(path).f_type == 0x01021994 if hasattr(os.statvfs(path), "f_type") else False
+
+
+def raised_within(seconds: float, run: Callable[[], object]) -> list[BaseException]:
+    """What `run` raised (nothing: []), run on a thread; a run still going after
+    `seconds` fails the test instead of hanging it (a worker left waiting for a piece)."""
+    outcome: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:  # noqa: BLE001 - the caller examines it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    return outcome
 
 
 def can_see_the_page_cache(paths: list[Path]) -> bool:
@@ -209,7 +229,6 @@ def test_a_write_failing_while_the_reader_is_ahead_ends_the_run_cleanly(tmp_path
     """The disk fills while both workers convert and the reader holds pieces they will
     never take: the run must end (no worker left waiting for a piece), with the error,
     nothing on the small disk, the source untouched."""
-    import threading
 
     from test_faults import mounted_tmpfs
 
@@ -221,18 +240,7 @@ def test_a_write_failing_while_the_reader_is_ahead_ends_the_run_cleanly(tmp_path
     monkeypatch.setattr(source_stream, "SLOT", 256 * 1024)
     with mounted_tmpfs(tmp_path / "full", "size=8m") as full:
         dest = full / "merged.safetensors"
-        outcome: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                shardkit.merge(source, dest, dtype="bf16")
-            except BaseException as exc:  # noqa: BLE001 - examined below
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout=20)
-        assert not worker.is_alive(), "the conversion hung after its write failed"
+        outcome = raised_within(60, lambda: shardkit.merge(source, dest, dtype="bf16"))
         assert len(outcome) == 1 and isinstance(outcome[0], shardkit.errors.WriteError), outcome
         assert str(outcome[0]) == f"{dest}: no space left on device; nothing was written"
         assert list(full.iterdir()) == []
@@ -280,7 +288,6 @@ def test_a_worker_failing_mid_block_does_not_leave_the_other_waiting(tmp_path: P
     """One worker fails half-way through its block's pieces: the pieces it leaves hold
     the reader's slots, so the other worker, waiting for the next block's pieces, must be
     woken (the block writer's on_stop), or the run never ends."""
-    import threading
 
     source = tmp_path / "thirty.safetensors"
     write_safetensors(source, [SyntheticTensor(f"w{i}", "F32", (2_500_000,)) for i in range(3)], ByteSource(3))
@@ -296,18 +303,7 @@ def test_a_worker_failing_mid_block_does_not_leave_the_other_waiting(tmp_path: P
         return real_fill(*args, **kwargs)
 
     monkeypatch.setattr(shardkit.engine.execute, "fill", failing_fill)
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            shardkit.merge(source, tmp_path / "merged.safetensors", dtype="bf16")
-        except BaseException as exc:  # noqa: BLE001 - examined below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    assert not worker.is_alive(), "the other worker was left waiting for a piece"
+    outcome = raised_within(60, lambda: shardkit.merge(source, tmp_path / "merged.safetensors", dtype="bf16"))
     assert [str(e) for e in outcome] == ["failed in the middle of a block"]
     assert len(set(calls)) == 2  # both workers converted
     assert temporaries(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["thirty.safetensors"]
