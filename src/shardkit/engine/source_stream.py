@@ -348,8 +348,11 @@ def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int) -> t
         return ()
     pieces: list[_Piece] = []
     at = start
+    guess = end - start
     while at < end:
-        length = end - at
+        # at most twice the last piece: starting each piece from the rest of the block
+        # scanned the block's steps once per piece (60,000 small tensors: 8 s of cutting)
+        length = min(end - at, guess)
         while True:
             spans = _spans(planned, at, at + length)
             need = spans[-1].at + spans[-1].aligned_end - spans[-1].aligned_start if spans else 0
@@ -360,19 +363,30 @@ def _cut(planned: PlannedFile, which: int, start: int, end: int, slot: int) -> t
             length = max(ALIGN, length * slot // need // ALIGN * ALIGN)
         pieces.append(_Piece(which, at, length, tuple(spans)))
         at += length
+        guess = 2 * length
     return tuple(pieces)
 
 
 def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
     """The source bytes of output bytes [start, end), neighbours joined, laid out one
-    after the other in a slot."""
+    after the other in a slot.
+
+    A range joins the last span of its own source, not only the span just before it:
+    where the output takes its tensors from two or more sources in turn (names sorted
+    across shards that each hold every other one), joining only the previous span
+    joined nothing, and each small tensor became a request of its own, rounded up to
+    4096 bytes (60,000 tensors of 256 bytes: 16x the bytes read, 4x a page-cache merge's time).
+    """
     joined: list[tuple[str, int, int]] = []
+    last: dict[str, int] = {}  # source -> index in `joined` of its latest span
     for source, offset, length in planned.source_spans(start, end):
         if length <= 0:
             continue
-        if joined and joined[-1][0] == source and joined[-1][1] <= offset <= joined[-1][2] + GAP:
-            joined[-1] = (source, joined[-1][1], max(joined[-1][2], offset + length))
+        index = last.get(source)
+        if index is not None and joined[index][1] - GAP <= offset + length and offset <= joined[index][2] + GAP:
+            joined[index] = (source, min(joined[index][1], offset), max(joined[index][2], offset + length))
         else:
+            last[source] = len(joined)
             joined.append((source, offset, offset + length))
     spans: list[_Span] = []
     at = 0
