@@ -375,7 +375,9 @@ def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
     where the output takes its tensors from two or more sources in turn (names sorted
     across shards that each hold every other one), joining only the previous span
     joined nothing, and each small tensor became a request of its own, rounded up to
-    4096 bytes (60,000 tensors of 256 bytes: 16x the bytes read, 4x a page-cache merge's time).
+    4096 bytes (60,000 tensors of 256 bytes: 16x the bytes read, 4x a page-cache merge's
+    time). It joins on either side of that span: a file holding its tensors in the
+    reverse of the output's order is read in one request too.
     """
     joined: list[tuple[str, int, int]] = []
     last: dict[str, int] = {}  # source -> index in `joined` of its latest span
