@@ -372,14 +372,15 @@ def small_tensors(folder: Path, layout: str, count: int) -> Path:
     return folder
 
 
-def same_as_the_page_cache_path(source: Path, tmp_path: Path, monkeypatch, **options) -> Path:
-    """Convert `source` with the stream and through the page cache; the two outputs'
-    bytes must be equal. Returns the streamed one."""
+def same_as_the_page_cache_path(source: Path, tmp_path: Path, monkeypatch, command=None, **options) -> Path:
+    """Convert `source` (shardkit.merge, or `command`) with the stream and through the
+    page cache; the two outputs' bytes must be equal. Returns the streamed one."""
+    run = shardkit.merge if command is None else command
     streamed, through_cache = tmp_path / "streamed.safetensors", tmp_path / "kernel.safetensors"
-    shardkit.merge(source, streamed, **options)
+    run(source, streamed, **options)
     with monkeypatch.context() as kernel:
         kernel.setenv("SHARDKIT_COPY_METHOD", "kernel")
-        shardkit.merge(source, through_cache, **options)
+        run(source, through_cache, **options)
     assert streamed.read_bytes() == through_cache.read_bytes()
     return streamed
 
@@ -427,3 +428,226 @@ def test_cutting_a_block_of_scattered_small_tensors_scans_it_a_few_times(tmp_pat
         pieces = source_stream._cut(planned, 0, 0, planned.size, source_stream.SLOT)
     assert len(pieces) > 10 and sum(p.length for p in pieces) == planned.size
     assert sum(scanned) < 4 * planned.size, f"{sum(scanned) / planned.size:.1f}x the block scanned"
+
+
+ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "BOOL": 1}
+
+
+def odd_layout(folder: Path, shards: int, seed: int) -> Path:
+    """`shards` shards of 1-6 tensors each, of every converted dtype and some that are
+    not, zero-size ones among them, odd lengths (so no tensor starts on an element's
+    or a page's boundary, and each file ends mid-page), laid out in a shuffled file order."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir()
+    weight_map = {}
+    for shard in range(shards):
+        entries = []
+        for t in range(rng.randint(1, 6)):
+            dtype = rng.choice(["F64", "F32", "F16", "BF16", "U8", "BOOL", "F32"])
+            count = rng.choice([0, 1, 3, 7, 1001, 4097, 33_333, 300_001])
+            entries.append((f"t.{shard}.{t}.{dtype}", dtype, (count,),
+                            random.Random(shard * 100 + t).randbytes(count * ELEMENT[dtype])))
+        name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        raw_safetensors(folder / name, entries, rng.sample(range(len(entries)), len(entries)))
+        weight_map.update({entry[0]: name for entry in entries})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def small_slots(monkeypatch, block: int, slot: int, slots: int, gap: int | None = None) -> None:
+    monkeypatch.setattr(block_writer, "BLOCK", block)
+    monkeypatch.setattr(source_stream, "SLOT", slot)
+    monkeypatch.setattr(source_stream, "SLOTS", slots)
+    if gap is not None:
+        monkeypatch.setattr(source_stream, "GAP", gap)
+
+
+@pytest.mark.parametrize(("sizes", "target"), [
+    ((64 * 1024, 8 * 1024, 2, 0), "bf16"),  # nothing joined: a span per tensor, blocks too scattered to stream
+    ((64 * 1024, 16 * 1024, 3, None), "fp16"),
+    ((1 << 20, 96 * 1024, 3, 4096), "fp32"),
+    (None, "bf16"),
+], ids=["tiny-slots-no-gap", "small-slots", "small-gap", "defaults"])
+def test_forty_shards_of_odd_layouts_convert_to_the_page_cache_paths_bytes(
+    tmp_path: Path, monkeypatch, recorded: list[int], sizes, target: str
+) -> None:
+    source = odd_layout(tmp_path / "source", 40, seed=0)
+    before = snapshot(source)
+    if sizes is not None:
+        small_slots(monkeypatch, *sizes)
+    same_as_the_page_cache_path(source, tmp_path, monkeypatch, dtype=target)
+    assert recorded[0] > 0
+    assert snapshot(source) == before
+
+
+def test_a_split_into_more_files_than_one_block_stream_takes(tmp_path: Path, monkeypatch) -> None:
+    """One tensor a file: more outputs than FILES_PER_STREAM, so several streams, one
+    after the other, each file the page-cache path's."""
+    source = odd_layout(tmp_path / "source", 30, seed=9)
+    small_slots(monkeypatch, 64 * 1024, 16 * 1024, 2)
+    shardkit.split(source, tmp_path / "streamed", max_shard_size=1, dtype="fp16")
+    monkeypatch.setenv("SHARDKIT_COPY_METHOD", "kernel")
+    shardkit.split(source, tmp_path / "kernel", max_shard_size=1, dtype="fp16")
+    names = sorted(p.name for p in (tmp_path / "streamed").iterdir())
+    assert len(names) > shardkit.engine.execute.FILES_PER_STREAM
+    assert names == sorted(p.name for p in (tmp_path / "kernel").iterdir())
+    assert all((tmp_path / "streamed" / n).read_bytes() == (tmp_path / "kernel" / n).read_bytes() for n in names)
+
+
+@pytest.mark.parametrize("sizes", [(64 * 1024, 16 * 1024, 2), (1 << 20, 600 * 1024, 3), None],
+                         ids=["bands-larger-than-a-slot", "bands-in-a-slot", "defaults"])
+def test_fp8_dequantise_and_quantise_stream_the_page_cache_paths_bytes(tmp_path: Path, monkeypatch, sizes) -> None:
+    """Dequantised weights read their scales from the other shard; a quantised weight
+    reads whole bands of block rows, and its scale grid all of them."""
+    from test_fp8 import deepseek_fp8
+    from test_fp8_quantise import crafted, quantise_source
+
+    fp8 = tmp_path / "fp8"
+    deepseek_fp8(fp8)
+    wide = quantise_source(tmp_path / "wide", {
+        "model.layers.0.mlp.down_proj.weight": crafted(768, 384, 1, torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": crafted(384, 1024, 2, torch.float32),
+        "model.norm.weight": crafted(1, 333, 3, torch.bfloat16)[0],
+    })
+    if sizes is not None:
+        small_slots(monkeypatch, *sizes)
+    (tmp_path / "dequantised").mkdir()
+    (tmp_path / "quantised").mkdir()
+    same_as_the_page_cache_path(fp8, tmp_path / "dequantised", monkeypatch, dtype="bf16")
+    same_as_the_page_cache_path(wide, tmp_path / "quantised", monkeypatch, dtype="fp8")
+
+
+@pytest.mark.parametrize("sizes", [(64 * 1024, 16 * 1024, 2), (1 << 20, 256 * 1024, 2), None],
+                         ids=["tiny-slots", "small-slots", "defaults"])
+def test_views_of_a_torch_file_and_a_fusing_recipe_stream_the_page_cache_paths_bytes(
+    tmp_path: Path, monkeypatch, sizes
+) -> None:
+    """A .bin's views are gathered (a transform even without --dtype: `convert`), some
+    wider than a slot; a Flux recipe fuses and splits tensors while casting."""
+    from test_recipes import bfl_flux
+    from test_torch_bin import every_kind_of_tensor
+
+    bin_file = tmp_path / "bin" / "pytorch_model.bin"
+    bin_file.parent.mkdir()
+    state = every_kind_of_tensor()
+    wide = torch.randn(1500, 1100)
+    state.update({"wide.t": wide.t(), "wide.rows": wide[::3], "wide.columns": wide[:, 5:900:7]})
+    torch.save(state, bin_file)
+    flux = tmp_path / "flux1-dev.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in bfl_flux().items()}, flux)
+    if sizes is not None:
+        small_slots(monkeypatch, *sizes)
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "cast").mkdir()
+    same_as_the_page_cache_path(bin_file, tmp_path / "converted", monkeypatch, shardkit.convert)
+    same_as_the_page_cache_path(bin_file, tmp_path / "cast", monkeypatch, dtype="bf16")
+    shardkit.merge(flux, tmp_path / "flux-streamed", recipe="flux-bfl-to-diffusers", dtype="fp16")
+    monkeypatch.setenv("SHARDKIT_COPY_METHOD", "kernel")
+    shardkit.merge(flux, tmp_path / "flux-kernel", recipe="flux-bfl-to-diffusers", dtype="fp16")
+    names = sorted(p.name for p in (tmp_path / "flux-streamed").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "flux-kernel").iterdir())
+    assert all((tmp_path / "flux-streamed" / n).read_bytes() == (tmp_path / "flux-kernel" / n).read_bytes()
+               for n in names)
+
+
+def test_a_sparse_source_streams_its_holes_as_zeros(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import struct
+
+    source = tmp_path / "sparse"
+    source.mkdir()
+    header = {"a": {"dtype": "F32", "shape": [3_000_000], "data_offsets": [0, 12_000_000]},
+              "b": {"dtype": "U8", "shape": [5], "data_offsets": [12_000_000, 12_000_005]},
+              "c": {"dtype": "F32", "shape": [3_000_000], "data_offsets": [12_000_005, 24_000_005]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    base = 8 + len(text)
+    with open(source / "model.safetensors", "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for offset, data in ((1_000_001, os.urandom(10_000)), (12_000_000, b"12345"), (17_000_003, os.urandom(99))):
+            handle.seek(base + offset)
+            handle.write(data)
+        handle.truncate(base + 24_000_005)
+    assert os.stat(source / "model.safetensors").st_blocks * 512 < 1_000_000  # holes, not written zeros
+    small_slots(monkeypatch, 1 << 20, 128 * 1024, 3)
+    same_as_the_page_cache_path(source, tmp_path, monkeypatch, dtype="bf16")
+
+
+def test_a_destination_refusing_o_direct_at_the_first_write_falls_back_with_the_readers_ahead(
+    mixed: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The readers have filled their slots when the first block's write is refused
+    (EINVAL: the destination takes no O_DIRECT after all): the stream stops, the kernel
+    copy writes the same bytes."""
+    small_slots(monkeypatch, 64 * 1024, 16 * 1024, 3)
+    real_write = block_writer._BlockWriter._write
+
+    def refuse_the_first(self, which, view, offset):
+        if offset == 0:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(self, which, view, offset)
+
+    with monkeypatch.context() as refusing:
+        refusing.setattr(block_writer._BlockWriter, "_write", refuse_the_first)
+        shardkit.merge(mixed, tmp_path / "refused.safetensors", dtype="bf16")
+    monkeypatch.setenv("SHARDKIT_COPY_METHOD", "kernel")
+    shardkit.merge(mixed, tmp_path / "kernel.safetensors", dtype="bf16")
+    assert (tmp_path / "refused.safetensors").read_bytes() == (tmp_path / "kernel.safetensors").read_bytes()
+
+
+def test_sources_on_tmpfs_stream_the_page_cache_paths_bytes(tmp_path: Path, monkeypatch) -> None:
+    """tmpfs takes O_DIRECT since Linux 6.6 (and refuses it before): either way, the same bytes."""
+    from test_faults import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "memory", "size=64m") as memory:
+        source = odd_layout(memory / "source", 12, seed=1)
+        small_slots(monkeypatch, 64 * 1024, 16 * 1024, 2)
+        same_as_the_page_cache_path(source, tmp_path, monkeypatch, dtype="bf16")
+
+
+def test_a_hub_cache_snapshot_by_a_relative_path_with_sha256_and_verify(tmp_path: Path) -> None:
+    """Shards as symlinks into blobs/ (the Hugging Face cache), named by a relative
+    path: the O_DIRECT descriptor is the file the link leads to; --sha256 hashes the
+    bytes written, --verify accepts them."""
+    import hashlib
+
+    from conftest import run_cli
+
+    plain = odd_layout(tmp_path / "plain", 6, seed=2)
+    snapshot_folder = tmp_path / "hub" / "snapshots" / "0123abc"
+    blobs = tmp_path / "hub" / "blobs"
+    snapshot_folder.mkdir(parents=True)
+    blobs.mkdir()
+    for number, path in enumerate(sorted(plain.iterdir())):
+        (blobs / f"blob{number}").write_bytes(path.read_bytes())
+        (snapshot_folder / path.name).symlink_to(os.path.relpath(blobs / f"blob{number}", snapshot_folder))
+    result = run_cli("merge", "hub/snapshots/0123abc", "-o", "streamed.safetensors", "--dtype", "bf16",
+                     "--sha256", "--verify", cwd=tmp_path)
+    assert result.exit_code == 0, result.stderr
+    kernel = run_cli("merge", plain, "-o", tmp_path / "kernel.safetensors", "--dtype", "bf16",
+                     env={"SHARDKIT_COPY_METHOD": "kernel"})
+    assert kernel.exit_code == 0, kernel.stderr
+    written = (tmp_path / "streamed.safetensors").read_bytes()
+    assert written == (tmp_path / "kernel.safetensors").read_bytes()
+    assert (tmp_path / "streamed.safetensors.sha256").read_text().split()[0] == hashlib.sha256(written).hexdigest()
+
+
+def test_peak_memory_of_a_conversion_is_flat_in_the_models_size(tmp_path: Path) -> None:
+    """Peak RSS of `merge --dtype bf16 --sha256` of 100 MB and of 300 MB of F32, measured
+    by a launcher process (wait4 of its child): the slots and blocks, whatever the size."""
+    peaks = []
+    for size in (100, 300):
+        source = tmp_path / f"f32-{size}"
+        source.mkdir()
+        write_safetensors(source / "model.safetensors",
+                          [SyntheticTensor(f"w{i}", "F32", (1024, 1024)) for i in range(size)], ByteSource(size))
+        launcher = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-m", "shardkit", "merge", source,
+                              "-o", tmp_path / f"{size}.safetensors", "--dtype", "bf16", "--sha256", "--quiet"],
+                             capture_output=True, text=True, check=True)
+        peaks.append(int(out.stdout) // 1024)
+    assert max(peaks) <= 200 and peaks[1] - peaks[0] <= 16, f"peak RSS {peaks} MB"
