@@ -54,6 +54,9 @@ READERS = 3
 #: tensor's neighbours are usually its neighbours in the file, and fewer requests are
 #: faster than the few bytes between them.
 GAP = 256 * 1024
+#: Spans of one source a range may join in a piece (its latest few): a file read in
+#: name order is a few interleaved runs, one per dtype region.
+JOINED_KEPT = 4
 #: Blocks whose pieces are remembered: the few the workers and the readers are at.
 CUTS_KEPT = 64
 #: O_DIRECT descriptors each reader keeps open: sources are read front to back, one
@@ -376,19 +379,26 @@ def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
     across shards that each hold every other one), joining only the previous span
     joined nothing, and each small tensor became a request of its own, rounded up to
     4096 bytes (60,000 tensors of 256 bytes: 16x the bytes read, 4x a page-cache merge's
-    time). It joins on either side of that span: a file holding its tensors in the
-    reverse of the output's order is read in one request too.
+    time). It joins on either side of that span (a file holding its tensors in the
+    reverse of the output's order is read in one request too), and any of the source's
+    JOINED_KEPT latest spans: safetensors files hold their tensors by dtype, then name,
+    so a model's F32 norms sit apart from its BF16 weights, and a merge taking them in
+    name order goes back and forth between the two regions of one file.
     """
     joined: list[tuple[str, int, int]] = []
-    last: dict[str, int] = {}  # source -> index in `joined` of its latest span
+    latest: dict[str, list[int]] = {}  # source -> indexes in `joined` of its JOINED_KEPT latest spans
     for source, offset, length in planned.source_spans(start, end):
         if length <= 0:
             continue
-        index = last.get(source)
-        if index is not None and joined[index][1] - GAP <= offset + length and offset <= joined[index][2] + GAP:
-            joined[index] = (source, min(joined[index][1], offset), max(joined[index][2], offset + length))
+        mine = latest.setdefault(source, [])
+        for index in reversed(mine):
+            _, begin, finish = joined[index]
+            if begin - GAP <= offset + length and offset <= finish + GAP:
+                joined[index] = (source, min(begin, offset), max(finish, offset + length))
+                break
         else:
-            last[source] = len(joined)
+            mine.append(len(joined))
+            del mine[:-JOINED_KEPT]
             joined.append((source, offset, offset + length))
     spans: list[_Span] = []
     at = 0
