@@ -659,3 +659,22 @@ def test_peak_memory_of_a_conversion_is_flat_in_the_models_size(tmp_path: Path) 
                              capture_output=True, text=True, check=True)
         peaks.append(int(out.stdout) // 1024)
     assert max(peaks) <= 200 and peaks[1] - peaks[0] <= 16, f"peak RSS {peaks} MB"
+
+
+def test_more_shards_than_descriptors_under_ulimit_64(tmp_path: Path) -> None:
+    """300 shards under `ulimit -n 64`: the readers' O_DIRECT descriptors come on top of
+    SourceFiles' eight, and the output is the unlimited page-cache run's."""
+    import resource
+
+    from conftest import run_cli
+
+    source = odd_layout(tmp_path / "source", 300, seed=5)
+    limited = subprocess.run(
+        [sys.executable, "-m", "shardkit", "merge", source, "-o", tmp_path / "limited.safetensors", "--dtype", "fp16"],
+        capture_output=True, text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)),
+    )
+    assert limited.returncode == 0, limited.stderr
+    kernel = run_cli("merge", source, "-o", tmp_path / "kernel.safetensors", "--dtype", "fp16",
+                     env={"SHARDKIT_COPY_METHOD": "kernel"})
+    assert kernel.exit_code == 0, kernel.stderr
+    assert (tmp_path / "limited.safetensors").read_bytes() == (tmp_path / "kernel.safetensors").read_bytes()
