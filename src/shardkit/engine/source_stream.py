@@ -63,6 +63,10 @@ CUTS_KEPT = 64
 #: after another, and a piece rarely spans more than two; few, because they come on top
 #: of SourceFiles' own under the same RLIMIT_NOFILE.
 OPEN_DIRECT = 2
+#: Descriptors a process needs beside SourceFiles' and the readers' (the standard
+#: streams, the output, what an import opens): under a soft RLIMIT_NOFILE without room
+#: for all three, the readers read through SourceFiles' descriptors, without O_DIRECT.
+SPARE_DESCRIPTORS = 16
 
 
 @dataclass(frozen=True)
@@ -280,9 +284,12 @@ class _DirectFiles:
     def __init__(self, sources: SourceFiles) -> None:
         self.sources = sources
         self.fds: OrderedDict[str, int | None] = OrderedDict()
+        self.allowed = _room_for_direct(sources.limit)
 
     def get(self, source: str) -> int | None:
         """An O_DIRECT descriptor of `source`, or None where O_DIRECT is refused."""
+        if not self.allowed:
+            return None
         if source in self.fds:
             self.fds.move_to_end(source)
             return self.fds[source]
@@ -305,6 +312,22 @@ class _DirectFiles:
     def _close(fd: int | None) -> None:
         if fd is not None:
             os.close(fd)
+
+
+def _room_for_direct(source_files: int) -> bool:
+    """Whether the soft RLIMIT_NOFILE leaves room for the readers' O_DIRECT descriptors
+    beside `source_files` of SourceFiles and SPARE_DESCRIPTORS. Why: under `ulimit -n 12`
+    (SourceFiles keeps 4) the readers' six took the room the output and numpy's import
+    needed, and a conversion the page cache did fine failed with "Too many open files"."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return True
+    if soft < 0 or soft == getattr(resource, "RLIM_INFINITY", -1):
+        return True
+    return soft >= source_files + READERS * OPEN_DIRECT + SPARE_DESCRIPTORS
 
 
 def open_direct(fd: int) -> int | None:
