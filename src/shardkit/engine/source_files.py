@@ -15,7 +15,8 @@ bytes of two files into one output.
 
 Safe to share between threads: a descriptor in use (:meth:`SourceFiles.use`) is never
 closed under its user; the block writer's two workers and its read-ahead use at most
-three at a time.
+three at a time, and a conversion's source stream (three readers) three more, which
+may take the count past a limit below six for as long as they read.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..errors import SourceChangedError
 from ..storage import RangeReader
 from ..storage.location import pread_exactly
 
-#: Never fewer: the block writer's workers and read-ahead pin up to three at once.
+#: Never fewer: the block writer's workers and read-ahead pin up to three at once (a
+#: conversion's source stream up to three more, beyond the limit while it reads).
 MIN_OPEN = 4
 #: Never more: enough for every shard of the models people ship to stay open, while
 #: leaving room under a 1,024 limit for the outputs a split writes at once.
