@@ -166,9 +166,9 @@ class _BlockWriter:
             # The threads write to and read from fds the caller closes once we return:
             # they must be gone first, even if a second Ctrl-C or SIGTERM arrives now.
             if helper is not None:
-                _uninterruptible(helper.join, self)
+                uninterruptible(helper.join, self._fail)
             if self.hash_pool is not None:
-                _uninterruptible(self.hash_pool.shutdown, self)
+                uninterruptible(self.hash_pool.shutdown, self._fail)
         if self.failure is not None:
             raise self.failure
         for output in self.outputs:
@@ -296,8 +296,10 @@ class _BlockWriter:
                 self.on_progress(length)
 
 
-def _uninterruptible(wait: Callable[[], object], writer: _BlockWriter) -> None:
-    """Call `wait` to completion; a signal meanwhile stops the workers and is raised after."""
+def uninterruptible(wait: Callable[[], object], on_interrupt: Callable[[BaseException], None] | None = None) -> None:
+    """Call `wait` (a join, a pool's shutdown) to completion: the threads it waits for use
+    descriptors the caller closes next. A Ctrl-C meanwhile is passed to `on_interrupt`
+    (the block writer stops its workers) and raised once `wait` has returned."""
     interrupted: BaseException | None = None
     while True:
         try:
@@ -305,7 +307,8 @@ def _uninterruptible(wait: Callable[[], object], writer: _BlockWriter) -> None:
             break
         except KeyboardInterrupt as exc:
             interrupted = exc
-            writer._fail(exc)
+            if on_interrupt is not None:
+                on_interrupt(exc)
     if interrupted is not None:
         raise interrupted
 

@@ -33,7 +33,6 @@ from ..checkpoint.manifest import format_file_manifest
 from ..errors import OutputError, ShardkitError, WriteError
 from ..plan.files import Copy, Plan, PlannedFile
 from ..plan.fill import CAST_READ, SCRATCH, CastLog, Read, fill, ordered_chunks
-from ..storage.location import read_exactly
 from . import atomic, block_writer
 from .byte_copy import RangeCopier
 from .destination import Sources, check_destination, refuse_unexpected, unexpected_entries
@@ -236,16 +235,6 @@ def _write_direct(
     return [hasher.hexdigest() if hasher else None for hasher in hashers]
 
 
-def local_read(sources: SourceFiles) -> Read:
-    """The `read` of :func:`shardkit.plan.fill.fill` over local source descriptors."""
-
-    def read(source: str, offset: int, into: memoryview) -> None:
-        with sources.use(source) as fd:
-            read_exactly(fd, into, offset)
-
-    return read
-
-
 def direct_output(
     fd: int,
     planned: PlannedFile,
@@ -258,7 +247,6 @@ def direct_output(
     """A planned file (output number `which` of `stream`) as a block-writer output:
     every block made by `fill` from its steps, a converted block's sources read from
     `stream`, the others' from the page cache, hinted ahead."""
-    read = local_read(sources)
 
     def make(start: int, into: memoryview, read: Read) -> None:
         log.add(fill(planned, start, into, read, workers=CAST_WORKERS, cast_read=CAST_PIECE))
@@ -267,7 +255,7 @@ def direct_output(
         if stream is not None and stream.streams(which, start):
             stream.fill(which, start, into, make)
         else:
-            make(start, into, read)
+            make(start, into, sources.read_into)
 
     def read_ahead(start: int, end: int) -> None:
         if stream is not None and stream.streams(which, start):
@@ -296,7 +284,7 @@ def _copy_with_kernel(
             with RangeSources([planned]) as remote:
                 _write_made(copier, planned, remote.read, 0, planned.size, log)
         else:
-            read = local_read(sources)
+            read = sources.read_into
             for run_start, run_end, copies in _runs(planned):
                 if copies:
                     for step in copies:

@@ -31,7 +31,7 @@ from functools import partial
 from .. import storage
 from ..errors import SourceChangedError
 from ..storage import RangeReader
-from ..storage.location import pread_exactly
+from ..storage.location import pread_exactly, read_exactly
 
 #: Never fewer: the block writer's workers and read-ahead pin up to three at once (a
 #: conversion's source stream up to three more, beyond the limit while it reads).
@@ -97,6 +97,12 @@ class SourceFiles:
         """Exactly `length` bytes of `path` at `offset`; a file that ends early is an error."""
         with self.use(path) as fd:
             return pread_exactly(fd, offset, length, os.fspath(path))
+
+    def read_into(self, path: str, offset: int, into: memoryview) -> None:
+        """Fill `into` with the bytes of `path` from `offset`: the `read` that
+        :func:`shardkit.plan.fill.fill` takes, for local sources."""
+        with self.use(path) as fd:
+            read_exactly(fd, into, offset, path)
 
     def reader(self, path: str | os.PathLike[str]) -> RangeReader:
         """A range reader of any location: a local file through these descriptors, a

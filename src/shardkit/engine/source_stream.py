@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from ..plan.files import PlannedFile, Transform
 from ..plan.fill import Read
-from .block_writer import ALIGN, Stopped, block_buffer
+from .block_writer import ALIGN, Stopped, block_buffer, uninterruptible
 from .source_files import SourceFiles
 
 #: Bytes of one slot, a multiple of ALIGN: the device's largest request here (4 MiB,
@@ -169,7 +169,7 @@ class SourceStream:
             buffer = self._take((which, piece.start))
             try:
                 make(piece.start, into[piece.start - start : piece.start - start + piece.length],
-                     _SlotRead(piece, buffer, self._fallback))
+                     _SlotRead(piece, buffer, self.sources.read_into))
             finally:
                 self._give_back(buffer)
 
@@ -184,7 +184,7 @@ class SourceStream:
     def close(self) -> None:
         self.abort()
         for reader in self._readers:
-            _join(reader)
+            uninterruptible(reader.join)
 
     # ------------------------------------------------------------------ workers' side
 
@@ -202,12 +202,6 @@ class SourceStream:
         with self._lock:
             self._free.append(buffer)
             self._slot_free.notify()
-
-    def _fallback(self, source: str, offset: int, into: memoryview) -> None:
-        from ..storage.location import read_exactly
-
-        with self.sources.use(source) as fd:
-            read_exactly(fd, into, offset, source)
 
     # ------------------------------------------------------------------ the reader
 
@@ -433,17 +427,3 @@ def _spans(planned: PlannedFile, start: int, end: int) -> list[_Span]:
         spans.append(_Span(source, begin, finish, at))
         at += spans[-1].aligned_end - spans[-1].aligned_start
     return spans
-
-
-def _join(thread: threading.Thread) -> None:
-    """Join `thread`; a Ctrl-C meanwhile is raised once it has ended (it holds descriptors
-    the caller is about to close)."""
-    interrupted: BaseException | None = None
-    while True:
-        try:
-            thread.join()
-            break
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-    if interrupted is not None:
-        raise interrupted
